@@ -1,0 +1,56 @@
+"""Options every command shares (--model, --store, --json, --device, --dtype) and output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..runtime.loader import LoadedModel, load_model
+from ..segments.pack_store import PackStore, default_store_dir
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub id, local model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        help=f"pack store directory (default: $KVPACK_STORE or {default_store_dir()})",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter off stdout/stderr so `--json` output stays clean."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def loaded_model(args: argparse.Namespace) -> LoadedModel:
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def pack_store(args: argparse.Namespace) -> PackStore:
+    return PackStore(args.store)
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    """JSON (one line, last on stdout) with --json, readable text otherwise."""
+    if args.json:
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,87 @@
+"""`kvpack eval equivalence|accumulation`: KV vs text stuffing, measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.accumulation import run_accumulation
+from ..evaluation.datasets import load_rows
+from ..evaluation.equivalence import EquivalenceOptions, run_equivalence
+from .common import add_common_args, emit, loaded_model, pack_store
+
+
+def _shared(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="JSONL rows {question, answers[], contexts[...]}")
+    p.add_argument("--limit", type=int, default=None, help="first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--records", type=Path, default=None, help="per-row JSONL; an interrupted run resumes from it")
+    p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
+    add_common_args(p)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval_command", required=True)
+    p = ev.add_parser("equivalence", help="answers from stored packs vs from text, per row")
+    p.add_argument("--gold-only", action="store_true", help="only the supporting passages")
+    p.add_argument("--raw", action="store_true", help="also answer from packs of raw, untemplated text (ablation)")
+    p.add_argument("--keep-packs", action="store_true", help="keep the per-row packs in the store")
+    _shared(p)
+    p.set_defaults(run=run_equivalence_cmd)
+    p = ev.add_parser("accumulation", help="knowledge growing by one passage per step, KV vs RAG")
+    p.add_argument("--steps", type=int, default=5)
+    _shared(p)
+    p.set_defaults(run=run_accumulation_cmd)
+
+
+def _finish(args: argparse.Namespace, summary: dict[str, Any], text: str) -> int:
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    emit(args, summary, text)
+    return 0
+
+
+def run_equivalence_cmd(args: argparse.Namespace) -> int:
+    rows = load_rows(args.data, args.limit)
+    loaded = loaded_model(args)
+    opts = EquivalenceOptions(
+        gold_only=args.gold_only, raw=args.raw, max_new_tokens=args.max_new_tokens, keep_packs=args.keep_packs
+    )
+    s = run_equivalence(loaded, rows, pack_store(args), opts, records_path=args.records, data_name=args.data.name)
+    text = (
+        f"equivalence on {s['n']} rows of {args.data.name} ({s['passages_per_row']:.1f} passages each), {s['model']}\n"
+        f"  divergences: {s['divergences']}\n"
+        f"  EM  kv {s['em_kv']:.3f}  rag {s['em_rag']:.3f}    F1 kv {s['f1_kv']:.3f}  rag {s['f1_rag']:.3f}\n"
+        f"  prompt tokens prefilled: kv {s['prompt_tokens_kv']:.1f}  rag {s['prompt_tokens_rag']:.1f}"
+        f"  ({100 * s['prompt_token_ratio']:.1f}%)\n"
+        f"  median TTFT: kv {s['ttft_ms_kv']:.0f} ms  rag {s['ttft_ms_rag']:.0f} ms  (x{s['ttft_ratio']:.1f})"
+    )
+    if args.raw:
+        text += f"\n  raw (untemplated) KV: EM {s['em_kv_raw']:.3f} ({s['em_raw_minus_kv']:+.3f} vs templated KV)"
+    return _finish(args, s, text)
+
+
+def run_accumulation_cmd(args: argparse.Namespace) -> int:
+    rows = load_rows(args.data, args.limit)
+    loaded = loaded_model(args)
+    s = run_accumulation(
+        loaded,
+        rows,
+        args.steps,
+        max_new_tokens=args.max_new_tokens,
+        records_path=args.records,
+        data_name=args.data.name,
+    )
+    lines = [
+        f"accumulation on {s['n']} rows of {args.data.name}, {s['model']}",
+        "  k  EM kv  EM rag  identical  tokens kv  tokens rag  savings",
+    ]
+    for st in s["steps"]:
+        lines.append(
+            f"  {st['k']}  {st['em_kv']:.3f}  {st['em_rag']:.3f}   {st['identical']:>4}/{s['n']:<4}"
+            f"  {st['tokens_kv']:>8.1f}  {st['tokens_rag']:>9.1f}  {100 * st['savings']:.1f}%"
+        )
+    return _finish(args, s, "\n".join(lines))

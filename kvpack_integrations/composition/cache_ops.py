@@ -1,0 +1,79 @@
+"""Moving K/V between segments and transformers' `DynamicCache` (v5: `cache.layers[i].keys/values`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import CompositionError
+from ..runtime.loader import LoadedModel
+from ..segments.segment import KVSegment, SegmentKind, context_hash
+from .radix_tree import SegmentSlice
+
+
+def empty_cache(loaded: LoadedModel) -> DynamicCache:
+    """A cache with the model's own layer types (sliding-window layers included)."""
+    return DynamicCache(config=loaded.model.config)
+
+
+def cache_from_pieces(loaded: LoadedModel, pieces: Sequence[SegmentSlice]) -> DynamicCache:
+    """A fresh cache holding the concatenated slices; always a copy, so stored segments stay immutable."""
+    cache = empty_cache(loaded)
+    if not pieces:
+        return cache
+    dtype, device = loaded.dtype, loaded.device
+    for layer in range(loaded.fingerprint.num_layers):
+        keys = torch.cat([p.segment.keys[layer][:, p.lo : p.hi] for p in pieces], dim=1)
+        values = torch.cat([p.segment.values[layer][:, p.lo : p.hi] for p in pieces], dim=1)
+        cache.update(keys.to(device, dtype).unsqueeze(0), values.to(device, dtype).unsqueeze(0), layer)
+    return cache
+
+
+def check_sliding_window(loaded: LoadedModel, length: int) -> None:
+    """Sliding-window layers drop old positions, so their caches cannot be sliced past the window."""
+    window = loaded.sliding_window
+    if window is not None and length >= window:
+        raise CompositionError(
+            f"this model has sliding-window attention layers (window {window}); caching a prefix of {length} "
+            f"tokens is not supported; keep knowledge under {window - 1} tokens or use text mode"
+        )
+
+
+def segments_from_cache(
+    loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int], boundaries: Sequence[int], start: int = 0
+) -> list[KVSegment]:
+    """Cut the cache of `ids` at `boundaries` (token counts, increasing) into segments, from `start` on."""
+    out: list[KVSegment] = []
+    prev = start
+    for end in boundaries:
+        if end <= prev:
+            continue
+        keys, values = [], []
+        for layer in cache.layers:
+            if layer.keys is None or layer.keys.shape[-2] < end:
+                raise CompositionError(f"cache holds fewer than {end} positions on some layer")
+            keys.append(layer.keys[0, :, prev:end].detach().clone().contiguous())
+            values.append(layer.values[0, :, prev:end].detach().clone().contiguous())
+        out.append(
+            KVSegment(
+                token_ids=tuple(ids[prev:end]),
+                keys=keys,
+                values=values,
+                start=prev,
+                fingerprint=loaded.fingerprint,
+                kind=SegmentKind.EXACT_PREFIX,
+                context=context_hash(ids[:prev]) if prev else "",
+            )
+        )
+        prev = end
+    return out
+
+
+def forward(loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int]) -> torch.Tensor:
+    """Run `ids` on top of `cache` (which grows); returns the logits of the last position."""
+    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=loaded.device)
+    with torch.no_grad():
+        out = loaded.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float()

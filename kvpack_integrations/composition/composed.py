@@ -1,0 +1,19 @@
+"""The result of composition: a ready cache and what still has to be prefilled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import DynamicCache
+
+
+@dataclass
+class ComposedCache:
+    """A cache covering the first `cached_tokens` of a prompt, plus how it was made."""
+
+    cache: DynamicCache
+    cached_tokens: int
+    strategy: str
+    exact: bool
+    segment_ids: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)

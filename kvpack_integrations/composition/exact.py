@@ -1,0 +1,54 @@
+"""`exact` composition: longest token-prefix match, prefill only the rest.
+
+Equivalent to text stuffing by construction: a causal decoder's cache of a prefix equals the first
+positions of the cache of the whole prompt, and a slice is reused only where its token ids equal the
+prompt's. Sequential composition (pack B computed with pack A in front) is the same mechanism.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..runtime.loader import LoadedModel
+from .cache_ops import cache_from_pieces, check_sliding_window, empty_cache, forward, segments_from_cache
+from .composed import ComposedCache
+from .radix_tree import RadixTree
+
+
+def compose_exact(loaded: LoadedModel, tree: RadixTree, prompt_ids: Sequence[int]) -> ComposedCache:
+    """Reuse the longest cached prefix, keeping at least the last prompt token to prefill."""
+    match = tree.match(prompt_ids).truncated(max(0, len(prompt_ids) - 1))
+    notes = []
+    lossless = all(p.segment.lossless for p in match.pieces)
+    if not lossless:
+        stored = sorted({p.segment.storage_dtype for p in match.pieces})
+        notes.append(f"segments stored in {'/'.join(stored)} for a {loaded.fingerprint.dtype} model: not exact")
+    cache = cache_from_pieces(loaded, match.pieces) if match.length else empty_cache(loaded)
+    return ComposedCache(
+        cache=cache,
+        cached_tokens=match.length,
+        strategy="exact",
+        exact=lossless,
+        segment_ids=tuple(dict.fromkeys(p.segment.id for p in match.pieces)),
+        notes=notes,
+    )
+
+
+def materialize(
+    loaded: LoadedModel, tree: RadixTree, ids: Sequence[int], boundaries: Sequence[int]
+) -> tuple[list, int]:
+    """Segments for `ids` cut at `boundaries`, each computed with everything before it in front.
+
+    Reuses whatever prefix `tree` already holds, prefills the rest once, inserts the new segments into
+    the tree, and returns (segments, tokens prefilled).
+    """
+    end = boundaries[-1]
+    check_sliding_window(loaded, end)
+    match = tree.match(ids[:end])
+    cache = cache_from_pieces(loaded, match.pieces) if match.length else empty_cache(loaded)
+    if match.length < end:
+        forward(loaded, cache, ids[match.length : end])
+    segments = segments_from_cache(loaded, cache, ids, boundaries)
+    for seg in segments:
+        tree.insert(ids[: seg.start], seg)
+    return segments, end - match.length

@@ -1,0 +1,182 @@
+"""A radix tree over token ids whose edges are slices of cached segments (cf. SGLang's RadixAttention).
+
+The path from the root to a point in the tree is a token sequence; the K/V for that sequence is the
+concatenation of the slices along the path. Because attention is causal, any prefix of a cached run
+is itself a valid cache, so a match may end inside an edge. Matching compares token ids of the
+prompt's single rendering, which is what makes reuse exact: no ids equal, no reuse.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import CompositionError, FingerprintMismatchError
+from ..runtime.fingerprint import Fingerprint
+from ..segments.segment import KVSegment, context_hash
+
+
+@dataclass(frozen=True)
+class SegmentSlice:
+    """Tokens [lo, hi) of a segment."""
+
+    segment: KVSegment
+    lo: int
+    hi: int
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.segment.token_ids[self.lo : self.hi]
+
+    def head(self, n: int) -> SegmentSlice:
+        return SegmentSlice(self.segment, self.lo, self.lo + n)
+
+    def tail(self, n: int) -> SegmentSlice:
+        return SegmentSlice(self.segment, self.lo + n, self.hi)
+
+
+@dataclass
+class _Node:
+    piece: SegmentSlice | None
+    parent: _Node | None
+    children: dict[int, _Node] = field(default_factory=dict)
+    last_used: int = 0
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.piece.token_ids if self.piece is not None else ()
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The longest cached prefix of a token sequence, as slices in order."""
+
+    length: int
+    pieces: tuple[SegmentSlice, ...]
+
+    def truncated(self, n: int) -> PrefixMatch:
+        """The same match limited to its first `n` tokens."""
+        out, left = [], n
+        for piece in self.pieces:
+            if left <= 0:
+                break
+            out.append(piece if len(piece) <= left else piece.head(left))
+            left -= len(out[-1])
+        return PrefixMatch(min(n, self.length), tuple(out))
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class RadixTree:
+    """Cached token prefixes for one model; bounded by `max_tokens` with LRU eviction of leaves."""
+
+    def __init__(self, fingerprint: Fingerprint, max_tokens: int | None = None) -> None:
+        self.fingerprint = fingerprint
+        self.max_tokens = max_tokens
+        self._root = _Node(piece=None, parent=None)
+        self._clock = itertools.count(1)
+        self._tokens = 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._tokens
+
+    def _split(self, node: _Node, at: int) -> _Node:
+        """Split `node`'s edge after `at` tokens; returns the new upper node."""
+        assert node.piece is not None and node.parent is not None and 0 < at < len(node.piece)
+        upper = _Node(piece=node.piece.head(at), parent=node.parent, last_used=node.last_used)
+        node.parent.children[upper.tokens[0]] = upper
+        node.piece = node.piece.tail(at)
+        node.parent = upper
+        upper.children[node.tokens[0]] = node
+        return upper
+
+    def match(self, ids: Sequence[int]) -> PrefixMatch:
+        """Longest cached prefix of `ids` (touches the nodes it uses for LRU)."""
+        node, pos, pieces = self._root, 0, []
+        tick = next(self._clock)
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None or child.piece is None:
+                break
+            n = _common(child.tokens, ids[pos:])
+            child.last_used = tick
+            pieces.append(child.piece if n == len(child.piece) else child.piece.head(n))
+            pos += n
+            if n < len(child.piece):
+                break
+            node = child
+        return PrefixMatch(pos, tuple(pieces))
+
+    def _descend(self, ids: Sequence[int]) -> tuple[_Node, int]:
+        """Walk `ids` fully, splitting an edge where they end inside it; returns (node, tokens walked)."""
+        node, pos = self._root, 0
+        while pos < len(ids):
+            child = node.children.get(ids[pos])
+            if child is None or child.piece is None:
+                return node, pos
+            n = _common(child.tokens, ids[pos:])
+            if n < len(child.piece):  # ends inside this edge (n >= 1: the first token matched)
+                return self._split(child, n), pos + n
+            node, pos = child, pos + n
+        return node, pos
+
+    def insert(self, context_ids: Sequence[int], segment: KVSegment) -> None:
+        """Add `segment`, computed after `context_ids`, which must already be cached (or empty)."""
+        if segment.fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                "segment from another model: " + "; ".join(self.fingerprint.mismatches(segment.fingerprint))
+            )
+        if segment.start != len(context_ids) or segment.context != (context_hash(context_ids) if context_ids else ""):
+            raise CompositionError(
+                f"segment {segment.id} starts at {segment.start} after a different context than the "
+                f"{len(context_ids)} tokens it is inserted under"
+            )
+        full = list(context_ids) + list(segment.token_ids)
+        node, walked = self._descend(full)
+        if walked < len(context_ids):
+            raise CompositionError(
+                f"cannot insert segment {segment.id}: only {walked} of its {len(context_ids)} context tokens are "
+                "cached (compose its parent first)"
+            )
+        if walked == len(full):
+            return  # every token already cached
+        piece = SegmentSlice(segment, walked - len(context_ids), len(segment))
+        child = _Node(piece=piece, parent=node, last_used=next(self._clock))
+        node.children[piece.token_ids[0]] = child
+        self._tokens += len(piece)
+        self._evict()
+
+    def _leaves(self) -> Iterator[_Node]:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            elif node is not self._root:
+                yield node
+
+    def _evict(self) -> None:
+        if self.max_tokens is None:
+            return
+        while self._tokens > self.max_tokens:
+            leaf = min(self._leaves(), key=lambda n: n.last_used, default=None)
+            if leaf is None or leaf.parent is None or leaf.piece is None:
+                return
+            del leaf.parent.children[leaf.tokens[0]]
+            self._tokens -= len(leaf.piece)
+
+    def clear(self) -> None:
+        self._root = _Node(piece=None, parent=None)
+        self._tokens = 0

@@ -1,0 +1,7 @@
+"""Layer 7: the generation engine."""
+
+from .engine import STRATEGIES, Engine
+from .settings import GenerationSettings
+from .usage import GenerationResult, StreamChunk, Usage
+
+__all__ = ["STRATEGIES", "Engine", "GenerationResult", "GenerationSettings", "StreamChunk", "Usage"]

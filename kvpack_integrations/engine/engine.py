@@ -1,0 +1,146 @@
+"""The generation engine: compose a cache, prefill what is new, decode, and account for it.
+
+Stored caches are never handed to the model: composition always builds a fresh cache from copies,
+so decoding can grow it freely.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+from ..composition.cache_ops import check_sliding_window, empty_cache, forward, segments_from_cache
+from ..composition.composed import ComposedCache
+from ..composition.exact import compose_exact, materialize
+from ..composition.radix_tree import RadixTree
+from ..errors import ContextTooLongError, InvalidInputError
+from ..runtime.loader import LoadedModel
+from ..segments.segment import KVSegment
+from .sampling import make_generator, next_token
+from .settings import GenerationSettings
+from .text_stream import TextStream
+from .usage import GenerationResult, StreamChunk, Usage
+
+STRATEGIES = ("exact", "text")
+
+
+class Engine:
+    """Generation on one loaded model with an in-memory prefix cache (a radix tree of segments)."""
+
+    def __init__(self, loaded: LoadedModel, *, max_cached_tokens: int | None = 65536) -> None:
+        self.loaded = loaded
+        self.tree = RadixTree(loaded.fingerprint, max_tokens=max_cached_tokens)
+
+    def add_segments(self, segments: Sequence[KVSegment], context_ids: Sequence[int] = ()) -> None:
+        """Insert a chain of segments (each continuing the previous) behind `context_ids`."""
+        context = list(context_ids)
+        for seg in segments:
+            self.tree.insert(context, seg)
+            context.extend(seg.token_ids)
+
+    def cache_prefix(self, ids: Sequence[int], boundaries: Sequence[int]) -> tuple[list[KVSegment], int]:
+        """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""
+        if not boundaries or boundaries[-1] > len(ids):
+            raise InvalidInputError("boundaries must be non-empty and within the token sequence")
+        self.check_fits(boundaries[-1], 0)
+        return materialize(self.loaded, self.tree, ids, boundaries)
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        window = self.loaded.context_window
+        if prompt_tokens + max_new_tokens > window:
+            raise ContextTooLongError(
+                f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
+                f"which exceeds {self.loaded.name}'s context window of {window} tokens; "
+                "use fewer or shorter facts, or fewer new tokens"
+            )
+
+    def compose(self, prompt_ids: Sequence[int], strategy: str = "exact") -> ComposedCache:
+        """Cache for the longest reusable prefix (`exact`), or an empty one (`text`: plain text stuffing)."""
+        if strategy == "exact":
+            return compose_exact(self.loaded, self.tree, prompt_ids)
+        if strategy == "text":
+            return ComposedCache(cache=empty_cache(self.loaded), cached_tokens=0, strategy="text", exact=True)
+        raise InvalidInputError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        settings: GenerationSettings | None = None,
+        *,
+        strategy: str = "exact",
+        composed: ComposedCache | None = None,
+        started_at: float | None = None,
+        remember_prompt: bool = False,
+    ) -> Iterator[StreamChunk]:
+        """Yield text deltas; the final chunk carries the usage report.
+
+        `composed` lets a caller supply a cache it built (e.g. `naive`), covering `prompt_ids`' first
+        `cached_tokens`. `started_at` (a `time.perf_counter()` value) moves the TTFT origin earlier, to
+        include work done before the call, such as loading a pack. `remember_prompt` keeps the prompt's
+        cache in the tree for the next call (agent loops).
+        """
+        settings = settings or GenerationSettings()
+        t0 = started_at if started_at is not None else time.perf_counter()
+        ids = list(prompt_ids)
+        if not ids:
+            raise InvalidInputError("the prompt is empty")
+        total = (composed.cached_tokens if composed is not None and composed.strategy == "naive" else 0) + len(ids)
+        self.check_fits(total, settings.max_new_tokens)
+        if composed is None:
+            composed = self.compose(ids, strategy)
+        cached = composed.cached_tokens if composed.strategy != "naive" else 0
+        cache = composed.cache
+        logits = forward(self.loaded, cache, ids[cached:])
+        if remember_prompt and composed.strategy == "exact" and cached < len(ids):
+            check_sliding_window(self.loaded, len(ids))
+            for seg in segments_from_cache(self.loaded, cache, ids, [len(ids)], start=cached):
+                self.tree.insert(ids[:cached], seg)
+        usage = Usage(
+            input_tokens=total,
+            cached_tokens=composed.cached_tokens,
+            prefilled_tokens=len(ids) - cached,
+            strategy=composed.strategy,
+            exact=composed.exact,
+            notes=list(composed.notes),
+        )
+        yield from self._decode(logits, cache, settings, usage, t0)
+
+    def _decode(self, logits, cache, settings: GenerationSettings, usage: Usage, t0: float) -> Iterator[StreamChunk]:
+        generator = make_generator(settings, self.loaded.device)
+        eos = self.loaded.eos_token_ids
+        text = TextStream(self.loaded.tokenizer, settings.stop)
+        finish = "length"
+        for step in range(settings.max_new_tokens):
+            token = next_token(logits, settings, generator)
+            if step == 0:
+                usage.ttft_ms = (time.perf_counter() - t0) * 1000
+            if token in eos:
+                finish = "stop"
+                break
+            usage.output_tokens += 1
+            yield StreamChunk(text=text.push(token), token_id=token)
+            if text.stopped:
+                finish = "stop"
+                break
+            if step + 1 < settings.max_new_tokens:
+                logits = forward(self.loaded, cache, [token])
+        tail = text.finish()
+        usage.total_ms = (time.perf_counter() - t0) * 1000
+        yield StreamChunk(text=tail, usage=usage, finish_reason=finish)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        settings: GenerationSettings | None = None,
+        **kwargs,
+    ) -> GenerationResult:
+        """Run `stream` to the end and collect text, output ids and usage."""
+        parts, ids, usage, finish = [], [], None, "length"
+        for chunk in self.stream(prompt_ids, settings, **kwargs):
+            parts.append(chunk.text)
+            if chunk.token_id is not None:
+                ids.append(chunk.token_id)
+            if chunk.usage is not None:
+                usage, finish = chunk.usage, chunk.finish_reason or finish
+        assert usage is not None
+        return GenerationResult(text="".join(parts), token_ids=ids, usage=usage, finish_reason=finish)

@@ -1,0 +1,66 @@
+"""Question-answering rows as in ../shared/data: {question, answers[], contexts[{title, text, gold}]}."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Passage:
+    title: str
+    text: str
+    gold: bool
+
+    def as_fact(self) -> str:
+        return f"{self.title}: {self.text}" if self.title else self.text
+
+
+@dataclass(frozen=True)
+class QARow:
+    question: str
+    answers: tuple[str, ...]
+    passages: tuple[Passage, ...]
+
+    def facts(self, gold_only: bool = False) -> list[str]:
+        return [p.as_fact() for p in self.passages if p.gold or not gold_only]
+
+    def gold_first(self) -> list[str]:
+        """Supporting passages first, then distractors (the accumulation order)."""
+        ordered = sorted(self.passages, key=lambda p: not p.gold)
+        return [p.as_fact() for p in ordered]
+
+
+def load_rows(path: str | Path, limit: int | None = None) -> list[QARow]:
+    """Read and validate rows, naming the line of any malformed one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"data file not found: {path}")
+    rows: list[QARow] = []
+    with path.open(encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                passages = tuple(
+                    Passage(str(c.get("title", "")), str(c["text"]), bool(c.get("gold", False)))
+                    for c in raw["contexts"]
+                )
+                answers = tuple(str(a) for a in raw["answers"])
+                question = str(raw["question"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise InvalidInputError(
+                    f"{path}:{no}: expected {{question, answers[], contexts[{{title, text, gold}}]}} ({exc})"
+                ) from None
+            if not question.strip() or not answers or not passages:
+                raise InvalidInputError(f"{path}:{no}: empty question, answers or contexts")
+            rows.append(QARow(question, answers, passages))
+    if not rows:
+        raise InvalidInputError(f"{path} holds no rows")
+    return rows

@@ -1,0 +1,42 @@
+"""SQuAD-style answer scoring (normalised exact match and token F1) on the answer's first line."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def answer_span(generated: str) -> str:
+    """The model's answer: its first non-empty line (small models keep talking after answering)."""
+    for line in generated.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    pred = normalize(answer_span(prediction))
+    return float(any(pred == normalize(a) for a in answers))
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    pred = normalize(answer_span(prediction)).split()
+    best = 0.0
+    for answer in answers:
+        gold = normalize(answer).split()
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best

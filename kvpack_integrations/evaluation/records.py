@@ -1,0 +1,37 @@
+"""Per-row records appended to a JSONL file, so long evaluations resume where they stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class RecordLog:
+    """Append-only JSONL of finished rows keyed by row index; `None` path keeps records in memory."""
+
+    def __init__(self, path: str | Path | None, config: dict[str, Any]) -> None:
+        self.path = Path(path) if path else None
+        self.config = config
+        self.records: dict[int, dict[str, Any]] = {}
+        if self.path and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if rec.get("config") == config:  # a changed configuration starts over
+                    self.records[int(rec["row"])] = rec
+
+    def done(self, row: int) -> bool:
+        return row in self.records
+
+    def add(self, row: int, record: dict[str, Any]) -> None:
+        rec = {"row": row, "config": self.config, **record}
+        self.records[row] = rec
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def ordered(self) -> list[dict[str, Any]]:
+        return [self.records[k] for k in sorted(self.records)]

@@ -1,0 +1,42 @@
+"""Reading fact files: .txt (one fact per line) or .jsonl (objects with `fact` or `text`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import EmptyKnowledgeError, InvalidInputError
+
+
+def clean_facts(facts: Iterable[str]) -> list[str]:
+    """Strip facts, drop blank ones, and refuse an empty result."""
+    out = [f.strip() for f in facts if isinstance(f, str) and f.strip()]
+    if not out:
+        raise EmptyKnowledgeError("no facts given: a knowledge base needs at least one non-empty fact")
+    return out
+
+
+def read_facts(path: str | Path) -> list[str]:
+    """Load facts from a file, naming the line of any malformed entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"facts file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".txt":
+        return clean_facts(lines)
+    if path.suffix in (".jsonl", ".ndjson"):
+        facts = []
+        for no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{no}: not valid JSON ({exc.msg})") from None
+            text = row.get("fact", row.get("text")) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise InvalidInputError(f"{path}:{no}: expected an object with a string 'fact' or 'text'")
+            facts.append(text)
+        return clean_facts(facts)
+    raise InvalidInputError(f"unsupported facts file {path.name}: use .txt (one fact per line) or .jsonl")

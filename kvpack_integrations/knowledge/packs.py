@@ -1,0 +1,120 @@
+"""Knowledge packs: facts rendered as the system message, cached once, reused by token prefix.
+
+`knowledge_prompt` is the single place that turns facts + a question into token ids, so a pack built
+now and a prompt rendered later line up token for token (and the radix tree checks that they do).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..composition.exact import materialize
+from ..composition.radix_tree import RadixTree
+from ..prompts.knowledge import KnowledgeFormat
+from ..prompts.rendering import render_messages
+from ..runtime.device import dtype_name
+from ..runtime.loader import LoadedModel
+from ..segments.pack_store import PackManifest, PackStore, validate_pack_name
+from .facts import clean_facts
+
+
+@dataclass(frozen=True)
+class KnowledgePrompt:
+    """Token ids of knowledge + question, and where each knowledge piece ends (token counts)."""
+
+    token_ids: list[int]
+    knowledge_cuts: list[int]
+
+
+def _cuts(offsets: Sequence[tuple[int, int]], base: int, ends: Sequence[int]) -> list[int]:
+    cuts: list[int] = []
+    for end in ends:
+        n = sum(1 for _, e in offsets if e <= base + end)
+        if n > (cuts[-1] if cuts else 0):
+            cuts.append(n)
+    return cuts
+
+
+def knowledge_prompt(
+    tokenizer: Any,
+    facts: Sequence[str],
+    question: str | None,
+    fmt: KnowledgeFormat,
+    *,
+    history: Sequence[tuple[str, str]] = (),
+    raw: bool = False,
+) -> KnowledgePrompt:
+    """Render knowledge, earlier (question, answer) turns and the question with one chat-template call.
+
+    `raw` is the paper's ablation: untemplated knowledge text followed by the templated conversation.
+    """
+    turns: list[dict[str, str]] = []
+    for q, a in history:
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    turns.append({"role": "user", "content": question if question is not None else "?"})
+    if not raw:
+        messages = [{"role": "system", "content": fmt.system_content(facts)}, *turns]
+        rendered = render_messages(tokenizer, messages)
+        base = rendered.part(0).chars[0]
+        return KnowledgePrompt(list(rendered.token_ids), _cuts(rendered.offsets, base, fmt.boundaries(facts)))
+    text = fmt.system_content(facts)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [int(t) for t in enc["input_ids"]]
+    cuts = _cuts(enc["offset_mapping"], 0, fmt.boundaries(facts))
+    return KnowledgePrompt(ids + list(render_messages(tokenizer, turns).token_ids), cuts)
+
+
+@dataclass
+class BuildReport:
+    manifest: PackManifest
+    prefilled_tokens: int
+    seconds: float
+    bytes_on_disk: int
+
+
+def build_pack(
+    loaded: LoadedModel,
+    tree: RadixTree,
+    store: PackStore,
+    name: str,
+    facts: Sequence[str],
+    *,
+    fmt: KnowledgeFormat | None = None,
+    storage_dtype: torch.dtype | None = None,
+    raw: bool = False,
+) -> BuildReport:
+    """Cache `facts` as a chain of segments (one per fact, each computed after the ones before) and store it."""
+    validate_pack_name(name)
+    facts = clean_facts(facts)
+    fmt = fmt or KnowledgeFormat()
+    t0 = time.perf_counter()
+    prompt = knowledge_prompt(loaded.tokenizer, facts, None, fmt, raw=raw)
+    segments, prefilled = materialize(loaded, tree, prompt.token_ids, prompt.knowledge_cuts)
+    manifest = PackManifest(
+        name=name,
+        model_name=loaded.name,
+        fingerprint=loaded.fingerprint,
+        facts=facts,
+        knowledge_format=fmt,
+        segment_ids=[s.id for s in segments],
+        storage_dtype=dtype_name(storage_dtype) if storage_dtype is not None else loaded.fingerprint.dtype,
+        token_count=prompt.knowledge_cuts[-1],
+        raw=raw,
+    )
+    store.write(manifest, segments, storage_dtype)
+    return BuildReport(manifest, prefilled, time.perf_counter() - t0, store.size_bytes(name))
+
+
+def load_pack(loaded: LoadedModel, tree: RadixTree, store: PackStore, name: str) -> PackManifest:
+    """Load a stored pack (verified against the loaded model) into the prefix tree."""
+    manifest, segments = store.load_segments(name, loaded.fingerprint, device="cpu")
+    context: list[int] = []
+    for seg in segments:
+        tree.insert(context, seg)
+        context.extend(seg.token_ids)
+    return manifest

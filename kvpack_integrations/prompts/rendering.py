@@ -1,0 +1,147 @@
+"""Render messages with ONE `apply_chat_template` call and know the token span of every part.
+
+Rendering the system and user parts in separate calls duplicates BOS or adds empty headers, and
+tokenising pieces separately is not tokenising the whole (BPE merges across boundaries). So we render
+the whole conversation once, tokenise that text once, and locate each message's content by character
+offsets; every split is a token boundary of that single rendering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import TemplateError
+
+Message = Mapping[str, Any]
+_FOLD_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class PartSpan:
+    """Where one message's content sits in the rendering (characters and overlapping tokens)."""
+
+    index: int
+    role: str
+    chars: tuple[int, int]
+    tokens: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """The single rendering of a conversation: text, token ids, offsets and part spans."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]
+    parts: tuple[PartSpan, ...]
+    system_folded: bool = False
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def part(self, index: int) -> PartSpan:
+        """The span of message `index` (index in the messages as given)."""
+        for span in self.parts:
+            if span.index == index:
+                return span
+        raise KeyError(f"message {index} has no span in this rendering")
+
+    def tokens_before(self, char_pos: int) -> int:
+        """Number of leading tokens that end at or before `char_pos` (a safe prefix cut)."""
+        count = 0
+        for _, end in self.offsets:
+            if end > char_pos:
+                break
+            count += 1
+        return count
+
+
+def _template_kwargs(tokenizer: Any, thinking: bool | None) -> dict[str, Any]:
+    template = tokenizer.chat_template or ""
+    if thinking is not None and "enable_thinking" in str(template):
+        return {"enable_thinking": thinking}
+    return {}
+
+
+def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Templates without a system role (Gemma) get the system text at the top of the first user turn."""
+    system, rest = messages[0], messages[1:]
+    if not rest or rest[0].get("role") != "user":
+        raise TemplateError(
+            "this chat template has no system role and the system message is not followed by a user one"
+        )
+    first = dict(rest[0])
+    first["content"] = f"{system['content']}{_FOLD_SEPARATOR}{first['content']}"
+    return [first, *rest[1:]]
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except ValueError as exc:
+        raise TemplateError(f"the tokenizer has no usable chat template: {exc}") from exc
+    if not isinstance(text, str):
+        raise TemplateError("apply_chat_template did not return text")
+    return text
+
+
+def _locate(text: str, content: str, cursor: int) -> tuple[int, int]:
+    """Find a message's content at or after `cursor`; templates may trim it."""
+    for needle in (content, content.strip()):
+        if not needle:
+            return cursor, cursor
+        pos = text.find(needle, cursor)
+        if pos >= 0:
+            return pos, pos + len(needle)
+    raise TemplateError(
+        "could not locate a message's content in the rendered prompt (the chat template rewrites it); "
+        f"content starts with {content[:40]!r}"
+    )
+
+
+def render_messages(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    thinking: bool | None = False,
+) -> RenderedPrompt:
+    """Render `messages` once and return tokens with per-message spans.
+
+    `thinking=False` turns off Qwen3-style thinking (a capped answer with thinking on scores ~0);
+    `None` leaves the template's default.
+    """
+    msgs = [dict(m) for m in messages]
+    for i, m in enumerate(msgs):
+        if not isinstance(m.get("content"), str) or "role" not in m:
+            raise TemplateError(f"message {i} needs a 'role' and string 'content'")
+    kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, **_template_kwargs(tokenizer, thinking)}
+    if tools:
+        kwargs["tools"] = list(tools)
+    folded = False
+    try:
+        text = _apply_template(tokenizer, msgs, **kwargs)
+    except TemplateError:
+        raise
+    except Exception as exc:  # jinja's raise_exception, e.g. Gemma's "System role not supported"
+        if not msgs or msgs[0]["role"] != "system" or "system" not in str(exc).lower():
+            raise TemplateError(f"chat template failed: {exc}") from exc
+        text = _apply_template(tokenizer, _fold_system(msgs), **kwargs)
+        folded = True
+
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = tuple(int(t) for t in encoding["input_ids"])
+    offsets = tuple((int(a), int(b)) for a, b in encoding["offset_mapping"])
+
+    parts = []
+    cursor = 0
+    for i, m in enumerate(msgs):
+        start, end = _locate(text, m["content"], cursor)
+        first = next((t for t, (_, e) in enumerate(offsets) if e > start), len(ids))
+        last = next((t for t in range(len(ids) - 1, -1, -1) if offsets[t][0] < end), first - 1) + 1
+        parts.append(PartSpan(index=i, role=m["role"], chars=(start, end), tokens=(first, max(first, last))))
+        cursor = end
+    return RenderedPrompt(text=text, token_ids=ids, offsets=offsets, parts=tuple(parts), system_folded=folded)

@@ -1,0 +1,129 @@
+"""Load a causal LM + tokenizer from a hub id, a local directory, a GGUF file, or the embedded default."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError
+from .default_model import DEFAULT_MODEL_NAME, convert_gguf, converted_dir, default_model_dir
+from .device import dtype_name, resolve_device, resolve_dtype
+from .fingerprint import Fingerprint, fingerprint_model
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the facts about them that cache handling needs."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    fingerprint: Fingerprint
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def config(self) -> Any:
+        return self.model.config.get_text_config(decoder=True)
+
+    @property
+    def context_window(self) -> int:
+        """Positions the model was trained for (`max_position_embeddings`)."""
+        return int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """Smallest sliding window among the layers, if any layer slides."""
+        types = getattr(self.config, "layer_types", None)
+        window = getattr(self.config, "sliding_window", None)
+        if window is None:
+            return None
+        if types is not None and "sliding_attention" not in types:
+            return None
+        return int(window)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end a turn: generation config's eos plus the tokenizer's."""
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(int(i) for i in eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+
+_CACHE: dict[tuple[str, str, str], LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def wrap_model(model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
+    """Wrap an already-loaded model and tokenizer (tests, custom loading code)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
+        fingerprint=fingerprint_model(model, tokenizer),
+        device=device,
+    )
+
+
+def _resolve_source(source: str | Path | None) -> tuple[str, dict[str, Any], str]:
+    """Map what the user gave to (path or id, from_pretrained kwargs, display name)."""
+    if source is None or str(source) in ("", "default", DEFAULT_MODEL_NAME):
+        return str(default_model_dir()), {"local_files_only": True}, DEFAULT_MODEL_NAME
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        target = converted_dir(path.resolve())
+        if not (target / "model.safetensors").is_file():
+            convert_gguf(path.resolve(), target)
+        return str(target), {"local_files_only": True}, path.stem
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        return str(path), {"local_files_only": True}, path.name
+    if str(source).startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path does not exist: {source}")
+    return str(source), {}, str(source)  # a hub id: the user's own cache or network decides
+
+
+def load_model(
+    source: str | Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = "auto",
+) -> LoadedModel:
+    """Load (once per process) a causal LM and its tokenizer; `None` means the embedded default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, kwargs, name = _resolve_source(source)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    key = (where, str(dev), dtype_name(dt))
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs).to(dev)
+        except OSError as exc:
+            raise ModelLoadError(f"could not load model {name!r} from {where}: {exc}") from exc
+        loaded = wrap_model(model, tokenizer, name)
+        loaded.device = dev
+        _CACHE[key] = loaded
+        return loaded

@@ -1,0 +1,186 @@
+"""A directory of named knowledge packs: a manifest plus one safetensors file per segment.
+
+Layout: ROOT/packs/NAME/manifest.json and ROOT/packs/NAME/segments/ID.safetensors. A pack is written
+into a temporary directory and renamed into place, so a crash or a bad build never leaves a half
+pack behind and never destroys the pack it replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import (
+    CorruptSegmentError,
+    FingerprintMismatchError,
+    InvalidInputError,
+    UnknownKnowledgeBaseError,
+)
+from ..prompts.knowledge import KnowledgeFormat
+from ..runtime.default_model import kvpack_home
+from ..runtime.fingerprint import Fingerprint
+from .segment import KVSegment
+from .serialization import atomic_write_bytes, load_segment, save_segment
+
+MANIFEST_FORMAT = "kvpack-pack/1"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def default_store_dir() -> Path:
+    """`$KVPACK_STORE`, else `$KVPACK_HOME/store` (~/.cache/kvpack/store)."""
+    import os
+
+    env = os.environ.get("KVPACK_STORE")
+    return Path(env).expanduser() if env else kvpack_home() / "store"
+
+
+@dataclass
+class PackManifest:
+    """What a pack holds and how it was built; the segment list is the composition order."""
+
+    name: str
+    model_name: str
+    fingerprint: Fingerprint
+    facts: list[str]
+    knowledge_format: KnowledgeFormat
+    segment_ids: list[str]
+    storage_dtype: str
+    token_count: int
+    raw: bool = False
+    created: float = field(default_factory=time.time)
+
+    @property
+    def lossless(self) -> bool:
+        return self.storage_dtype == self.fingerprint.dtype
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "name": self.name,
+                "model_name": self.model_name,
+                "fingerprint": json.loads(self.fingerprint.to_json()),
+                "facts": self.facts,
+                "knowledge_format": self.knowledge_format.to_dict(),
+                "segment_ids": self.segment_ids,
+                "storage_dtype": self.storage_dtype,
+                "token_count": self.token_count,
+                "raw": self.raw,
+                "created": self.created,
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> PackManifest:
+        try:
+            data: dict[str, Any] = json.loads(text)
+            if data.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            return cls(
+                name=data["name"],
+                model_name=data["model_name"],
+                fingerprint=Fingerprint.from_json(json.dumps(data["fingerprint"])),
+                facts=list(data["facts"]),
+                knowledge_format=KnowledgeFormat.from_dict(data["knowledge_format"]),
+                segment_ids=list(data["segment_ids"]),
+                storage_dtype=data["storage_dtype"],
+                token_count=int(data["token_count"]),
+                raw=bool(data.get("raw", False)),
+                created=float(data.get("created", 0.0)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptSegmentError(f"pack manifest {where} is malformed: {exc}") from exc
+
+
+def validate_pack_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise InvalidInputError(
+            f"invalid knowledge-base name {name!r}: use letters, digits, '.', '_' or '-' (max 128, no leading dot)"
+        )
+    return name
+
+
+class PackStore:
+    """Named packs under one root directory."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_store_dir()
+
+    @property
+    def packs_dir(self) -> Path:
+        return self.root / "packs"
+
+    def pack_dir(self, name: str) -> Path:
+        return self.packs_dir / validate_pack_name(name)
+
+    def names(self) -> list[str]:
+        if not self.packs_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.packs_dir.iterdir() if (p / "manifest.json").is_file())
+
+    def exists(self, name: str) -> bool:
+        return (self.pack_dir(name) / "manifest.json").is_file()
+
+    def manifest(self, name: str) -> PackManifest:
+        path = self.pack_dir(name) / "manifest.json"
+        if not path.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise UnknownKnowledgeBaseError(
+                f"no knowledge base named {name!r} in {self.root} (known: {known}); build it with `kvpack build`"
+            )
+        return PackManifest.from_json(path.read_text(), path)
+
+    def write(
+        self, manifest: PackManifest, segments: Sequence[KVSegment], storage_dtype: torch.dtype | None = None
+    ) -> Path:
+        """Write a complete pack, replacing any pack of the same name only once the new one is whole."""
+        target = self.pack_dir(manifest.name)
+        self.packs_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{manifest.name}-", dir=self.packs_dir))
+        try:
+            for seg in segments:
+                save_segment(seg, tmp / "segments" / f"{seg.id}.safetensors", storage_dtype)
+            atomic_write_bytes(tmp / "manifest.json", manifest.to_json().encode())
+            old = None
+            if target.exists():
+                old = target.with_name(f".old-{manifest.name}-{time.time_ns()}")
+                target.rename(old)
+            tmp.rename(target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def load_segments(
+        self, name: str, expected: Fingerprint, device: str | torch.device = "cpu"
+    ) -> tuple[PackManifest, list[KVSegment]]:
+        """Load a pack's segments in composition order, refusing packs from another model."""
+        manifest = self.manifest(name)
+        if manifest.fingerprint != expected:
+            raise FingerprintMismatchError(
+                f"knowledge base {name!r} was built with model {manifest.model_name!r}, which differs from the "
+                "loaded model: "
+                + "; ".join(expected.mismatches(manifest.fingerprint))
+                + f". Rebuild it with `kvpack build ... --kb {name}` on this model."
+            )
+        seg_dir = self.pack_dir(name) / "segments"
+        segments = [load_segment(seg_dir / f"{sid}.safetensors", expected, device) for sid in manifest.segment_ids]
+        return manifest, segments
+
+    def delete(self, name: str) -> None:
+        shutil.rmtree(self.pack_dir(name), ignore_errors=True)
+
+    def size_bytes(self, name: str) -> int:
+        return sum(p.stat().st_size for p in self.pack_dir(name).rglob("*") if p.is_file())
