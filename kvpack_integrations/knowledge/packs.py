@@ -25,16 +25,20 @@ from .facts import clean_facts
 
 @dataclass(frozen=True)
 class KnowledgePrompt:
-    """Token ids of knowledge + question, and where each knowledge piece ends (token counts)."""
+    """Token ids of knowledge + conversation, and the pack's segment boundaries (token counts).
+
+    `knowledge_cuts` end after each knowledge piece and, last, just before the first user message's
+    content, so a pack also covers the template text between the knowledge and the question.
+    """
 
     token_ids: list[int]
     knowledge_cuts: list[int]
 
 
-def _cuts(offsets: Sequence[tuple[int, int]], base: int, ends: Sequence[int]) -> list[int]:
+def _cuts(offsets: Sequence[tuple[int, int]], char_ends: Sequence[int]) -> list[int]:
     cuts: list[int] = []
-    for end in ends:
-        n = sum(1 for _, e in offsets if e <= base + end)
+    for end in char_ends:
+        n = sum(1 for _, e in offsets if e <= end)
         if n > (cuts[-1] if cuts else 0):
             cuts.append(n)
     return cuts
@@ -61,12 +65,17 @@ def knowledge_prompt(
         messages = [{"role": "system", "content": fmt.system_content(facts)}, *turns]
         rendered = render_messages(tokenizer, messages)
         base = rendered.part(0).chars[0]
-        return KnowledgePrompt(list(rendered.token_ids), _cuts(rendered.offsets, base, fmt.boundaries(facts)))
+        ends = [base + b for b in fmt.boundaries(facts)] + [rendered.part(1).chars[0]]
+        return KnowledgePrompt(list(rendered.token_ids), _cuts(rendered.offsets, ends))
     text = fmt.system_content(facts)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = [int(t) for t in enc["input_ids"]]
-    cuts = _cuts(enc["offset_mapping"], 0, fmt.boundaries(facts))
-    return KnowledgePrompt(ids + list(render_messages(tokenizer, turns).token_ids), cuts)
+    cuts = _cuts(enc["offset_mapping"], fmt.boundaries(facts))
+    conversation = render_messages(tokenizer, turns)
+    header = conversation.tokens_before(conversation.part(0).chars[0])
+    if header:
+        cuts.append(len(ids) + header)
+    return KnowledgePrompt(ids + list(conversation.token_ids), cuts)
 
 
 @dataclass
