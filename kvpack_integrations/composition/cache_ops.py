@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from ..errors import CompositionError
+from ..errors import CompositionError, ContextTooLongError
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment, SegmentKind, context_hash
 from .radix_tree import SegmentSlice
@@ -31,6 +32,17 @@ def cache_from_pieces(loaded: LoadedModel, pieces: Sequence[SegmentSlice]) -> Dy
     return cache
 
 
+def check_context_window(loaded: LoadedModel, prompt_tokens: int, new_tokens: int = 0) -> None:
+    """Refuse prompts (plus tokens to generate) that do not fit the model's positions."""
+    window = loaded.context_window
+    if prompt_tokens + new_tokens > window:
+        asked = f" and {new_tokens} new tokens were asked for" if new_tokens else ""
+        raise ContextTooLongError(
+            f"the prompt has {prompt_tokens} tokens{asked}, which exceeds {loaded.name}'s context window of "
+            f"{window} tokens; use fewer or shorter facts, or fewer new tokens"
+        )
+
+
 def check_sliding_window(loaded: LoadedModel, length: int) -> None:
     """Sliding-window layers drop old positions, so their caches cannot be sliced past the window."""
     window = loaded.sliding_window
@@ -52,7 +64,9 @@ def segments_from_cache(
             continue
         keys, values = [], []
         for layer in cache.layers:
-            if layer.keys is None or layer.keys.shape[-2] < end:
+            if not isinstance(layer, DynamicLayer):
+                raise CompositionError(f"cache layers of type {type(layer).__name__} cannot be cut into segments")
+            if layer.keys is None or layer.values is None or layer.keys.shape[-2] < end:
                 raise CompositionError(f"cache holds fewer than {end} positions on some layer")
             keys.append(layer.keys[0, :, prev:end].detach().clone().contiguous())
             values.append(layer.values[0, :, prev:end].detach().clone().contiguous())

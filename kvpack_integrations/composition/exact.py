@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..runtime.loader import LoadedModel
-from .cache_ops import cache_from_pieces, check_sliding_window, empty_cache, forward, segments_from_cache
+from .cache_ops import (
+    cache_from_pieces,
+    check_context_window,
+    check_sliding_window,
+    empty_cache,
+    forward,
+    segments_from_cache,
+)
 from .composed import ComposedCache
 from .radix_tree import RadixTree
 
@@ -43,6 +50,7 @@ def materialize(
     the tree, and returns (segments, tokens prefilled).
     """
     end = boundaries[-1]
+    check_context_window(loaded, end)
     check_sliding_window(loaded, end)
     match = tree.match(ids[:end])
     cache = cache_from_pieces(loaded, match.pieces) if match.length else empty_cache(loaded)

@@ -9,11 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 
-from ..composition.cache_ops import check_sliding_window, empty_cache, forward, segments_from_cache
+from ..composition.cache_ops import (
+    check_context_window,
+    check_sliding_window,
+    empty_cache,
+    forward,
+    segments_from_cache,
+)
 from ..composition.composed import ComposedCache
 from ..composition.exact import compose_exact, materialize
 from ..composition.radix_tree import RadixTree
-from ..errors import ContextTooLongError, InvalidInputError
+from ..errors import InvalidInputError
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment
 from .sampling import make_generator, next_token
@@ -42,17 +48,7 @@ class Engine:
         """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""
         if not boundaries or boundaries[-1] > len(ids):
             raise InvalidInputError("boundaries must be non-empty and within the token sequence")
-        self.check_fits(boundaries[-1], 0)
         return materialize(self.loaded, self.tree, ids, boundaries)
-
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        window = self.loaded.context_window
-        if prompt_tokens + max_new_tokens > window:
-            raise ContextTooLongError(
-                f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for, "
-                f"which exceeds {self.loaded.name}'s context window of {window} tokens; "
-                "use fewer or shorter facts, or fewer new tokens"
-            )
 
     def compose(self, prompt_ids: Sequence[int], strategy: str = "exact") -> ComposedCache:
         """Cache for the longest reusable prefix (`exact`), or an empty one (`text`: plain text stuffing)."""
@@ -85,7 +81,7 @@ class Engine:
         if not ids:
             raise InvalidInputError("the prompt is empty")
         total = (composed.cached_tokens if composed is not None and composed.strategy == "naive" else 0) + len(ids)
-        self.check_fits(total, settings.max_new_tokens)
+        check_context_window(self.loaded, total, settings.max_new_tokens)
         if composed is None:
             composed = self.compose(ids, strategy)
         cached = composed.cached_tokens if composed.strategy != "naive" else 0

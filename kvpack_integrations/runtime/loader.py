@@ -120,7 +120,8 @@ def load_model(
             return _CACHE[key]
         try:
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs).to(dev)
+            model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+            model = model.to(dev)
         except OSError as exc:
             raise ModelLoadError(f"could not load model {name!r} from {where}: {exc}") from exc
         loaded = wrap_model(model, tokenizer, name)

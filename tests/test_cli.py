@@ -1,0 +1,233 @@
+"""Layer 9: the `kvpack` command line, end to end on a tiny model saved to disk (local-directory loading)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvpack_integrations.cli.main import main
+
+from .conftest import FACTS
+from .support.tiny_models import make_model
+
+
+def _save(tmp: Path, family: str, seed: int = 0, **kw) -> str:
+    loaded = make_model(family, seed, **kw)
+    out = tmp / f"{family}-{seed}"
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return _save(tmp_path_factory.mktemp("models"), "qwen2")
+
+
+def run(capsys, *argv: str) -> tuple[int, dict]:
+    code = main(list(argv))
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1])
+
+
+@pytest.fixture
+def facts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "facts.txt"
+    path.write_text("\n".join(FACTS) + "\n\n")
+    return path
+
+
+def test_build_ask_list_roundtrip(capsys, tmp_path, model_dir, facts_file) -> None:
+    common = ["--model", model_dir, "--store", str(tmp_path / "s"), "--json"]
+    code, built = run(capsys, "build", str(facts_file), "--kb", "demo", *common)
+    assert code == 0 and built["facts"] == 3 and built["segments"] == 5 and built["exact"] is True
+    code, kv = run(capsys, "ask", "Which company makes the battery?", "--kb", "demo", "--max-new-tokens", "12", *common)
+    code2, rag = run(
+        capsys,
+        "ask",
+        "Which company makes the battery?",
+        "--kb",
+        "demo",
+        "--mode",
+        "rag",
+        "--max-new-tokens",
+        "12",
+        *common,
+    )
+    assert code == code2 == 0
+    assert kv["answer"] == rag["answer"]
+    assert kv["usage"]["cached_tokens"] == built["tokens"] and rag["usage"]["cached_tokens"] == 0
+    assert kv["usage"]["prefilled_tokens"] < rag["usage"]["prefilled_tokens"]
+    code, listing = run(capsys, "list", *common)
+    assert [k["kb"] for k in listing["knowledge_bases"]] == ["demo"]
+
+
+def test_jsonl_facts_and_half_precision(capsys, tmp_path, model_dir) -> None:
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps({"fact": f}) for f in FACTS[:2]) + "\n" + json.dumps({"text": FACTS[2]}))
+    code, built = run(
+        capsys,
+        "build",
+        str(path),
+        "--kb",
+        "half",
+        "--storage-dtype",
+        "float16",
+        "--model",
+        model_dir,
+        "--store",
+        str(tmp_path / "s"),
+        "--json",
+    )
+    assert code == 0 and built["facts"] == 3 and built["exact"] is False and built["storage_dtype"] == "float16"
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "message"),
+    [
+        ("\n  \n", ".txt", "no facts"),
+        ('{"fact": "ok"}\n{not json}\n', ".jsonl", "facts.jsonl:2: not valid JSON"),
+        ('{"title": "x"}\n', ".jsonl", "facts.jsonl:1: expected an object"),
+        ("a,b\n", ".csv", "unsupported facts file"),
+    ],
+)
+def test_bad_fact_files_are_named(capsys, tmp_path, model_dir, content, suffix, message) -> None:
+    path = tmp_path / f"facts{suffix}"
+    path.write_text(content)
+    code, err = run(capsys, "build", str(path), "--kb", "x", "--model", model_dir, "--store", str(tmp_path), "--json")
+    assert code == 2 and message in err["error"]
+
+
+def test_unknown_kb_and_foreign_pack(capsys, tmp_path, model_dir, facts_file) -> None:
+    store = str(tmp_path / "s")
+    code, err = run(capsys, "ask", "q?", "--kb", "nope", "--model", model_dir, "--store", store, "--json")
+    assert code == 2 and err["type"] == "UnknownKnowledgeBaseError" and "'nope'" in err["error"]
+    run(capsys, "build", str(facts_file), "--kb", "kb", "--model", model_dir, "--store", store, "--json")
+    other = _save(tmp_path, "qwen2", seed=7)
+    code, err = run(capsys, "ask", "q?", "--kb", "kb", "--model", other, "--store", store, "--json")
+    assert code == 2 and err["type"] == "FingerprintMismatchError"
+    assert "weights_hash" in err["error"] and "Rebuild it" in err["error"]
+    # the rag mode only needs the facts, so it still answers
+    code, ok = run(
+        capsys,
+        "ask",
+        "q?",
+        "--kb",
+        "kb",
+        "--mode",
+        "rag",
+        "--max-new-tokens",
+        "4",
+        "--model",
+        other,
+        "--store",
+        store,
+        "--json",
+    )
+    assert code == 0 and ok["usage"]["cached_tokens"] == 0
+
+
+def test_knowledge_longer_than_the_window(capsys, tmp_path) -> None:
+    small = _save(tmp_path, "llama", max_positions=128)
+    path = tmp_path / "long.txt"
+    path.write_text("\n".join(FACTS * 10))
+    code, err = run(capsys, "build", str(path), "--kb", "big", "--model", small, "--store", str(tmp_path), "--json")
+    assert code == 2 and err["type"] == "ContextTooLongError" and "context window of 128" in err["error"]
+
+
+def test_missing_model_path_is_a_clear_error(capsys, tmp_path, facts_file) -> None:
+    code, err = run(capsys, "build", str(facts_file), "--kb", "x", "--model", str(tmp_path / "nowhere"), "--json")
+    assert code == 2 and "does not exist" in err["error"]
+
+
+def _rows(tmp_path: Path) -> Path:
+    rows = [
+        {
+            "question": "Which company makes the battery?",
+            "answers": ["Quill Energy"],
+            "contexts": [
+                {"title": "Q", "text": FACTS[2], "gold": True},
+                {"title": "N", "text": FACTS[0], "gold": False},
+                {"title": "A", "text": FACTS[1], "gold": False},
+            ],
+        },
+        {
+            "question": "How long does the Aurora X2 fly?",
+            "answers": ["48 minutes"],
+            "contexts": [
+                {"title": "A", "text": FACTS[1], "gold": True},
+                {"title": "Q", "text": FACTS[2], "gold": False},
+                {"title": "N", "text": FACTS[0], "gold": False},
+            ],
+        },
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_eval_equivalence_json_and_resume(capsys, tmp_path, model_dir) -> None:
+    data, records = _rows(tmp_path), tmp_path / "rec.jsonl"
+    args = [
+        "eval",
+        "equivalence",
+        "--data",
+        str(data),
+        "--raw",
+        "--max-new-tokens",
+        "8",
+        "--records",
+        str(records),
+        "--model",
+        model_dir,
+        "--store",
+        str(tmp_path / "s"),
+        "--json",
+    ]
+    code, s = run(capsys, *args)
+    assert code == 0 and s["n"] == 2 and s["divergences"] == 0 and s["exact"] is True
+    for key in (
+        "em_kv",
+        "em_rag",
+        "f1_kv",
+        "f1_rag",
+        "prompt_tokens_kv",
+        "prompt_tokens_rag",
+        "ttft_ms_kv",
+        "ttft_ms_rag",
+        "model",
+        "em_kv_raw",
+        "em_raw_minus_kv",
+    ):
+        assert key in s
+    assert s["prompt_tokens_kv"] < s["prompt_tokens_rag"]
+    assert len(records.read_text().splitlines()) == 2
+    code, again = run(capsys, *args)  # resumed: nothing recomputed
+    assert again["ttft_ms_kv"] == s["ttft_ms_kv"] and len(records.read_text().splitlines()) == 2
+    assert not list((tmp_path / "s" / "packs").iterdir())  # per-row packs cleaned up
+
+
+def test_eval_accumulation(capsys, tmp_path, model_dir) -> None:
+    code, s = run(
+        capsys,
+        "eval",
+        "accumulation",
+        "--data",
+        str(_rows(tmp_path)),
+        "--steps",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--model",
+        model_dir,
+        "--json",
+    )
+    assert code == 0 and [st["k"] for st in s["steps"]] == [1, 2, 3] and s["all_identical"]
+    assert s["steps"][2]["tokens_kv"] < s["steps"][2]["tokens_rag"]
+    assert s["steps"][2]["build_tokens_kv"] < s["steps"][2]["tokens_rag"]  # only the new passage was added
+    code, err = run(
+        capsys, "eval", "accumulation", "--data", str(_rows(tmp_path)), "--steps", "9", "--model", model_dir, "--json"
+    )
+    assert code == 2 and "fewer than 9 passages" in err["error"]

@@ -1,0 +1,137 @@
+"""Layer 3: segment files and the pack store verify everything and lose nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpack_integrations import Engine, build_pack, knowledge_prompt, load_pack
+from kvpack_integrations.composition import RadixTree
+from kvpack_integrations.errors import (
+    CorruptSegmentError,
+    EmptyKnowledgeError,
+    FingerprintMismatchError,
+    InvalidInputError,
+    UnknownKnowledgeBaseError,
+)
+from kvpack_integrations.prompts import KnowledgeFormat
+from kvpack_integrations.segments import PackStore, load_segment, save_segment
+
+from .conftest import FACTS, QUESTION
+from .support.tiny_models import make_model
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return make_model("qwen2")
+
+
+def _first_segment_file(store: PackStore, name: str) -> Path:
+    m = store.manifest(name)
+    return store.pack_dir(name) / "segments" / f"{m.segment_ids[0]}.safetensors"
+
+
+def test_roundtrip_is_bit_exact_and_leaves_no_temp_files(qwen, store: PackStore) -> None:
+    engine = Engine(qwen)
+    prompt = knowledge_prompt(qwen.tokenizer, FACTS, None, KnowledgeFormat())
+    segments, _ = engine.cache_prefix(prompt.token_ids, prompt.knowledge_cuts)
+    path = save_segment(segments[1], store.root / "one.safetensors")
+    loaded = load_segment(path, qwen.fingerprint)
+    assert loaded.id == segments[1].id and loaded.start == segments[1].start
+    assert all(torch.equal(a, b) for a, b in zip(loaded.keys, segments[1].keys))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.values, segments[1].values))
+    assert [p.name for p in store.root.iterdir()] == ["one.safetensors"]
+
+
+def test_flipped_byte_truncation_and_garbage_are_refused(qwen, store: PackStore) -> None:
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    path = _first_segment_file(store, "kb")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptSegmentError, match="checksum"):
+        load_pack(qwen, RadixTree(qwen.fingerprint), store, "kb")
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CorruptSegmentError, match="unreadable or truncated"):
+        load_pack(qwen, RadixTree(qwen.fingerprint), store, "kb")
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CorruptSegmentError):
+        load_pack(qwen, RadixTree(qwen.fingerprint), store, "kb")
+    path.unlink()
+    with pytest.raises(CorruptSegmentError, match="missing"):
+        load_pack(qwen, RadixTree(qwen.fingerprint), store, "kb")
+
+
+def test_pack_from_another_model_is_refused_with_the_differences(qwen, store: PackStore) -> None:
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    other = make_model("qwen2", seed=1)  # same architecture, other weights
+    with pytest.raises(FingerprintMismatchError, match="weights_hash"):
+        load_pack(other, RadixTree(other.fingerprint), store, "kb")
+    llama = make_model("llama")
+    with pytest.raises(FingerprintMismatchError, match="architecture"):
+        load_pack(llama, RadixTree(llama.fingerprint), store, "kb")
+    # a foreign segment file dropped into this pack is caught by the per-file check too
+    path = _first_segment_file(store, "kb")
+    with pytest.raises(FingerprintMismatchError):
+        load_segment(path, other.fingerprint)
+
+
+def test_unknown_kb_invalid_name_empty_facts(qwen, store: PackStore) -> None:
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "present", FACTS)
+    with pytest.raises(UnknownKnowledgeBaseError, match=r"'absent'.*known: present"):
+        store.manifest("absent")
+    with pytest.raises(InvalidInputError, match="invalid knowledge-base name"):
+        store.manifest("../escape")
+    with pytest.raises(EmptyKnowledgeError):
+        build_pack(qwen, RadixTree(qwen.fingerprint), store, "empty", ["  ", ""])
+    assert store.names() == ["present"]
+
+
+def test_failed_rebuild_keeps_the_old_pack(qwen, store: PackStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    before = store.manifest("kb").segment_ids
+    import kvpack_integrations.segments.pack_store as ps
+
+    calls = {"n": 0}
+    real = ps.save_segment
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ps, "save_segment", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", [*FACTS, "A new fact."])
+    monkeypatch.undo()
+    assert store.manifest("kb").segment_ids == before
+    load_pack(qwen, RadixTree(qwen.fingerprint), store, "kb")  # still whole
+    assert [p.name for p in store.packs_dir.iterdir()] == ["kb"]  # no half-built directories left
+
+
+def test_corrupt_manifest_is_named(qwen, store: PackStore) -> None:
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    manifest = store.pack_dir("kb") / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["segment_ids"]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CorruptSegmentError, match="manifest"):
+        store.manifest("kb")
+
+
+def test_half_precision_storage_is_reported_not_exact(qwen, store: PackStore) -> None:
+    report = build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb16", FACTS, storage_dtype=torch.float16)
+    assert not report.manifest.lossless
+    full = build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb32", FACTS)
+    assert report.bytes_on_disk < 0.7 * full.bytes_on_disk
+    engine = Engine(qwen)
+    load_pack(qwen, engine.tree, store, "kb16")
+    ids = knowledge_prompt(qwen.tokenizer, FACTS, QUESTION, KnowledgeFormat()).token_ids
+    result = engine.generate(ids)
+    assert result.usage.cached_tokens > 0
+    assert result.usage.exact is False
+    assert any("float16" in note for note in result.usage.notes)
