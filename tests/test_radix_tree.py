@@ -92,3 +92,10 @@ def test_match_is_longest_common_prefix_with_any_inserted_path(paths: list[list[
     # every slice carries the K/V of the absolute positions it covers
     keys = torch.cat([p.segment.keys[0][:, p.lo : p.hi] for p in m.pieces], dim=1) if m.pieces else torch.empty(1, 0, 2)
     assert keys[0, :, 0].tolist() == [float(i) for i in range(m.length)]
+
+
+def test_a_chain_longer_than_the_budget_still_inserts_and_matches() -> None:
+    tree = RadixTree(FP, max_tokens=3)
+    tree.insert([], seg([], [1, 2, 3, 4]))
+    tree.insert([1, 2, 3, 4], seg([1, 2, 3, 4], [5]))
+    assert tree.match([1, 2, 3, 4, 5]).length == 5

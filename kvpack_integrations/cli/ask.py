@@ -8,6 +8,7 @@ import time
 
 from ..engine.engine import Engine
 from ..engine.settings import GenerationSettings
+from ..errors import InvalidInputError
 from ..knowledge.packs import knowledge_prompt, load_pack
 from .common import add_common_args, emit, loaded_model, pack_store
 
@@ -29,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
-        raise SystemExit("kvpack ask: the question is empty")
+        raise InvalidInputError("the question is empty")
     store = pack_store(args)
     manifest = store.manifest(args.kb)  # unknown kb fails before the model loads
     loaded = loaded_model(args)

@@ -88,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
     }
     width = max(len(r["question"]) for r in rows)
     lines = [f"kvpack demo on {loaded.name}: {len(facts)} facts cached as {build.manifest.token_count} tokens", ""]
-    lines.append(f"{'question':<{width}}  {'KV answer':<22} {'RAG answer':<22} same  prefill kv/rag  TTFT ms kv/rag")
+    w = 36
+    lines.append(f"{'question':<{width}}  {'KV answer':<{w}} {'RAG answer':<{w}} same  prefill kv/rag  TTFT ms kv/rag")
     for r in rows:
         lines.append(
-            f"{r['question']:<{width}}  {r['answer_kv'][:22]:<22} {r['answer_rag'][:22]:<22} "
+            f"{r['question']:<{width}}  {r['answer_kv'][:w]:<{w}} {r['answer_rag'][:w]:<{w}} "
             f"{'yes' if r['identical'] else 'NO':<4}  {r['prefilled_kv']:>5}/{r['prefilled_rag']:<7}  "
             f"{r['ttft_ms_kv']:>6.0f}/{r['ttft_ms_rag']:.0f}"
         )

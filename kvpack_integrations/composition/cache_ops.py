@@ -26,9 +26,9 @@ def cache_from_pieces(loaded: LoadedModel, pieces: Sequence[SegmentSlice]) -> Dy
         return cache
     dtype, device = loaded.dtype, loaded.device
     for layer in range(loaded.fingerprint.num_layers):
-        keys = torch.cat([p.segment.keys[layer][:, p.lo : p.hi] for p in pieces], dim=1)
-        values = torch.cat([p.segment.values[layer][:, p.lo : p.hi] for p in pieces], dim=1)
-        cache.update(keys.to(device, dtype).unsqueeze(0), values.to(device, dtype).unsqueeze(0), layer)
+        keys = torch.cat([p.segment.keys[layer][:, p.lo : p.hi].to(device, dtype) for p in pieces], dim=1)
+        values = torch.cat([p.segment.values[layer][:, p.lo : p.hi].to(device, dtype) for p in pieces], dim=1)
+        cache.update(keys.unsqueeze(0), values.unsqueeze(0), layer)
     return cache
 
 

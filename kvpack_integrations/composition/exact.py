@@ -53,6 +53,9 @@ def materialize(
     check_context_window(loaded, end)
     check_sliding_window(loaded, end)
     match = tree.match(ids[:end])
+    lossy = next((i for i, p in enumerate(match.pieces) if not p.segment.lossless), None)
+    if lossy is not None:  # recompute from there, so new segments never inherit rounded K/V
+        match = match.truncated(sum(len(p) for p in match.pieces[:lossy]))
     cache = cache_from_pieces(loaded, match.pieces) if match.length else empty_cache(loaded)
     if match.length < end:
         forward(loaded, cache, ids[match.length : end])

@@ -156,7 +156,7 @@ class RadixTree:
         child = _Node(piece=piece, parent=node, last_used=next(self._clock))
         node.children[piece.token_ids[0]] = child
         self._tokens += len(piece)
-        self._evict()
+        self._evict(protect=child)
 
     def _leaves(self) -> Iterator[_Node]:
         stack = [self._root]
@@ -167,11 +167,14 @@ class RadixTree:
             elif node is not self._root:
                 yield node
 
-    def _evict(self) -> None:
+    def _evict(self, protect: _Node) -> None:
+        """Drop least recently used leaves until within budget; the node just inserted always stays
+        (so a chain longer than the budget can still be inserted and used; the budget is soft)."""
         if self.max_tokens is None:
             return
         while self._tokens > self.max_tokens:
-            leaf = min(self._leaves(), key=lambda n: n.last_used, default=None)
+            candidates = (n for n in self._leaves() if n is not protect)
+            leaf = min(candidates, key=lambda n: n.last_used, default=None)
             if leaf is None or leaf.parent is None or leaf.piece is None:
                 return
             del leaf.parent.children[leaf.tokens[0]]

@@ -11,7 +11,6 @@ from collections.abc import Iterator, Sequence
 
 from ..composition.cache_ops import (
     check_context_window,
-    check_sliding_window,
     empty_cache,
     forward,
     segments_from_cache,
@@ -84,20 +83,31 @@ class Engine:
         check_context_window(self.loaded, total, settings.max_new_tokens)
         if composed is None:
             composed = self.compose(ids, strategy)
+        elif composed.cache.get_seq_length() != composed.cached_tokens:
+            raise InvalidInputError(
+                f"the composed cache holds {composed.cache.get_seq_length()} positions but claims "
+                f"{composed.cached_tokens}: a ComposedCache is used up by one generation; compose again"
+            )
         cached = composed.cached_tokens if composed.strategy != "naive" else 0
+        if cached >= len(ids):
+            raise InvalidInputError("the composed cache covers the whole prompt: leave at least one token to prefill")
         cache = composed.cache
         logits = forward(self.loaded, cache, ids[cached:])
-        if remember_prompt and composed.strategy == "exact" and cached < len(ids):
-            check_sliding_window(self.loaded, len(ids))
-            for seg in segments_from_cache(self.loaded, cache, ids, [len(ids)], start=cached):
-                self.tree.insert(ids[:cached], seg)
+        notes = list(composed.notes)
+        if remember_prompt and composed.strategy == "exact":
+            window = self.loaded.sliding_window
+            if window is not None and len(ids) >= window:
+                notes.append(f"prompt not remembered: longer than the sliding window ({window})")
+            else:
+                for seg in segments_from_cache(self.loaded, cache, ids, [len(ids)], start=cached):
+                    self.tree.insert(ids[:cached], seg)
         usage = Usage(
             input_tokens=total,
             cached_tokens=composed.cached_tokens,
             prefilled_tokens=len(ids) - cached,
             strategy=composed.strategy,
             exact=composed.exact,
-            notes=list(composed.notes),
+            notes=notes,
         )
         yield from self._decode(logits, cache, settings, usage, t0)
 

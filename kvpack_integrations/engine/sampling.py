@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 
 from .settings import GenerationSettings
@@ -11,7 +13,7 @@ def make_generator(settings: GenerationSettings, device: torch.device) -> torch.
     if settings.greedy:
         return None
     gen = torch.Generator(device=device)
-    gen.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    gen.manual_seed(settings.seed if settings.seed is not None else secrets.randbits(63))
     return gen
 
 

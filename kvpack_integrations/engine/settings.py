@@ -20,6 +20,9 @@ class GenerationSettings:
     stop: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # a lone string is one stop sequence, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

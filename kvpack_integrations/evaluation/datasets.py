@@ -39,28 +39,34 @@ def load_rows(path: str | Path, limit: int | None = None) -> list[QARow]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"data file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason})") from None
     rows: list[QARow] = []
-    with path.open(encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-                passages = tuple(
-                    Passage(str(c.get("title", "")), str(c["text"]), bool(c.get("gold", False)))
-                    for c in raw["contexts"]
-                )
-                answers = tuple(str(a) for a in raw["answers"])
-                question = str(raw["question"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise InvalidInputError(
-                    f"{path}:{no}: expected {{question, answers[], contexts[{{title, text, gold}}]}} ({exc})"
-                ) from None
-            if not question.strip() or not answers or not passages:
-                raise InvalidInputError(f"{path}:{no}: empty question, answers or contexts")
-            rows.append(QARow(question, answers, passages))
+    for no, line in enumerate(lines, 1):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            if not isinstance(raw.get("answers"), list) or not all(isinstance(x, str) for x in raw["answers"]):
+                raise TypeError("answers must be a list of strings")
+            if not isinstance(raw.get("contexts"), list) or not all(isinstance(c, dict) for c in raw["contexts"]):
+                raise TypeError("contexts must be a list of objects")
+            passages = tuple(
+                Passage(str(c.get("title", "")), str(c["text"]), bool(c.get("gold", False))) for c in raw["contexts"]
+            )
+            answers = tuple(raw["answers"])
+            question = str(raw["question"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidInputError(
+                f"{path}:{no}: expected {{question, answers[], contexts[{{title, text, gold}}]}} ({exc})"
+            ) from None
+        if not question.strip() or not answers or not passages:
+            raise InvalidInputError(f"{path}:{no}: empty question, answers or contexts")
+        rows.append(QARow(question, answers, passages))
     if not rows:
         raise InvalidInputError(f"{path} holds no rows")
     return rows

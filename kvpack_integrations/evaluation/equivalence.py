@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from ..composition.radix_tree import RadixTree
@@ -153,8 +154,16 @@ def run_equivalence(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume, given `records_path`) the evaluation; returns the summary with machine info."""
-    config = {"eval": "equivalence", "data": data_name, "fingerprint": loaded.fingerprint.digest, **asdict(opts)}
+    config = {
+        "eval": "equivalence",
+        "data": data_name,
+        "fingerprint": loaded.fingerprint.digest,
+        "device": str(loaded.device),
+        "threads": torch.get_num_threads(),
+        **asdict(opts),
+    }
     log = RecordLog(records_path, config)
+    store = PackStore(store.root / "eval-equivalence")  # never touches the user's own packs
     t0 = time.perf_counter()
     for i, row in enumerate(tqdm(rows, desc="equivalence", disable=not progress)):
         if not log.done(i):

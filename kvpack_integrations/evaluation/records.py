@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ class RecordLog:
         self.config = config
         self.records: dict[int, dict[str, Any]] = {}
         if self.path and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                if rec.get("config") == config:  # a changed configuration starts over
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # blank, or a line cut short by an interrupted run: that row is redone
+                if isinstance(rec, dict) and rec.get("config") == config:  # another configuration starts over
                     self.records[int(rec["row"])] = rec
 
     def done(self, row: int) -> bool:
@@ -30,8 +32,15 @@ class RecordLog:
         self.records[row] = rec
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            with self.path.open("a+b") as fh:
+                fh.seek(0, 2)
+                if fh.tell():
+                    fh.seek(-1, 2)
+                    if fh.read(1) != b"\n":  # never glue a record onto a half-written line
+                        fh.write(b"\n")
+                fh.write((json.dumps(rec) + "\n").encode())
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def ordered(self) -> list[dict[str, Any]]:
         return [self.records[k] for k in sorted(self.records)]

@@ -22,7 +22,10 @@ def read_facts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"facts file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason})") from None
     if path.suffix == ".txt":
         return clean_facts(lines)
     if path.suffix in (".jsonl", ".ndjson"):

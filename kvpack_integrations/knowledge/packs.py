@@ -16,7 +16,7 @@ import torch
 from ..composition.exact import materialize
 from ..composition.radix_tree import RadixTree
 from ..prompts.knowledge import KnowledgeFormat
-from ..prompts.rendering import render_messages
+from ..prompts.rendering import encode_with_offsets, render_messages
 from ..runtime.device import dtype_name
 from ..runtime.loader import LoadedModel
 from ..segments.pack_store import PackManifest, PackStore, validate_pack_name
@@ -68,9 +68,9 @@ def knowledge_prompt(
         ends = [base + b for b in fmt.boundaries(facts)] + [rendered.part(1).chars[0]]
         return KnowledgePrompt(list(rendered.token_ids), _cuts(rendered.offsets, ends))
     text = fmt.system_content(facts)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = [int(t) for t in enc["input_ids"]]
-    cuts = _cuts(enc["offset_mapping"], fmt.boundaries(facts))
+    raw_ids, offsets = encode_with_offsets(tokenizer, text)
+    ids = list(raw_ids)
+    cuts = _cuts(offsets, fmt.boundaries(facts))
     conversation = render_messages(tokenizer, turns)
     header = conversation.tokens_before(conversation.part(0).chars[0])
     if header:
@@ -121,7 +121,7 @@ def build_pack(
 
 def load_pack(loaded: LoadedModel, tree: RadixTree, store: PackStore, name: str) -> PackManifest:
     """Load a stored pack (verified against the loaded model) into the prefix tree."""
-    manifest, segments = store.load_segments(name, loaded.fingerprint, device="cpu")
+    manifest, segments = store.load_segments(name, loaded.fingerprint, device=loaded.device)
     context: list[int] = []
     for seg in segments:
         tree.insert(context, seg)

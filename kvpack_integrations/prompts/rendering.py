@@ -101,6 +101,17 @@ def _locate(text: str, content: str, cursor: int) -> tuple[int, int]:
     )
 
 
+def encode_with_offsets(tokenizer: Any, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """Token ids and character offsets of `text` (no special tokens added: the template has them)."""
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:
+        raise TemplateError("token offsets need a fast (Rust) tokenizer; load the model with use_fast=True") from exc
+    ids = tuple(int(t) for t in encoding["input_ids"])
+    offsets = tuple((int(a), int(b)) for a, b in encoding["offset_mapping"])
+    return ids, offsets
+
+
 def render_messages(
     tokenizer: Any,
     messages: Sequence[Message],
@@ -129,12 +140,15 @@ def render_messages(
     except Exception as exc:  # jinja's raise_exception, e.g. Gemma's "System role not supported"
         if not msgs or msgs[0]["role"] != "system" or "system" not in str(exc).lower():
             raise TemplateError(f"chat template failed: {exc}") from exc
-        text = _apply_template(tokenizer, _fold_system(msgs), **kwargs)
+        try:
+            text = _apply_template(tokenizer, _fold_system(msgs), **kwargs)
+        except TemplateError:
+            raise
+        except Exception as exc2:
+            raise TemplateError(f"chat template failed even with the system text folded in: {exc2}") from exc2
         folded = True
 
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = tuple(int(t) for t in encoding["input_ids"])
-    offsets = tuple((int(a), int(b)) for a, b in encoding["offset_mapping"])
+    ids, offsets = encode_with_offsets(tokenizer, text)
 
     parts = []
     cursor = 0

@@ -42,6 +42,8 @@ class Fingerprint:
     @classmethod
     def from_json(cls, text: str) -> Fingerprint:
         data: dict[str, Any] = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("fingerprint is not a JSON object")
         names = {f.name for f in fields(cls)}
         missing = names - data.keys()
         if missing:

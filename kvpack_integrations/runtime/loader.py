@@ -91,7 +91,10 @@ def _resolve_source(source: str | Path | None) -> tuple[str, dict[str, Any], str
             raise ModelLoadError(f"GGUF file not found: {path}")
         target = converted_dir(path.resolve())
         if not (target / "model.safetensors").is_file():
-            convert_gguf(path.resolve(), target)
+            try:
+                convert_gguf(path.resolve(), target)
+            except Exception as exc:  # gguf/transformers raise many types for a bad file
+                raise ModelLoadError(f"could not read GGUF file {path}: {exc}") from exc
         return str(target), {"local_files_only": True}, path.stem
     if path.exists():
         if not (path / "config.json").is_file():
@@ -122,7 +125,7 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
             model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
             model = model.to(dev)
-        except OSError as exc:
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelLoadError(f"could not load model {name!r} from {where}: {exc}") from exc
         loaded = wrap_model(model, tokenizer, name)
         loaded.device = dev

@@ -84,6 +84,8 @@ class PackManifest:
     def from_json(cls, text: str, where: Path) -> PackManifest:
         try:
             data: dict[str, Any] = json.loads(text)
+            if not isinstance(data, dict) or not isinstance(data.get("knowledge_format"), dict):
+                raise ValueError("not a manifest object")
             if data.get("format") != MANIFEST_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
             return cls(
@@ -100,6 +102,20 @@ class PackManifest:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptSegmentError(f"pack manifest {where} is malformed: {exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in `path` durable (no-op where directories cannot be opened)."""
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def validate_pack_name(name: str) -> str:
@@ -126,7 +142,9 @@ class PackStore:
     def names(self) -> list[str]:
         if not self.packs_dir.is_dir():
             return []
-        return sorted(p.name for p in self.packs_dir.iterdir() if (p / "manifest.json").is_file())
+        return sorted(
+            p.name for p in self.packs_dir.iterdir() if _NAME.match(p.name) and (p / "manifest.json").is_file()
+        )
 
     def exists(self, name: str) -> bool:
         return (self.pack_dir(name) / "manifest.json").is_file()
@@ -138,7 +156,11 @@ class PackStore:
             raise UnknownKnowledgeBaseError(
                 f"no knowledge base named {name!r} in {self.root} (known: {known}); build it with `kvpack build`"
             )
-        return PackManifest.from_json(path.read_text(), path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CorruptSegmentError(f"pack manifest {path} is unreadable: {exc}") from exc
+        return PackManifest.from_json(text, path)
 
     def write(
         self, manifest: PackManifest, segments: Sequence[KVSegment], storage_dtype: torch.dtype | None = None
@@ -155,7 +177,13 @@ class PackStore:
             if target.exists():
                 old = target.with_name(f".old-{manifest.name}-{time.time_ns()}")
                 target.rename(old)
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except BaseException:
+                if old is not None:  # put the previous pack back under its name
+                    old.rename(target)
+                raise
+            _fsync_dir(self.packs_dir)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
