@@ -27,8 +27,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not default_model"
 
 lint: install
-	$(BIN)/ruff check kvpack_integrations tests
-	$(BIN)/ruff format --check kvpack_integrations tests
+	$(BIN)/ruff check kvpack_integrations tests benchmarks
+	$(BIN)/ruff format --check kvpack_integrations tests benchmarks
 	$(BIN)/mypy
 
 bench: install

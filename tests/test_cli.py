@@ -232,3 +232,20 @@ def test_eval_accumulation(capsys, tmp_path, model_dir) -> None:
         capsys, "eval", "accumulation", "--data", str(_rows(tmp_path)), "--steps", "9", "--model", model_dir, "--json"
     )
     assert code == 2 and "fewer than 9 passages" in err["error"]
+
+
+def test_ask_stream_prints_the_answer_and_a_usage_line(capsys, tmp_path, model_dir, facts_file) -> None:
+    common = ["--model", model_dir, "--store", str(tmp_path / "s")]
+    assert main(["build", str(facts_file), "--kb", "kb", *common]) == 0
+    capsys.readouterr()
+    assert (
+        main(["ask", "Which company makes the battery?", "--kb", "kb", "--stream", "--max-new-tokens", "8", *common])
+        == 0
+    )
+    streamed = capsys.readouterr().out
+    code, js = run(
+        capsys, "ask", "Which company makes the battery?", "--kb", "kb", "--max-new-tokens", "8", *common, "--json"
+    )
+    assert code == 0
+    assert streamed.startswith(js["answer"])
+    assert "[kv]" in streamed and "from cache" in streamed and "exact" in streamed

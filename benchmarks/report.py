@@ -1,0 +1,73 @@
+"""Render the README's benchmark tables from the committed result JSON (no figure is typed by hand).
+
+Usage: python benchmarks/report.py  (prints Markdown to stdout)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _machine(m: dict) -> str:
+    return f"{m.get('cpu') or 'CPU'}, {m['cpu_count']} cores, torch {m['torch']}, transformers {m['transformers']}"
+
+
+def equivalence(path: Path) -> str:
+    s = json.loads(path.read_text())
+    rows = [
+        ("rows (all passages)", f"{s['n']} ({s['passages_per_row']:.0f} passages each)"),
+        ("divergences (any differing generated token id)", f"**{s['divergences']}**"),
+        ("EM kv / rag", f"{s['em_kv']:.3f} / {s['em_rag']:.3f}"),
+        ("F1 kv / rag", f"{s['f1_kv']:.3f} / {s['f1_rag']:.3f}"),
+        (
+            "prompt tokens prefilled at query time, kv / rag (mean)",
+            f"{s['prompt_tokens_kv']:.1f} / {s['prompt_tokens_rag']:.1f} (**{100 * s['prompt_token_ratio']:.1f}%**)",
+        ),
+        ("median TTFT kv / rag", f"{s['ttft_ms_kv']:.0f} ms / {s['ttft_ms_rag']:.0f} ms (**x{s['ttft_ratio']:.1f}**)"),
+        ("pack size on disk (mean, fp32)", f"{s['pack_bytes_mean'] / 1e6:.1f} MB"),
+    ]
+    if "em_kv_raw" in s:
+        rows.append(
+            (
+                "`--raw` (untemplated) KV: EM / F1",
+                f"{s['em_kv_raw']:.3f} / {s['f1_kv_raw']:.3f} "
+                f"(EM {s['em_raw_minus_kv']:+.3f}, F1 {s['f1_raw_minus_kv']:+.3f} vs templated KV; "
+                f"differs from RAG on {s['raw_differs_from_rag']} rows)",
+            )
+        )
+    head = (
+        f"`kvpack eval equivalence` on `{s['data']}`, {s['model']} ({s['dtype']}); "
+        f"{_machine(s['machine'])}; {s['elapsed_s'] / 60:.0f} min.\n\n"
+    )
+    return head + "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+
+
+def accumulation(path: Path) -> str:
+    s = json.loads(path.read_text())
+    head = (
+        f"`kvpack eval accumulation --steps {len(s['steps'])}` on `{s['data']}`, N = {s['n']}, {s['model']}; "
+        f"{_machine(s['machine'])}; {s['elapsed_s'] / 60:.0f} min.\n\n"
+    )
+    lines = [
+        "| step k | EM kv | EM rag | identical | tokens kv (query) | + new passage | tokens rag | savings "
+        "| savings incl. new passage | TTFT kv incl. new passage / rag |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for st in s["steps"]:
+        lines.append(
+            f"| {st['k']} | {st['em_kv']:.3f} | {st['em_rag']:.3f} | {st['identical']}/{s['n']} "
+            f"| {st['tokens_kv']:.1f} "
+            f"| {st['build_tokens_kv']:.1f} | {st['tokens_rag']:.1f} | {100 * st['savings']:.1f}% "
+            f"| {100 * st['savings_incl_build']:.1f}% | {st['ttft_ms_kv']:.0f} / {st['ttft_ms_rag']:.0f} ms |"
+        )
+    return head + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for name, fn in (("equivalence_hotpotqa_dev.json", equivalence), ("accumulation_hotpotqa_dev.json", accumulation)):
+        path = RESULTS / name
+        if path.is_file():
+            print(fn(path) + "\n")
