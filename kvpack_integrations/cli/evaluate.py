@@ -77,11 +77,12 @@ def run_accumulation_cmd(args: argparse.Namespace) -> int:
     )
     lines = [
         f"accumulation on {s['n']} rows of {args.data.name}, {s['model']}",
-        "  k  EM kv  EM rag  identical  tokens kv  tokens rag  savings",
+        "  k  EM kv  EM rag  identical  tokens kv (+new passage)  tokens rag  savings (incl. new passage)",
     ]
     for st in s["steps"]:
         lines.append(
             f"  {st['k']}  {st['em_kv']:.3f}  {st['em_rag']:.3f}   {st['identical']:>4}/{s['n']:<4}"
-            f"  {st['tokens_kv']:>8.1f}  {st['tokens_rag']:>9.1f}  {100 * st['savings']:.1f}%"
+            f"  {st['tokens_kv']:>8.1f} (+{st['build_tokens_kv']:.1f})  {st['tokens_rag']:>9.1f}"
+            f"  {100 * st['savings']:.1f}% ({100 * st['savings_incl_build']:.1f}%)"
         )
     return _finish(args, s, "\n".join(lines))
