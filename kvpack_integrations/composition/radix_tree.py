@@ -158,6 +158,13 @@ class RadixTree:
         self._tokens += len(piece)
         self._evict(protect=child)
 
+    def insert_chain(self, segments: Sequence[KVSegment], context_ids: Sequence[int] = ()) -> None:
+        """Insert segments that continue one another, the first one computed after `context_ids`."""
+        context = list(context_ids)
+        for seg in segments:
+            self.insert(context, seg)
+            context.extend(seg.token_ids)
+
     def _leaves(self) -> Iterator[_Node]:
         stack = [self._root]
         while stack:

@@ -38,10 +38,7 @@ class Engine:
 
     def add_segments(self, segments: Sequence[KVSegment], context_ids: Sequence[int] = ()) -> None:
         """Insert a chain of segments (each continuing the previous) behind `context_ids`."""
-        context = list(context_ids)
-        for seg in segments:
-            self.tree.insert(context, seg)
-            context.extend(seg.token_ids)
+        self.tree.insert_chain(segments, context_ids)
 
     def cache_prefix(self, ids: Sequence[int], boundaries: Sequence[int]) -> tuple[list[KVSegment], int]:
         """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""

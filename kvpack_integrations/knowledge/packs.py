@@ -122,8 +122,5 @@ def build_pack(
 def load_pack(loaded: LoadedModel, tree: RadixTree, store: PackStore, name: str) -> PackManifest:
     """Load a stored pack (verified against the loaded model) into the prefix tree."""
     manifest, segments = store.load_segments(name, loaded.fingerprint, device=loaded.device)
-    context: list[int] = []
-    for seg in segments:
-        tree.insert(context, seg)
-        context.extend(seg.token_ids)
+    tree.insert_chain(segments)
     return manifest

@@ -103,10 +103,9 @@ def _locate(text: str, content: str, cursor: int) -> tuple[int, int]:
 
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
     """Token ids and character offsets of `text` (no special tokens added: the template has them)."""
-    try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as exc:
-        raise TemplateError("token offsets need a fast (Rust) tokenizer; load the model with use_fast=True") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError("token offsets need a fast (Rust) tokenizer; load the model with use_fast=True")
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = tuple(int(t) for t in encoding["input_ids"])
     offsets = tuple((int(a), int(b)) for a, b in encoding["offset_mapping"])
     return ids, offsets

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..errors import CorruptSegmentError, FingerprintMismatchError
 from ..runtime.fingerprint import Fingerprint
@@ -65,17 +65,7 @@ def save_segment(segment: KVSegment, path: Path, storage_dtype: torch.dtype | No
         "storage_dtype": seg.storage_dtype,
         "checksum": _checksum(tensors),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
     return path
 
 
