@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 from ..composition.cache_ops import (
     check_context_window,
+    check_sliding_window,
     empty_cache,
     forward,
     segments_from_cache,
@@ -18,7 +19,7 @@ from ..composition.cache_ops import (
 from ..composition.composed import ComposedCache
 from ..composition.exact import compose_exact, materialize
 from ..composition.radix_tree import RadixTree
-from ..errors import InvalidInputError
+from ..errors import CompositionError, InvalidInputError
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment
 from .sampling import make_generator, next_token
@@ -35,10 +36,6 @@ class Engine:
     def __init__(self, loaded: LoadedModel, *, max_cached_tokens: int | None = 65536) -> None:
         self.loaded = loaded
         self.tree = RadixTree(loaded.fingerprint, max_tokens=max_cached_tokens)
-
-    def add_segments(self, segments: Sequence[KVSegment], context_ids: Sequence[int] = ()) -> None:
-        """Insert a chain of segments (each continuing the previous) behind `context_ids`."""
-        self.tree.insert_chain(segments, context_ids)
 
     def cache_prefix(self, ids: Sequence[int], boundaries: Sequence[int]) -> tuple[list[KVSegment], int]:
         """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""
@@ -92,9 +89,10 @@ class Engine:
         logits = forward(self.loaded, cache, ids[cached:])
         notes = list(composed.notes)
         if remember_prompt and composed.strategy == "exact":
-            window = self.loaded.sliding_window
-            if window is not None and len(ids) >= window:
-                notes.append(f"prompt not remembered: longer than the sliding window ({window})")
+            try:
+                check_sliding_window(self.loaded, len(ids))
+            except CompositionError as exc:  # the answer still comes; only the caching is skipped
+                notes.append(f"prompt not remembered: {exc}")
             else:
                 for seg in segments_from_cache(self.loaded, cache, ids, [len(ids)], start=cached):
                     self.tree.insert(ids[:cached], seg)

@@ -16,7 +16,7 @@ import torch
 from ..composition.exact import materialize
 from ..composition.radix_tree import RadixTree
 from ..prompts.knowledge import KnowledgeFormat
-from ..prompts.rendering import encode_with_offsets, render_messages
+from ..prompts.rendering import encode_with_offsets, render_messages, tokens_ending_by
 from ..runtime.device import dtype_name
 from ..runtime.loader import LoadedModel
 from ..segments.pack_store import PackManifest, PackStore, validate_pack_name
@@ -38,7 +38,7 @@ class KnowledgePrompt:
 def _cuts(offsets: Sequence[tuple[int, int]], char_ends: Sequence[int]) -> list[int]:
     cuts: list[int] = []
     for end in char_ends:
-        n = sum(1 for _, e in offsets if e <= end)
+        n = tokens_ending_by(offsets, end)
         if n > (cuts[-1] if cuts else 0):
             cuts.append(n)
     return cuts

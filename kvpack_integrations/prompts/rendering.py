@@ -50,12 +50,17 @@ class RenderedPrompt:
 
     def tokens_before(self, char_pos: int) -> int:
         """Number of leading tokens that end at or before `char_pos` (a safe prefix cut)."""
-        count = 0
-        for _, end in self.offsets:
-            if end > char_pos:
-                break
-            count += 1
-        return count
+        return tokens_ending_by(self.offsets, char_pos)
+
+
+def tokens_ending_by(offsets: Sequence[tuple[int, int]], char_pos: int) -> int:
+    """Number of leading tokens (by character offsets) that end at or before `char_pos`."""
+    count = 0
+    for _, end in offsets:
+        if end > char_pos:
+            break
+        count += 1
+    return count
 
 
 def _template_kwargs(tokenizer: Any, thinking: bool | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ pack behind and never destroys the pack it replaces.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -37,8 +38,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 def default_store_dir() -> Path:
     """`$KVPACK_STORE`, else `$KVPACK_HOME/store` (~/.cache/kvpack/store)."""
-    import os
-
     env = os.environ.get("KVPACK_STORE")
     return Path(env).expanduser() if env else kvpack_home() / "store"
 
@@ -106,8 +105,6 @@ class PackManifest:
 
 def _fsync_dir(path: Path) -> None:
     """Make renames in `path` durable (no-op where directories cannot be opened)."""
-    import os
-
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
