@@ -6,8 +6,14 @@ so decoding can grow it freely.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
 
 from ..composition.cache_ops import (
     check_context_window,
@@ -30,12 +36,25 @@ from .usage import GenerationResult, StreamChunk, Usage
 STRATEGIES = ("exact", "text")
 
 
+@dataclass
+class Prefilled:
+    """A prompt prefilled on a fresh cache: the logits for the first new token and the usage so far."""
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    usage: Usage
+    started_at: float
+
+
 class Engine:
     """Generation on one loaded model with an in-memory prefix cache (a radix tree of segments)."""
 
     def __init__(self, loaded: LoadedModel, *, max_cached_tokens: int | None = 65536) -> None:
         self.loaded = loaded
         self.tree = RadixTree(loaded.fingerprint, max_tokens=max_cached_tokens)
+        # one request at a time on the tree and model; a plain Lock, not an RLock, because async
+        # streaming may resume a generator (and so release the lock) on another thread
+        self.lock = threading.Lock()
 
     def cache_prefix(self, ids: Sequence[int], boundaries: Sequence[int]) -> tuple[list[KVSegment], int]:
         """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""
@@ -51,7 +70,7 @@ class Engine:
             return ComposedCache(cache=empty_cache(self.loaded), cached_tokens=0, strategy="text", exact=True)
         raise InvalidInputError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
 
-    def stream(
+    def prefill(
         self,
         prompt_ids: Sequence[int],
         settings: GenerationSettings | None = None,
@@ -60,13 +79,13 @@ class Engine:
         composed: ComposedCache | None = None,
         started_at: float | None = None,
         remember_prompt: bool = False,
-    ) -> Iterator[StreamChunk]:
-        """Yield text deltas; the final chunk carries the usage report.
+    ) -> Prefilled:
+        """Compose a cache for `prompt_ids`, prefill what it lacks, and return the next-token logits.
 
         `composed` lets a caller supply a cache it built (e.g. `naive`), covering `prompt_ids`' first
         `cached_tokens`. `started_at` (a `time.perf_counter()` value) moves the TTFT origin earlier, to
         include work done before the call, such as loading a pack. `remember_prompt` keeps the prompt's
-        cache in the tree for the next call (agent loops).
+        cache in the tree for the next call (agent loops). Decoders (free text, guided JSON) start here.
         """
         settings = settings or GenerationSettings()
         t0 = started_at if started_at is not None else time.perf_counter()
@@ -104,7 +123,18 @@ class Engine:
             exact=composed.exact,
             notes=notes,
         )
-        yield from self._decode(logits, cache, settings, usage, t0)
+        return Prefilled(cache=cache, logits=logits, usage=usage, started_at=t0)
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        settings: GenerationSettings | None = None,
+        **kwargs: Any,
+    ) -> Iterator[StreamChunk]:
+        """Yield text deltas; the final chunk carries the usage report. Takes `prefill`'s keywords."""
+        settings = settings or GenerationSettings()
+        state = self.prefill(prompt_ids, settings, **kwargs)
+        yield from self._decode(state.logits, state.cache, settings, state.usage, state.started_at)
 
     def _decode(self, logits, cache, settings: GenerationSettings, usage: Usage, t0: float) -> Iterator[StreamChunk]:
         generator = make_generator(settings, self.loaded.device)

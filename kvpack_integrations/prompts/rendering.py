@@ -8,6 +8,7 @@ offsets; every split is a token boundary of that single rendering.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,18 +93,32 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: An
     return text
 
 
-def _locate(text: str, content: str, cursor: int) -> tuple[int, int]:
-    """Find a message's content at or after `cursor`; templates may trim it."""
-    for needle in (content, content.strip()):
-        if not needle:
-            return cursor, cursor
-        pos = text.find(needle, cursor)
+def _needles(content: str) -> list[str]:
+    """How a text may appear in a rendering: as is, trimmed, or JSON-escaped (Llama 3.1's tool turns)."""
+    escaped = json.dumps(content, ensure_ascii=False)[1:-1]
+    return list(dict.fromkeys([content, content.strip(), escaped]))
+
+
+def find_in_rendering(text: str, content: str, cursor: int) -> tuple[int, int] | None:
+    """Character span of `content` in `text` at or after `cursor` (any of its renderings), or None."""
+    for needle in _needles(content):
+        pos = text.find(needle, cursor) if needle else -1
         if pos >= 0:
             return pos, pos + len(needle)
-    raise TemplateError(
-        "could not locate a message's content in the rendered prompt (the chat template rewrites it); "
-        f"content starts with {content[:40]!r}"
-    )
+    return None
+
+
+def _locate(text: str, content: str, cursor: int) -> tuple[int, int]:
+    """Find a message's content at or after `cursor`; templates may trim or JSON-escape it."""
+    if not content.strip():
+        return cursor, cursor
+    span = find_in_rendering(text, content, cursor)
+    if span is None:
+        raise TemplateError(
+            "could not locate a message's content in the rendered prompt (the chat template rewrites it); "
+            f"content starts with {content[:40]!r}"
+        )
+    return span
 
 
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:

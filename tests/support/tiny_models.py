@@ -214,3 +214,15 @@ def make_model(family: str, seed: int = 0, *, max_positions: int = 2048, **overr
     model = f.model_cls(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return wrap_model(model, tokenizer, name=f"tiny-{family}-{seed}")
+
+
+def save_model_dir(family: str, root: Any, seed: int = 0) -> str:
+    """Write the tiny model of `family` as a local model directory, for code that loads by path."""
+    from pathlib import Path
+
+    target = Path(root) / f"tiny-{family}-{seed}"
+    if not (target / "config.json").is_file():
+        loaded = make_model(family, seed)
+        loaded.model.save_pretrained(target)
+        loaded.tokenizer.save_pretrained(target)
+    return str(target)

@@ -1,0 +1,225 @@
+"""One chat request, end to end: render once, reuse cached prefixes, decode (free, tool call or JSON).
+
+Integrations (LangChain, LlamaIndex) translate their objects into a `ChatRequest` and a `ChatReply`
+back; everything about caches, templates, tools and guided decoding happens here or below.
+
+Every prompt is remembered in the engine's prefix tree (exact strategy), so the next step of an agent
+loop, whose prompt extends this one, prefills only the tokens that are new to the conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidInputError
+from ..knowledge.bound import BoundPack
+from ..prompts.conversation import ChatTurn, ConversationPrompt, render_conversation
+from ..prompts.knowledge import KnowledgeFormat
+from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ..segments.handles import SegmentHandle, check_handle
+from .engine import Engine
+from .json_decoding import GuidedDecoder, check_schema, generate_json
+from .settings import GenerationSettings
+from .tool_calls import ParsedToolCall, new_call_id, parse_tool_calls
+from .usage import Usage
+
+TOOL_CHOICES = ("auto", "none", "required")
+FREE_FORM_JSON: Mapping[str, Any] = {"type": "object"}
+
+
+@dataclass
+class ChatRequest:
+    """What to ask. `tools` are OpenAI-style function specs; `tool_choice` is auto, none, required or a name."""
+
+    turns: Sequence[ChatTurn]
+    knowledge: Sequence[str] = ()
+    knowledge_format: KnowledgeFormat | None = None
+    handles: Sequence[SegmentHandle] = ()
+    pack: BoundPack | None = None
+    tools: Sequence[Mapping[str, Any]] = ()
+    tool_choice: str = "auto"
+    response_schema: Mapping[str, Any] | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    strategy: str = "exact"
+    remember: bool = True
+    strict_segments: bool = False
+
+
+@dataclass
+class ChatReply:
+    text: str
+    tool_calls: list[ParsedToolCall]
+    invalid_tool_calls: list[str]
+    usage: Usage
+    finish_reason: str
+    parsed: Any = None
+
+
+@dataclass
+class ChatDelta:
+    """A streamed piece of text; the last delta carries the whole reply."""
+
+    text: str
+    reply: ChatReply | None = None
+
+
+def tool_parameters(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Tool name -> JSON-schema parameters, refusing malformed specs and schemas we cannot decode."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"tool {i} is not an OpenAI-style function spec with a name")
+        params = function.get("parameters") or {"type": "object", "properties": {}}  # type: ignore[union-attr]
+        if name in out:  # the same tool given twice (e.g. a pydantic class and its schema) is one tool
+            if _without_annotations(out[name]) != _without_annotations(params):
+                raise InvalidInputError(f"two different tools are named {name!r}")
+            continue
+        try:
+            check_schema(params)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"tool {name!r} cannot be called by this model: {exc}") from exc
+        out[name] = params
+    return out
+
+
+def _without_annotations(schema: Any) -> Any:
+    """A schema without titles and descriptions, to tell the same tool given twice from two tools."""
+    if isinstance(schema, Mapping):
+        return {k: _without_annotations(v) for k, v in schema.items() if k not in ("title", "description")}
+    if isinstance(schema, list):
+        return [_without_annotations(v) for v in schema]
+    return schema
+
+
+def _validate(request: ChatRequest, params: Mapping[str, Mapping[str, Any]]) -> None:
+    choice = request.tool_choice
+    if choice not in TOOL_CHOICES and choice not in params:
+        known = ", ".join(params) or "no tools are bound"
+        raise InvalidInputError(f"tool_choice {choice!r} is neither auto/none/required nor a bound tool ({known})")
+    if choice == "required" and not params:
+        raise InvalidInputError("tool_choice='required' needs at least one bound tool")
+    if request.response_schema is not None:
+        check_schema(request.response_schema)
+
+
+def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, list[str], float]:
+    """Render the request and make sure a bound pack is resident; returns (prompt, notes, start time)."""
+    t0 = time.perf_counter()
+    notes = [
+        n
+        for n in (check_handle(h, engine.loaded.fingerprint, strict=request.strict_segments) for h in request.handles)
+        if n
+    ]
+    knowledge = list(request.knowledge)
+    fmt = request.knowledge_format
+    if request.pack is not None:
+        manifest = request.pack.manifest()
+        knowledge = list(manifest.facts) + knowledge
+        fmt = manifest.knowledge_format
+        if request.strategy == "exact" and request.pack.ensure_resident(engine.loaded, engine.tree):
+            notes.append(f"knowledge base {request.pack.name!r} loaded from {request.pack.store.root}")
+    # tools stay in the prompt under tool_choice="none" (only calls are off), so the prefix is unchanged
+    prompt = render_conversation(
+        engine.loaded.tokenizer, request.turns, knowledge=knowledge, knowledge_format=fmt, tools=request.tools
+    )
+    return prompt, notes, t0
+
+
+def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
+    """Answer `request`, yielding text as it is decoded (free text only; guided modes yield once)."""
+    params = tool_parameters(request.tools)
+    _validate(request, params)
+    with engine.lock:
+        prompt, notes, t0 = prepare(engine, request)
+        kwargs = {
+            "strategy": request.strategy,
+            "started_at": t0,
+            "remember_prompt": request.remember and request.strategy == "exact",
+        }
+        forced = request.tool_choice if request.tool_choice not in ("auto", "none") else None
+        if forced is not None:
+            reply = _forced_tool_call(engine, prompt, request, params, forced, kwargs)
+        elif request.response_schema is not None:
+            result = generate_json(engine, prompt.token_ids, request.response_schema, request.settings, **kwargs)
+            reply = ChatReply(result.text, [], [], result.usage, result.finish_reason, parsed=result.value)
+        else:
+            reply = yield from _free_text(engine, prompt, request, params, kwargs)
+        reply.usage.notes[:0] = notes
+        yield ChatDelta(text="" if forced is None and request.response_schema is None else reply.text, reply=reply)
+
+
+def chat(engine: Engine, request: ChatRequest) -> ChatReply:
+    """`stream_chat` run to the end."""
+    reply = None
+    for delta in stream_chat(engine, request):
+        reply = delta.reply or reply
+    assert reply is not None
+    return reply
+
+
+def _free_text(
+    engine: Engine,
+    prompt: ConversationPrompt,
+    request: ChatRequest,
+    params: Mapping[str, Mapping[str, Any]],
+    kwargs: dict[str, Any],
+) -> Generator[ChatDelta, None, ChatReply]:
+    """Plain decoding; with tools offered the reply is parsed (with repair) for tool calls at the end."""
+    parts: list[str] = []
+    usage: Usage | None = None
+    finish = "length"
+    stream_text = not params or request.tool_choice == "none"
+    for chunk in engine.stream(prompt.token_ids, request.settings, **kwargs):
+        parts.append(chunk.text)
+        if stream_text and chunk.text:
+            yield ChatDelta(text=chunk.text)
+        if chunk.usage is not None:
+            usage, finish = chunk.usage, chunk.finish_reason or finish
+    assert usage is not None
+    text = "".join(parts)
+    if stream_text:
+        return ChatReply(text, [], [], usage, finish)
+    content, calls, problems = parse_tool_calls(text, params)
+    if calls:
+        finish = "tool_calls"
+    reply = ChatReply(content, calls, problems, usage, finish)
+    yield ChatDelta(text=content)
+    return reply
+
+
+def _forced_tool_call(
+    engine: Engine,
+    prompt: ConversationPrompt,
+    request: ChatRequest,
+    params: Mapping[str, Mapping[str, Any]],
+    forced: str,
+    kwargs: dict[str, Any],
+) -> ChatReply:
+    """A call is required: the engine writes the call's structure, the model picks tool and values."""
+    names = list(params) if forced == "required" else [forced]
+    state = engine.prefill(prompt.token_ids, request.settings, **kwargs)
+    decoder = GuidedDecoder(engine, state, request.settings)
+    decoder.emit(f'{TOOL_CALL_OPEN}\n{{"name": ')
+    name = names[decoder.choose([_json_string(n) for n in names])]
+    decoder.emit(', "arguments": ')
+    arguments = decoder.value(params[name])
+    decoder.emit(f"}}\n{TOOL_CALL_CLOSE}")
+    usage = decoder.finish_usage()
+    call = ParsedToolCall(name=name, arguments=dict(arguments), id=new_call_id())
+    if decoder.truncated:  # still a valid call; the values written after the budget ran out are fillers
+        usage.notes.append(
+            f"max_tokens ran out while the model wrote the call to {name!r}: the call was closed without it, "
+            "so argument values may be cut short or be placeholders; raise max_tokens"
+        )
+        return ChatReply("", [call], [], usage, "length")
+    return ChatReply("", [call], [], usage, "tool_calls")
+
+
+def _json_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)

@@ -1,0 +1,40 @@
+"""A knowledge base bound to a chat model: a stored pack kept resident in the engine's prefix tree.
+
+The tree is bounded and evicts least recently used runs, so a pack may drop out between calls. Each
+request therefore checks that the pack's tokens are still cached and reloads the pack from the store
+(verified against the model) if not: served from disk, never recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..composition.radix_tree import RadixTree
+from ..runtime.loader import LoadedModel
+from ..segments.pack_store import PackManifest, PackStore
+from .packs import knowledge_prompt, load_pack
+
+
+@dataclass
+class BoundPack:
+    store: PackStore
+    name: str
+    _manifest: PackManifest | None = field(default=None, repr=False)
+    _ids: list[int] = field(default_factory=list, repr=False)
+
+    def manifest(self) -> PackManifest:
+        """The pack's manifest (raises `UnknownKnowledgeBaseError` naming the store if it is gone)."""
+        if self._manifest is None:
+            self._manifest = self.store.manifest(self.name)
+        return self._manifest
+
+    def ensure_resident(self, loaded: LoadedModel, tree: RadixTree) -> bool:
+        """Load the pack into `tree` unless all its tokens are cached; True if it was (re)loaded."""
+        manifest = self.manifest()
+        if not self._ids:
+            prompt = knowledge_prompt(loaded.tokenizer, manifest.facts, None, manifest.knowledge_format)
+            self._ids = prompt.token_ids[: manifest.token_count]
+        if tree.match(self._ids).length >= len(self._ids):
+            return False
+        self._manifest = load_pack(loaded, tree, self.store, self.name)
+        return True

@@ -1,0 +1,67 @@
+"""Similarity search over a stored pack's facts, returning each hit with its segment handle.
+
+This is the store behind `KVPackRetriever` until the Chroma knowledge base lands: the pack's facts
+are embedded once per process (a pack fits one context window, so this is small) and ranked by cosine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..runtime.embedder import Embedder
+from ..segments.handles import SegmentHandle
+from ..segments.pack_store import PackManifest, PackStore
+
+
+@dataclass(frozen=True)
+class FactHit:
+    text: str
+    score: float
+    handle: SegmentHandle
+
+
+class PackSearcher:
+    """Ranks one pack's facts against a query; re-embeds if the pack was rebuilt."""
+
+    def __init__(self, store: PackStore, name: str, embedder: Embedder) -> None:
+        self.store = store
+        self.name = name
+        self.embedder = embedder
+        self._manifest: PackManifest | None = None
+        self._vectors: np.ndarray | None = None
+
+    def _index(self) -> tuple[PackManifest, np.ndarray]:
+        manifest = self.store.manifest(self.name)
+        if self._manifest is None or self._vectors is None or manifest.created != self._manifest.created:
+            self._vectors = self.embedder.embed(list(manifest.facts))
+            self._manifest = manifest
+        return self._manifest, self._vectors
+
+    def search(self, query: str, k: int) -> list[FactHit]:
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError("the retrieval query is empty")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        manifest, vectors = self._index()
+        scores = vectors @ self.embedder.embed([query])[0]
+        order = np.argsort(-scores, kind="stable")[:k]
+        offset = len(manifest.segment_ids) - len(manifest.facts) - 1  # instruction piece, if any, comes first
+        ids = manifest.segment_ids
+        return [
+            FactHit(
+                text=manifest.facts[i],
+                score=float(scores[i]),
+                handle=SegmentHandle(
+                    store=str(self.store.root),
+                    pack=self.name,
+                    fact_index=int(i),
+                    segment_id=ids[int(i) + offset] if 0 <= int(i) + offset < len(ids) else "",
+                    fingerprint=manifest.fingerprint.digest,
+                    model_name=manifest.model_name,
+                ),
+            )
+            for i in order
+        ]

@@ -1,0 +1,342 @@
+"""`KVPackChatModel`: a LangChain chat model on a local transformers model, knowledge as KV segments.
+
+A thin adapter: LangChain messages, tools and options are translated into an engine `ChatRequest`;
+rendering, prefix reuse, tool-call parsing and guided decoding all happen in the engine. Weights load
+lazily, once per process, and every instance on the same weights shares one engine (one prefix tree),
+so each step of an agent loop prefills only what is new to the conversation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from ..engine.chat import FREE_FORM_JSON, ChatReply, ChatRequest, chat, stream_chat, tool_parameters
+from ..engine.registry import shared_engine
+from ..engine.settings import GenerationSettings
+from ..engine.usage import Usage
+from ..errors import InvalidInputError
+from ..knowledge.bound import BoundPack
+from ..runtime.default_model import DEFAULT_MODEL_NAME
+from ..runtime.loader import LoadedModel, load_model
+from ..segments.pack_store import PackStore
+from .messages import call_documents, to_turns
+
+_CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+_STRUCTURED_METHODS = ("json_schema", "function_calling", "json_mode")
+_REMOTE_ONLY = frozenset({"timeout", "max_retries", "api_key", "base_url"})  # accepted, meaningless locally
+
+
+def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
+    """LangChain's tool_choice spellings -> auto | none | required | a tool name."""
+    if tool_choice is None or tool_choice == "auto":
+        return "auto"
+    if tool_choice is False or tool_choice == "none":
+        return "none"
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if isinstance(name, str):
+            tool_choice = name
+    if isinstance(tool_choice, str) and tool_choice in names:
+        return tool_choice
+    known = ", ".join(names) or "none are bound"
+    raise InvalidInputError(f"tool_choice {tool_choice!r} is not auto/none/any/required or a bound tool ({known})")
+
+
+class KVPackChatModel(BaseChatModel):
+    """Chat model over a local transformers model that reuses KV caches instead of re-prefilling.
+
+    `KVPackChatModel()` runs the embedded SmolLM2-135M-Instruct. `kb=` binds a stored knowledge pack
+    (its facts open the system message, served from the store); `documents=` on a call adds documents
+    after them; retriever-tool results arrive as `ToolMessage` artifacts. With `strategy="exact"` (the
+    default) the output equals text stuffing of the same documents in the same places.
+    """
+
+    model: str | None = Field(default=None, description="hub id, model directory or .gguf file; None: the default")
+    device: str = "auto"
+    dtype: str | None = "auto"
+    kb: str | None = Field(default=None, description="name of a stored knowledge pack to bind")
+    store: str | None = Field(default=None, description="pack store directory (default: $KVPACK_STORE)")
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    strategy: Literal["exact", "text"] = "exact"
+    remember: bool = Field(default=True, description="keep each prompt's cache for the next step")
+    strict_segments: bool = Field(default=False, description="refuse documents cached by another model")
+    streaming: bool = Field(default=False, description="invoke() decodes through the streaming path")
+
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+    _pack: BoundPack | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, values: Any) -> Any:
+        """A typo must not be ignored; remote-API settings (timeout, retries, keys) mean nothing locally."""
+        if isinstance(values, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = set(values) - known - _REMOTE_ONLY
+            if unknown:
+                raise InvalidInputError(f"KVPackChatModel got unknown arguments: {', '.join(sorted(unknown))}")
+            values = {k: v for k, v in values.items() if k not in _REMOTE_ONLY}
+        return values
+
+    @model_validator(mode="after")
+    def _check_kb(self) -> KVPackChatModel:
+        if self.kb is not None:
+            pack_store = PackStore(self.store)
+            pack_store.manifest(self.kb)  # a missing pack is named now, not at the first call
+            self._pack = BoundPack(pack_store, self.kb)
+        return self
+
+    @property
+    def _llm_type(self) -> str:
+        return "kvpack"
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODEL_NAME
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "kb": self.kb,
+            "strategy": self.strategy,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="kvpack",
+            ls_model_name=str(kwargs.get("model") or self.model_name),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def loaded_model(self, override: str | None = None) -> LoadedModel:
+        """The weights for this instance (or a per-call `model=` override), loaded once per process."""
+        return load_model(override or self.model, device=self.device, dtype=self.dtype)
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def _settings(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> GenerationSettings:
+        return GenerationSettings(
+            max_new_tokens=int(kwargs.get("max_tokens", self.max_tokens)),
+            temperature=float(kwargs.get("temperature", self.temperature)),
+            top_p=float(kwargs.get("top_p", self.top_p)),
+            top_k=int(kwargs.get("top_k", self.top_k)),
+            seed=kwargs.get("seed", self.seed),
+            stop=tuple(stop if stop is not None else self.stop or ()),
+        )
+
+    def _request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[ChatRequest, list[str]]:
+        unknown = set(kwargs) - {
+            "tools",
+            "tool_choice",
+            "response_format",
+            "documents",
+            "model",
+            "strategy",
+            *_CALL_OPTIONS,
+        }
+        if unknown:
+            raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
+        translated = to_turns(messages)
+        texts, handles = call_documents(kwargs.get("documents"))
+        tools = list(kwargs.get("tools") or [])
+        schema = kwargs.get("response_format")
+        return ChatRequest(
+            turns=translated.turns,
+            knowledge=texts,
+            handles=[*handles, *translated.handles],
+            pack=self._pack,
+            tools=tools,
+            tool_choice=kwargs.get("tool_choice") or "auto",
+            response_schema=schema,
+            settings=self._settings(stop, kwargs),
+            strategy=kwargs.get("strategy", self.strategy),
+            remember=self.remember,
+            strict_segments=self.strict_segments,
+        ), translated.notes
+
+    def _metadata(self, reply: ChatReply, model_name: str) -> tuple[UsageMetadata, dict[str, Any]]:
+        usage: Usage = reply.usage
+        metadata = UsageMetadata(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            total_tokens=usage.input_tokens + usage.output_tokens,
+            input_token_details={"cache_read": usage.cached_tokens},
+        )
+        response = {
+            "model_name": model_name,
+            "model_provider": "kvpack",
+            "finish_reason": reply.finish_reason,
+            "kvpack": usage.to_dict(),
+        }
+        return metadata, response
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        loaded = self.loaded_model(kwargs.get("model"))
+        request, notes = self._request(messages, stop, kwargs)
+        reply = chat(shared_engine(loaded), request)
+        reply.usage.notes.extend(notes)
+        usage, response = self._metadata(reply, loaded.name)
+        message = AIMessage(
+            content=reply.text,
+            tool_calls=[
+                {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in reply.tool_calls
+            ],
+            invalid_tool_calls=[
+                {"name": None, "args": None, "id": None, "error": p, "type": "invalid_tool_call"}
+                for p in reply.invalid_tool_calls
+            ],
+            usage_metadata=usage,
+            response_metadata=response,
+        )
+        return ChatResult(
+            generations=[ChatGeneration(message=message, generation_info={"finish_reason": reply.finish_reason})]
+        )
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        loaded = self.loaded_model(kwargs.get("model"))
+        request, notes = self._request(messages, stop, kwargs)
+        for delta in stream_chat(shared_engine(loaded), request):
+            if delta.reply is None:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(delta.text, chunk=chunk)
+                yield chunk
+                continue
+            reply = delta.reply
+            reply.usage.notes.extend(notes)
+            usage, response = self._metadata(reply, loaded.name)
+            chunks = [
+                tool_call_chunk(name=c.name, args=_json(c.arguments), id=c.id, index=i)
+                for i, c in enumerate(reply.tool_calls)
+            ]
+            last = AIMessageChunk(
+                content=delta.text,
+                tool_call_chunks=chunks,
+                usage_metadata=usage,
+                response_metadata=response,
+                chunk_position="last",
+            )
+            chunk = ChatGenerationChunk(message=last, generation_info={"finish_reason": reply.finish_reason})
+            if run_manager is not None and delta.text:
+                run_manager.on_llm_new_token(delta.text, chunk=chunk)
+            yield chunk
+
+    # -- tools and structured output ------------------------------------------------------------------
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (LangChain tools, functions, pydantic models or OpenAI dicts) for this model's calls.
+
+        `tool_choice`: None/"auto" (the model decides), "none", "any"/"required"/True (a call is forced
+        and written under schema guidance), or a tool name (that tool is forced).
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = list(tool_parameters(formatted))  # refuses schemas the model cannot call, naming the tool
+        choice = normalize_tool_choice(tool_choice, names)
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type | None = None,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """Output that validates against `schema` (pydantic class, TypedDict or JSON schema).
+
+        All three methods are schema-guided: the engine writes the JSON structure and the model fills
+        in the values. `json_mode` without a schema produces a free-form JSON object.
+        """
+        if kwargs:
+            raise InvalidInputError(f"unknown arguments: {', '.join(sorted(kwargs))}")
+        if method not in _STRUCTURED_METHODS:
+            raise InvalidInputError(f"unknown method {method!r}: use one of {', '.join(_STRUCTURED_METHODS)}")
+        if schema is None and method != "json_mode":
+            raise InvalidInputError(f"method={method!r} needs a schema")
+        target: Any = schema
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic v2 or v1
+        ls_format = {"kwargs": {"method": method}, "schema": convert_to_json_schema(schema) if schema else None}
+        parser: Runnable
+        if method == "function_calling":
+            name = convert_to_openai_tool(target)["function"]["name"]
+            llm = self.bind_tools([target], tool_choice=name, ls_structured_output_format=ls_format)
+            parser = (
+                PydanticToolsParser(tools=[target], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        else:
+            json_schema = _json_schema(schema) if schema is not None else dict(FREE_FORM_JSON)
+            tool_parameters([{"type": "function", "function": {"name": "output", "parameters": json_schema}}])
+            llm = self.bind(response_format=json_schema, ls_structured_output_format=ls_format)
+            parser = PydanticOutputParser(pydantic_object=target) if is_pydantic else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _json_schema(schema: dict | type) -> dict[str, Any]:
+    """A plain JSON schema from a pydantic class, TypedDict, OpenAI tool dict or JSON schema."""
+    if isinstance(schema, dict) and "function" not in schema and ("properties" in schema or "type" in schema):
+        return dict(schema)
+    return convert_to_openai_tool(schema)["function"].get("parameters", {"type": "object", "properties": {}})
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,91 @@
+"""`KVPackRetriever`: LangChain retriever over a stored knowledge pack, documents with segment handles.
+
+Each `Document` carries its fact text (what text stuffing would send) plus, in `metadata["kvpack"]`,
+a handle to the cached segment it came from (store, pack, fact, segment id, model fingerprint), and
+its similarity in `metadata["score"]`. `search_tool()` gives a retriever tool whose result is
+`content_and_artifact`: the documents travel to `KVPackChatModel` as the artifact, and the content is
+exactly the text the model composes from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from langchain_core.tools import BaseTool, StructuredTool
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from ..knowledge.search import PackSearcher
+from ..runtime.embedder import load_embedder
+from ..segments.handles import HANDLE_KEY
+from ..segments.pack_store import PackStore
+from .messages import join_documents
+
+NO_RESULTS = "No matching documents were found."
+
+
+class _SearchInput(BaseModel):
+    query: str = Field(description="what to look up in the knowledge base")
+
+
+class KVPackRetriever(BaseRetriever):
+    """Similarity search over the facts of a stored knowledge pack (`kvpack build ... --kb NAME`)."""
+
+    kb: str = Field(description="name of the knowledge pack")
+    store: str | None = Field(default=None, description="pack store directory (default: $KVPACK_STORE)")
+    k: int = Field(default=4, ge=1)
+    embedder: str | None = Field(default=None, description="sentence-transformers id or path; None: all-MiniLM-L6-v2")
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    _searcher: PackSearcher | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_kb(self) -> KVPackRetriever:
+        PackStore(self.store).manifest(self.kb)  # an unknown pack is named at construction
+        return self
+
+    def _search(self) -> PackSearcher:
+        if self._searcher is None:
+            self._searcher = PackSearcher(PackStore(self.store), self.kb, load_embedder(self.embedder))
+        return self._searcher
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        k = kwargs.pop("k", self.k)
+        hits = self._search().search(query, k)
+        return [
+            Document(page_content=h.text, metadata={"score": h.score, HANDLE_KEY: h.handle.to_dict()}) for h in hits
+        ]
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        """Search runs in a worker thread (embedding is CPU-bound), so the event loop stays free."""
+        return await asyncio.to_thread(
+            self._get_relevant_documents, query, run_manager=run_manager.get_sync(), **kwargs
+        )
+
+    def search_tool(self, name: str = "search_knowledge", description: str | None = None) -> BaseTool:
+        """A retriever tool returning (content, artifact): the joined texts and the `Document`s."""
+
+        def search(query: str) -> tuple[str, list[Document]]:
+            docs = self.invoke(query)
+            return (join_documents(d.page_content for d in docs) if docs else NO_RESULTS), docs
+
+        async def asearch(query: str) -> tuple[str, list[Document]]:
+            docs = await self.ainvoke(query)
+            return (join_documents(d.page_content for d in docs) if docs else NO_RESULTS), docs
+
+        return StructuredTool.from_function(
+            func=search,
+            coroutine=asearch,
+            name=name,
+            description=description or f"Search the knowledge base {self.kb!r} for facts relevant to a query.",
+            args_schema=_SearchInput,
+            response_format="content_and_artifact",
+        )

@@ -1,0 +1,207 @@
+"""KVPackChatModel on tiny models of every family: segments equal text stuffing, agent steps prefill only
+what is new, tools and structured output, async/stream/batch, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from pydantic import BaseModel, Field
+
+from kvpack_integrations import build_pack, load_model
+from kvpack_integrations.composition import RadixTree
+from kvpack_integrations.errors import (
+    FingerprintMismatchError,
+    InvalidInputError,
+    UnknownKnowledgeBaseError,
+)
+from kvpack_integrations.langchain import KVPackChatModel
+from kvpack_integrations.segments.handles import HANDLE_KEY, SegmentHandle
+
+from .conftest import FACTS, QUESTION
+from .support.tiny_models import FAMILIES, save_model_dir
+
+MAX = 12
+DOCS = ["The Tessel-9 battery is made by Quill Energy in Ondria.", "The Aurora X2 drone flies for 48 minutes."]
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("models")
+
+
+def _chat(model_root, family: str = "llama", **kwargs) -> KVPackChatModel:
+    return KVPackChatModel(model=save_model_dir(family, model_root), max_tokens=MAX, **kwargs)
+
+
+def _tool_history(docs: list[Document]) -> list:
+    call = {"name": "search_knowledge", "args": {"query": "battery"}, "id": "call_1", "type": "tool_call"}
+    return [
+        SystemMessage("Answer briefly."),
+        HumanMessage(QUESTION),
+        AIMessage("", tool_calls=[call]),
+        ToolMessage("\n\n".join(d.page_content for d in docs), tool_call_id="call_1", artifact=docs),
+    ]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_documents_as_segments_equal_text_stuffing(model_root, family: str) -> None:
+    chat = _chat(model_root, family)
+    messages = [SystemMessage("Answer briefly."), HumanMessage(QUESTION)]
+    text = chat.invoke(messages, documents=DOCS, strategy="text")
+    kv = chat.invoke(messages, documents=DOCS)  # the text call above was not cached: prefix cold here too
+    again = chat.invoke(messages, documents=DOCS)
+    assert kv.content == text.content == again.content
+    assert text.usage_metadata["input_token_details"]["cache_read"] == 0
+    assert again.usage_metadata["input_token_details"]["cache_read"] == again.usage_metadata["input_tokens"] - 1
+    meta = again.response_metadata
+    assert meta["kvpack"]["strategy"] == "exact" and meta["kvpack"]["exact"] is True
+    assert meta["model_name"].startswith("tiny-") or family in meta["model_name"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "mistral", "phi3"])
+def test_tool_artifacts_equal_text_and_next_step_prefills_only_new_tokens(model_root, family: str) -> None:
+    chat = _chat(model_root, family)
+    docs = [Document(d) for d in DOCS]
+    history = _tool_history(docs)
+    step1 = chat.invoke(history[:2])
+    step2 = chat.invoke(history)
+    text = chat.invoke(history, strategy="text")
+    assert step2.content == text.content
+    new_tokens = step2.usage_metadata["input_tokens"] - step1.usage_metadata["input_tokens"]
+    prefilled = step2.response_metadata["kvpack"]["prefilled_tokens"]
+    assert prefilled <= new_tokens  # the whole step-1 prompt came from cache
+    assert step2.usage_metadata["input_token_details"]["cache_read"] >= step1.usage_metadata["input_tokens"]
+
+
+def test_bound_knowledge_base_is_served_from_the_store(model_root, store) -> None:
+    directory = save_model_dir("qwen2", model_root)
+    loaded = load_model(directory)
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "energy", FACTS)
+    chat = KVPackChatModel(model=directory, kb="energy", store=str(store.root), max_tokens=MAX)
+    reply = chat.invoke(QUESTION)
+    plain = KVPackChatModel(model=directory, max_tokens=MAX).invoke(QUESTION, documents=FACTS, strategy="text")
+    assert reply.content == plain.content
+    pack_tokens = store.manifest("energy").token_count
+    assert reply.usage_metadata["input_token_details"]["cache_read"] >= pack_tokens
+    # evicted from the tree: reloaded from the store, not recomputed
+    from kvpack_integrations.engine.registry import shared_engine
+
+    shared_engine(loaded).tree.clear()
+    again = chat.invoke(QUESTION + " ")
+    assert any("loaded from" in n for n in again.response_metadata["kvpack"]["notes"])
+    assert again.usage_metadata["input_token_details"]["cache_read"] >= pack_tokens
+
+
+def test_unknown_knowledge_base_is_named_at_construction(store) -> None:
+    with pytest.raises(UnknownKnowledgeBaseError, match="no knowledge base named 'missing'"):
+        KVPackChatModel(kb="missing", store=str(store.root))
+
+
+def _foreign(doc: str) -> Document:
+    handle = SegmentHandle("/elsewhere", "kb", 0, "seg", "0123456789abcdef", "other-model")
+    return Document(doc, metadata={HANDLE_KEY: handle.to_dict()})
+
+
+def test_documents_from_another_models_store(model_root) -> None:
+    chat = _chat(model_root)
+    docs = [_foreign(d) for d in DOCS]
+    reply = chat.invoke(_tool_history(docs))
+    notes = reply.response_metadata["kvpack"]["notes"]
+    assert any("other-model" in n and "computed on this model" in n for n in notes)
+    assert reply.content == chat.invoke(_tool_history([Document(d) for d in DOCS]), strategy="text").content
+    strict = _chat(model_root, strict_segments=True)
+    with pytest.raises(FingerprintMismatchError, match="other-model"):
+        strict.invoke(_tool_history(docs))
+    with pytest.raises(InvalidInputError, match="handle lacks"):
+        chat.invoke(QUESTION, documents=[Document("x", metadata={HANDLE_KEY: {"pack": "kb"}})])
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def lookup(city: str) -> str:
+    """Look up a city."""
+    return city
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen3"])
+def test_forced_tool_calls_are_valid_on_random_weights(model_root, family: str) -> None:
+    chat = KVPackChatModel(model=save_model_dir(family, model_root), max_tokens=200)
+    reply = chat.bind_tools([add, lookup], tool_choice="any").invoke("What is 2 + 3?")
+    assert len(reply.tool_calls) == 1
+    call = reply.tool_calls[0]
+    assert call["name"] in ("add", "lookup") and len(call["id"]) == 9
+    if call["name"] == "add":
+        assert isinstance(call["args"]["a"], int) and isinstance(call["args"]["b"], int)
+    named = chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?")
+    assert named.tool_calls[0]["name"] == "lookup" and isinstance(named.tool_calls[0]["args"]["city"], str)
+    assert named.response_metadata["finish_reason"] == "tool_calls"
+    # a budget too small for the call still yields a valid call, flagged as cut short
+    short = chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?", max_tokens=12)
+    assert short.tool_calls[0]["name"] == "lookup" and isinstance(short.tool_calls[0]["args"]["city"], str)
+    assert short.response_metadata["finish_reason"] == "length"
+    assert any("max_tokens ran out" in n for n in short.response_metadata["kvpack"]["notes"])
+
+
+def test_tool_choice_and_schema_errors(model_root) -> None:
+    chat = _chat(model_root)
+    with pytest.raises(InvalidInputError, match="not auto/none/any/required or a bound tool"):
+        chat.bind_tools([add], tool_choice="multiply")
+    bad = {"type": "function", "function": {"name": "remote", "parameters": {"$ref": "https://x/schema.json"}}}
+    with pytest.raises(InvalidInputError, match="tool 'remote' cannot be called"):
+        chat.bind_tools([bad])
+    with pytest.raises(InvalidInputError, match="unknown call options"):
+        chat.invoke("hi", frobnicate=1)
+
+
+class Person(BaseModel):
+    """A person."""
+
+    name: str = Field(description="full name")
+    age: int
+    tags: list[str] = Field(default_factory=list)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_structured_output_validates_on_random_weights(model_root, method: str) -> None:
+    chat = KVPackChatModel(model=save_model_dir("llama", model_root), max_tokens=96)
+    person = chat.with_structured_output(Person, method=method).invoke("Describe someone.")
+    assert isinstance(person, Person)
+    raw = chat.with_structured_output(Person.model_json_schema(), method=method, include_raw=True).invoke("Who?")
+    assert raw["parsing_error"] is None and set(raw["parsed"]) >= {"name", "age"}
+    assert isinstance(raw["raw"], AIMessage)
+
+
+def test_free_form_json_mode(model_root) -> None:
+    chat = KVPackChatModel(model=save_model_dir("qwen2", model_root), max_tokens=64)
+    assert isinstance(chat.with_structured_output(method="json_mode").invoke("JSON please"), dict)
+
+
+async def test_async_stream_and_batch(model_root) -> None:
+    chat = _chat(model_root, "phi3")
+    reference = chat.invoke(QUESTION).content
+    chunks = [c async for c in chat.astream(QUESTION)]
+    assert "".join(str(c.content) for c in chunks) == reference
+    assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata is not None
+    assert [m.content for m in await chat.abatch([QUESTION, QUESTION])] == [reference, reference]
+    assert [m.content for m in chat.batch([QUESTION, QUESTION])] == [reference, reference]
+    assert (await chat.ainvoke(QUESTION)).content == reference
+    streamed = list(chat.stream(QUESTION))
+    assert "".join(str(c.content) for c in streamed) == reference
+
+
+def test_stop_sequences_and_options(model_root) -> None:
+    chat = _chat(model_root)
+    full = str(chat.invoke(QUESTION).content)
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = chat.invoke(QUESTION, stop=[stop])
+    assert cut.content == full[: full.index(stop)]
+    assert cut.response_metadata["finish_reason"] == "stop"
+    short = chat.invoke(QUESTION, max_tokens=2)
+    assert short.usage_metadata["output_tokens"] <= 2
+    a = chat.invoke(QUESTION, temperature=1.0, seed=7).content
+    assert a == chat.invoke(QUESTION, temperature=1.0, seed=7).content

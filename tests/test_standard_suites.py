@@ -1,0 +1,90 @@
+"""LangChain's standard test suites (langchain-tests 1.1.x) against the embedded SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests, RetrieversIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from kvpack_integrations import PackStore, build_pack, load_model
+from kvpack_integrations.composition import RadixTree
+from kvpack_integrations.langchain import KVPackChatModel, KVPackRetriever
+
+pytestmark = pytest.mark.default_model
+
+SUITE_FACTS = [
+    "The Aurora X2 is a survey drone made by Norhaven Labs.",
+    "Norhaven Labs is based in the town of Kelmark.",
+    "Quill Energy produces the Tessel-9 battery.",
+    "The Tessel-9 battery powers the Aurora X2.",
+    "Ilsa Varno founded Norhaven Labs in 2011.",
+]
+SMALL_MODEL = "SmolLM2-135M-Instruct is a 135M-parameter model: "
+
+
+class TestKVPackChatModelUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[KVPackChatModel]:
+        return KVPackChatModel
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {}
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+
+class TestKVPackChatModelIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[KVPackChatModel]:
+        return KVPackChatModel
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"max_tokens": 48, "temperature": 0}
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @pytest.mark.xfail(reason=SMALL_MODEL + "with tool_choice='auto' it answers in prose instead of calling the tool")
+    def test_agent_loop(self, model) -> None:  # type: ignore[no-untyped-def]
+        super().test_agent_loop(model)
+
+
+@pytest.fixture(scope="module")
+def suite_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("suite-store")
+    loaded = load_model()
+    build_pack(loaded, RadixTree(loaded.fingerprint), PackStore(root), "suite", SUITE_FACTS)
+    return root
+
+
+class TestKVPackRetriever(RetrieversIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def _store(self, suite_store: Path) -> None:
+        self._root = suite_store
+
+    @property
+    def retriever_constructor(self) -> type[KVPackRetriever]:
+        return KVPackRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"kb": "suite", "store": str(self._root)}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return "Which battery powers the Aurora X2?"
