@@ -155,6 +155,11 @@ def test_tool_choice_and_schema_errors(model_root) -> None:
         chat.bind_tools([bad])
     with pytest.raises(InvalidInputError, match="unknown call options"):
         chat.invoke("hi", frobnicate=1)
+    with pytest.raises(InvalidInputError, match="unknown arguments: frobnicate"):
+        KVPackChatModel(frobnicate=1)
+    image = HumanMessage(content=[{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}])
+    with pytest.raises(InvalidInputError, match="content blocks of type 'image_url' are not supported"):
+        chat.invoke([image])
 
 
 class Person(BaseModel):
@@ -205,3 +210,34 @@ def test_stop_sequences_and_options(model_root) -> None:
     assert short.usage_metadata["output_tokens"] <= 2
     a = chat.invoke(QUESTION, temperature=1.0, seed=7).content
     assert a == chat.invoke(QUESTION, temperature=1.0, seed=7).content
+
+
+def test_empty_retrieval_is_a_graceful_path(model_root) -> None:
+    """A retriever tool that found nothing: the model still answers, exactly as with text stuffing."""
+    chat = _chat(model_root)
+    call = {"name": "search_knowledge", "args": {"query": "x"}, "id": "call_1", "type": "tool_call"}
+    for content in ("", "No matching documents were found."):
+        history = [
+            HumanMessage(QUESTION),
+            AIMessage("", tool_calls=[call]),
+            ToolMessage(content, tool_call_id="call_1", artifact=[]),
+        ]
+        assert chat.invoke(history).content == chat.invoke(history, strategy="text").content
+
+
+def test_recursive_tool_schema_is_refused_with_its_name(model_root) -> None:
+    recursive = {
+        "type": "function",
+        "function": {
+            "name": "tree",
+            "parameters": {
+                "type": "object",
+                "properties": {"node": {"$ref": "#/$defs/Node"}},
+                "$defs": {
+                    "Node": {"type": "object", "properties": {"child": {"$ref": "#/$defs/Node"}}, "required": ["child"]}
+                },
+            },
+        },
+    }
+    with pytest.raises(InvalidInputError, match="tool 'tree' cannot be called"):
+        _chat(model_root).bind_tools([recursive])

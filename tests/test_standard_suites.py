@@ -24,14 +24,12 @@ SUITE_FACTS = [
 SMALL_MODEL = "SmolLM2-135M-Instruct is a 135M-parameter model: "
 
 
-class TestKVPackChatModelUnit(ChatModelUnitTests):
+class _KVPackChatSuite:
+    """What both chat-model suites need to know about KVPackChatModel."""
+
     @property
     def chat_model_class(self) -> type[KVPackChatModel]:
         return KVPackChatModel
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {}
 
     @property
     def has_tool_choice(self) -> bool:
@@ -42,22 +40,16 @@ class TestKVPackChatModelUnit(ChatModelUnitTests):
         return True
 
 
-class TestKVPackChatModelIntegration(ChatModelIntegrationTests):
+class TestKVPackChatModelUnit(_KVPackChatSuite, ChatModelUnitTests):
     @property
-    def chat_model_class(self) -> type[KVPackChatModel]:
-        return KVPackChatModel
+    def chat_model_params(self) -> dict:
+        return {}  # the suite adds temperature, max_tokens, stop, timeout, max_retries
 
+
+class TestKVPackChatModelIntegration(_KVPackChatSuite, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
         return {"max_tokens": 48, "temperature": 0}
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
     @pytest.mark.xfail(reason=SMALL_MODEL + "with tool_choice='auto' it answers in prose instead of calling the tool")
     def test_agent_loop(self, model) -> None:  # type: ignore[no-untyped-def]
