@@ -66,8 +66,52 @@ def accumulation(path: Path) -> str:
     return head + "\n".join(lines)
 
 
+def agent(path: Path) -> str:
+    s = json.loads(path.read_text())
+    c = s["config"]
+    head = (
+        f"`python benchmarks/langchain_agent.py` on `{c['data']}`, N = {s['rows']}, {c['steps']} steps "
+        f"({c['steps'] - 1} forced retrievals of k = {c['k']}, then the answer), {s['model']}; "
+        f"{_machine(s['machine'])}.\n\n"
+    )
+    rows = [
+        (
+            "prompt tokens prefilled, KVPackChatModel / ChatHuggingFace",
+            f"{s['kv_prefilled_tokens']:,} / {s['text_prefilled_tokens']:,} "
+            f"(**{100 * s['prefill_reduction']:.1f}% fewer**)",
+        ),
+        (
+            "... counting the one-time pack build too",
+            f"{s['kv_prefilled_tokens'] + s['pack_build_tokens']:,} "
+            f"({100 * s['prefill_reduction_incl_pack_build']:.1f}% fewer)",
+        ),
+        (
+            "model time, KVPackChatModel / ChatHuggingFace",
+            f"{s['kv_model_s']:.0f} s / {s['text_model_s']:.0f} s (**x{s['model_time_ratio']:.1f}**)",
+        ),
+        ("whole agent wall time, KV arm (tools, retrieval, LangGraph included)", f"{s['kv_agent_wall_s']:.0f} s"),
+        ("final answers identical (greedy)", f"**{s['answers_identical']}/{s['rows']}**"),
+        ("replayed prompts token-identical to ours (every step)", f"{s['prompts_identical']}/{s['rows']}"),
+    ]
+    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    steps = [
+        "| step | prefilled KV | from cache KV | prefilled text | model ms KV / text |",
+        "|---|---|---|---|---|",
+    ]
+    for st in s["per_step"]:
+        steps.append(
+            f"| {st['step']} | {st['kv_prefilled_mean']:.0f} | {st['kv_cached_mean']:.0f} "
+            f"| {st['text_prefilled_mean']:.0f} | {st['kv_model_ms_mean']:.0f} / {st['text_model_ms_mean']:.0f} |"
+        )
+    return head + table + "\n\nPer step (means over the questions):\n\n" + "\n".join(steps)
+
+
 if __name__ == "__main__":
-    for name, fn in (("equivalence_hotpotqa_dev.json", equivalence), ("accumulation_hotpotqa_dev.json", accumulation)):
+    for name, fn in (
+        ("equivalence_hotpotqa_dev.json", equivalence),
+        ("accumulation_hotpotqa_dev.json", accumulation),
+        ("langchain_agent_musique_dev.json", agent),
+    ):
         path = RESULTS / name
         if path.is_file():
             print(fn(path) + "\n")

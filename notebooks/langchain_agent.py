@@ -26,6 +26,7 @@ from kvpack_integrations.langchain import KVPackChatModel, KVPackRetriever
 from kvpack_integrations.langchain.agent import retrieval_agent
 
 NUDGE = "Now answer my original question in a few words."
+SYSTEM = "Search the knowledge base with a few keywords from the user's question, then answer."
 
 
 def build_demo_pack(store_dir: str, name: str = "demo") -> str:
@@ -41,7 +42,7 @@ def build_demo_pack(store_dir: str, name: str = "demo") -> str:
 def run_agent(strategy: str, store_dir: str, kb: str, goal: str, retrievals: int) -> list[Any]:
     chat = KVPackChatModel(kb=kb, store=store_dir, max_tokens=40, strategy=strategy)
     tool = KVPackRetriever(kb=kb, store=store_dir, k=2).search_tool()
-    agent = retrieval_agent(chat, [tool], retrievals=retrievals, answer_nudge=NUDGE)
+    agent = retrieval_agent(chat, [tool], retrievals=retrievals, answer_nudge=NUDGE, system_prompt=SYSTEM)
     return list(agent.invoke({"messages": [HumanMessage(goal)]})["messages"])
 
 

@@ -111,3 +111,16 @@ def test_call_ids_are_mistral_shaped_and_stable() -> None:
     assert len(a) == 9 and a.isalnum()
     assert a == template_call_id("call_123456789abc", "search", {"q": 1}, 0)
     assert template_call_id("abcDEF123", "search", {}, 0) == "abcDEF123"
+
+
+def test_a_role_order_the_template_forbids_is_named() -> None:
+    tok = make_tokenizer("mistral")
+    call = ToolCallTurn("search", {"query": "x"}, "abcdefghi")
+    turns = [
+        ChatTurn("user", "q"),
+        ChatTurn("assistant", "", tool_calls=(call,)),
+        ChatTurn("tool", "result", tool_call_id="abcdefghi"),
+        ChatTurn("user", "Answer now."),
+    ]
+    with pytest.raises(TemplateError, match=r"refuses this order of turns \(user -> assistant -> tool -> user\)"):
+        render_conversation(tok, turns, tools=TOOLS)

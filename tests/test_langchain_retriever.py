@@ -9,7 +9,7 @@ from kvpack_integrations import build_pack
 from kvpack_integrations.composition import RadixTree
 from kvpack_integrations.errors import InvalidInputError, UnknownKnowledgeBaseError
 from kvpack_integrations.langchain import KVPackRetriever
-from kvpack_integrations.langchain.retriever import NO_RESULTS
+from kvpack_integrations.langchain.retriever import EMPTY_QUERY, NO_RESULTS
 from kvpack_integrations.segments.handles import HANDLE_KEY, SegmentHandle
 
 from .conftest import FACTS
@@ -50,6 +50,8 @@ def test_search_tool_returns_content_and_artifact(retriever: KVPackRetriever) ->
     assert message.content == "\n\n".join(d.page_content for d in message.artifact)
     assert all(HANDLE_KEY in d.metadata for d in message.artifact)
     assert NO_RESULTS.startswith("No")
+    empty = tool.invoke({**call, "args": {"query": "  "}})
+    assert empty.content == EMPTY_QUERY and empty.artifact == []
 
 
 def test_bad_input(retriever: KVPackRetriever, store) -> None:

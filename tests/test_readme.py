@@ -19,3 +19,14 @@ def test_readme_python_example_runs(tmp_path: Path, capsys) -> None:
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "cached_tokens=" in out and "exact=True" in out
+
+
+def test_readme_langchain_example_runs(tmp_path: Path, capsys) -> None:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "KVPackChatModel(" in b]
+    assert blocks, "README has no LangChain example"
+    code = blocks[0].replace("~/.cache/kvpack/store", str(tmp_path / "store"))
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "'cache_read':" in out and "'strategy': 'exact'" in out
+    assert "tool [{'name': 'search_knowledge'" not in out  # tool calls live on AI messages
+    assert out.count("ai [{'name': 'search_knowledge'") == 2  # two forced retrievals, then an answer

@@ -25,10 +25,11 @@ from ..segments.pack_store import PackStore
 from .messages import join_documents
 
 NO_RESULTS = "No matching documents were found."
+EMPTY_QUERY = "The search query was empty: call the tool again with words to search for."
 
 
 class _SearchInput(BaseModel):
-    query: str = Field(description="what to look up in the knowledge base")
+    query: str
 
 
 class KVPackRetriever(BaseRetriever):
@@ -73,11 +74,16 @@ class KVPackRetriever(BaseRetriever):
     def search_tool(self, name: str = "search_knowledge", description: str | None = None) -> BaseTool:
         """A retriever tool returning (content, artifact): the joined texts and the `Document`s."""
 
+        # inside an agent loop a bad query is the model's mistake: it gets a message back, not a crash
         def search(query: str) -> tuple[str, list[Document]]:
+            if not query.strip():
+                return EMPTY_QUERY, []
             docs = self.invoke(query)
             return (join_documents(d.page_content for d in docs) if docs else NO_RESULTS), docs
 
         async def asearch(query: str) -> tuple[str, list[Document]]:
+            if not query.strip():
+                return EMPTY_QUERY, []
             docs = await self.ainvoke(query)
             return (join_documents(d.page_content for d in docs) if docs else NO_RESULTS), docs
 

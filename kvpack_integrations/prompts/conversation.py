@@ -181,7 +181,11 @@ def _render(
             raise
         merged = _merge_same_roles(messages, separator)
         if merged == messages:
-            raise
+            order = " -> ".join(str(m["role"]) for m in messages)
+            raise TemplateError(
+                f"this chat template refuses this order of turns ({order}); some templates (Mistral) allow no "
+                f"user turn right after tool results: {exc}"
+            ) from exc
         try:
             return render_messages(tokenizer, merged, tools=tools, thinking=thinking), merged
         except TemplateError as exc2:
