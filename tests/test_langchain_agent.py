@@ -66,3 +66,17 @@ def test_example_script_runs_and_matches_text_stuffing(tmp_path, capsys) -> None
     assert all(chain["identical"] for chain in report["chains"])
     assert report["kv_prefilled"] < report["text_prefilled"] / 2
     assert "identical to text stuffing: True" in capsys.readouterr().out
+
+
+def test_plan_counts_only_this_questions_retrievals() -> None:
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.messages import ToolMessage
+
+    plan = RetrievalPlan("search", 1)
+    call = {"name": "search", "args": {"query": "q"}, "id": "c1", "type": "tool_call"}
+    result = ToolMessage("r", tool_call_id="c1", name="search")
+    earlier = [HumanMessage("first"), AIMessage("", tool_calls=[call]), result, AIMessage("answer")]
+    request = ModelRequest(model=KVPackChatModel(), messages=[*earlier, HumanMessage("second")])
+    assert plan._plan(request).tool_choice == "search"  # the first question's retrieval does not count
+    done = [*request.messages, AIMessage("", tool_calls=[call]), result]
+    assert plan._plan(ModelRequest(model=KVPackChatModel(), messages=done)).tool_choice == "none"

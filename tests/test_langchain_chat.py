@@ -3,6 +3,8 @@ what is new, tools and structured output, async/stream/batch, and bad input."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -241,3 +243,56 @@ def test_recursive_tool_schema_is_refused_with_its_name(model_root) -> None:
     }
     with pytest.raises(InvalidInputError, match="tool 'tree' cannot be called"):
         _chat(model_root).bind_tools([recursive])
+
+
+def test_no_deadlock_when_a_stream_is_half_read_or_nested(model_root) -> None:
+    """Decoding runs outside the engine lock: a caller may use the model inside or beside a stream."""
+    import threading
+
+    chat = _chat(model_root)
+    reference = chat.invoke(QUESTION).content
+    results: list = []
+
+    def nested() -> None:
+        stream = chat.stream(QUESTION)
+        next(stream)  # left half-read
+        for _ in chat.stream("Another question?"):
+            results.append(chat.invoke(QUESTION).content)
+            break
+        results.append(chat.invoke(QUESTION).content)
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "a nested or half-read stream blocked the engine"
+    assert results == [reference, reference]
+
+
+def test_langchain_call_conventions(model_root) -> None:
+    chat = KVPackChatModel(model=save_model_dir("llama", model_root), max_tokens=64)
+    assert chat.invoke(QUESTION, stream=False).content == chat.invoke(QUESTION, max_tokens=None).content
+    forced = chat.bind(tools=[add], tool_choice="any").invoke("2 + 3?")  # bind(), not bind_tools()
+    assert forced.tool_calls[0]["name"] == "add"
+    openai_shape = {"type": "json_schema", "json_schema": {"name": "p", "schema": Person.model_json_schema()}}
+    assert set(json.loads(chat.invoke("Who?", response_format=openai_shape).content)) >= {"name", "age"}
+    assert isinstance(json.loads(chat.invoke("JSON", response_format={"type": "json_object"}).content), dict)
+    with pytest.raises(InvalidInputError, match="response schema and callable tools"):
+        chat.invoke("x", tools=[add], response_format=Person.model_json_schema())
+    untitled = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    assert set(chat.with_structured_output(untitled).invoke("Where?")) == {"city"}
+
+
+def test_bound_pack_rules(model_root, store) -> None:
+    directory = save_model_dir("llama", model_root)
+    loaded = load_model(directory)
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "raw", FACTS, raw=True)
+    with pytest.raises(InvalidInputError, match="raw, untemplated text"):
+        KVPackChatModel(model=directory, kb="raw", store=str(store.root)).invoke(QUESTION)
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS[:1])
+    chat = KVPackChatModel(model=directory, kb="kb", store=str(store.root), max_tokens=MAX)
+    first = chat.invoke(QUESTION)
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)  # rebuilt with more facts
+    after = chat.invoke(QUESTION)
+    assert after.usage_metadata["input_tokens"] > first.usage_metadata["input_tokens"]
+    plain = KVPackChatModel(model=directory, max_tokens=MAX).invoke(QUESTION, documents=FACTS, strategy="text")
+    assert after.content == plain.content

@@ -21,8 +21,8 @@ from ..prompts.conversation import ChatTurn, ConversationPrompt, render_conversa
 from ..prompts.knowledge import KnowledgeFormat
 from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..segments.handles import SegmentHandle, check_handle
-from .engine import Engine
-from .json_decoding import GuidedDecoder, check_schema, generate_json
+from .engine import Engine, Prefilled
+from .json_decoding import GuidedDecoder, check_schema, decode_json
 from .settings import GenerationSettings
 from .tool_calls import ParsedToolCall, new_call_id, parse_tool_calls
 from .usage import Usage
@@ -106,6 +106,11 @@ def _validate(request: ChatRequest, params: Mapping[str, Mapping[str, Any]]) -> 
         raise InvalidInputError("tool_choice='required' needs at least one bound tool")
     if request.response_schema is not None:
         check_schema(request.response_schema)
+        if params and choice != "none":
+            raise InvalidInputError(
+                "a response schema and callable tools were both given: ask for structured output or for tool "
+                "calls (tool_choice='none' keeps the tools in the prompt)"
+            )
 
 
 def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, list[str], float]:
@@ -119,11 +124,11 @@ def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, l
     knowledge = list(request.knowledge)
     fmt = request.knowledge_format
     if request.pack is not None:
+        if request.strategy == "exact" and request.pack.ensure_resident(engine.loaded, engine.tree):
+            notes.append(f"knowledge base {request.pack.name!r} loaded from {request.pack.store.root}")
         manifest = request.pack.manifest()
         knowledge = list(manifest.facts) + knowledge
         fmt = manifest.knowledge_format
-        if request.strategy == "exact" and request.pack.ensure_resident(engine.loaded, engine.tree):
-            notes.append(f"knowledge base {request.pack.name!r} loaded from {request.pack.store.root}")
     # tools stay in the prompt under tool_choice="none" (only calls are off), so the prefix is unchanged
     prompt = render_conversation(
         engine.loaded.tokenizer, request.turns, knowledge=knowledge, knowledge_format=fmt, tools=request.tools
@@ -132,26 +137,32 @@ def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, l
 
 
 def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
-    """Answer `request`, yielding text as it is decoded (free text only; guided modes yield once)."""
+    """Answer `request`, yielding text as it is decoded (free text only; guided modes yield once).
+
+    The engine's lock covers rendering, composing, prefilling and remembering the prompt (everything
+    that reads or writes the shared prefix tree); decoding runs on the request's own cache after it.
+    """
     params = tool_parameters(request.tools)
     _validate(request, params)
     with engine.lock:
         prompt, notes, t0 = prepare(engine, request)
-        kwargs = {
-            "strategy": request.strategy,
-            "started_at": t0,
-            "remember_prompt": request.remember and request.strategy == "exact",
-        }
-        forced = request.tool_choice if request.tool_choice not in ("auto", "none") else None
-        if forced is not None:
-            reply = _forced_tool_call(engine, prompt, request, params, forced, kwargs)
-        elif request.response_schema is not None:
-            result = generate_json(engine, prompt.token_ids, request.response_schema, request.settings, **kwargs)
-            reply = ChatReply(result.text, [], [], result.usage, result.finish_reason, parsed=result.value)
-        else:
-            reply = yield from _free_text(engine, prompt, request, params, kwargs)
-        reply.usage.notes[:0] = notes
-        yield ChatDelta(text="" if forced is None and request.response_schema is None else reply.text, reply=reply)
+        state = engine.prefill(
+            prompt.token_ids,
+            request.settings,
+            strategy=request.strategy,
+            started_at=t0,
+            remember_prompt=request.remember and request.strategy == "exact",
+        )
+    state.usage.notes[:0] = notes
+    forced = request.tool_choice if request.tool_choice not in ("auto", "none") else None
+    if forced is not None:
+        reply = _forced_tool_call(engine, state, request, params, forced)
+    elif request.response_schema is not None:
+        result = decode_json(engine, state, request.response_schema, request.settings)
+        reply = ChatReply(result.text, [], [], result.usage, result.finish_reason, parsed=result.value)
+    else:
+        reply = yield from _free_text(engine, state, request, params)
+    yield ChatDelta(text="" if forced is None and request.response_schema is None else reply.text, reply=reply)
 
 
 def chat(engine: Engine, request: ChatRequest) -> ChatReply:
@@ -164,18 +175,14 @@ def chat(engine: Engine, request: ChatRequest) -> ChatReply:
 
 
 def _free_text(
-    engine: Engine,
-    prompt: ConversationPrompt,
-    request: ChatRequest,
-    params: Mapping[str, Mapping[str, Any]],
-    kwargs: dict[str, Any],
+    engine: Engine, state: Prefilled, request: ChatRequest, params: Mapping[str, Mapping[str, Any]]
 ) -> Generator[ChatDelta, None, ChatReply]:
     """Plain decoding; with tools offered the reply is parsed (with repair) for tool calls at the end."""
     parts: list[str] = []
     usage: Usage | None = None
     finish = "length"
     stream_text = not params or request.tool_choice == "none"
-    for chunk in engine.stream(prompt.token_ids, request.settings, **kwargs):
+    for chunk in engine.decode(state, request.settings):
         parts.append(chunk.text)
         if stream_text and chunk.text:
             yield ChatDelta(text=chunk.text)
@@ -185,7 +192,10 @@ def _free_text(
     text = "".join(parts)
     if stream_text:
         return ChatReply(text, [], [], usage, finish)
-    content, calls, problems = parse_tool_calls(text, params)
+    try:
+        content, calls, problems = parse_tool_calls(text, params)
+    except (TypeError, ValueError, RecursionError) as exc:  # degenerate output must not fail the request
+        content, calls, problems = text, [], [f"the reply could not be parsed for tool calls: {exc}"]
     if calls:
         finish = "tool_calls"
     reply = ChatReply(content, calls, problems, usage, finish)
@@ -194,16 +204,10 @@ def _free_text(
 
 
 def _forced_tool_call(
-    engine: Engine,
-    prompt: ConversationPrompt,
-    request: ChatRequest,
-    params: Mapping[str, Mapping[str, Any]],
-    forced: str,
-    kwargs: dict[str, Any],
+    engine: Engine, state: Prefilled, request: ChatRequest, params: Mapping[str, Mapping[str, Any]], forced: str
 ) -> ChatReply:
     """A call is required: the engine writes the call's structure, the model picks tool and values."""
     names = list(params) if forced == "required" else [forced]
-    state = engine.prefill(prompt.token_ids, request.settings, **kwargs)
     decoder = GuidedDecoder(engine, state, request.settings)
     decoder.emit(f'{TOOL_CALL_OPEN}\n{{"name": ')
     name = names[decoder.choose([_json_string(n) for n in names])]

@@ -52,9 +52,10 @@ class Engine:
     def __init__(self, loaded: LoadedModel, *, max_cached_tokens: int | None = 65536) -> None:
         self.loaded = loaded
         self.tree = RadixTree(loaded.fingerprint, max_tokens=max_cached_tokens)
-        # one request at a time on the tree and model; a plain Lock, not an RLock, because async
-        # streaming may resume a generator (and so release the lock) on another thread
-        self.lock = threading.Lock()
+        # guards the prefix tree: held while a request composes, prefills and remembers its prompt,
+        # never while it decodes (decoding uses the request's own cache), so a stream left half-read
+        # or a model called from inside a callback cannot block other requests
+        self.lock = threading.RLock()
 
     def cache_prefix(self, ids: Sequence[int], boundaries: Sequence[int]) -> tuple[list[KVSegment], int]:
         """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""
@@ -133,10 +134,12 @@ class Engine:
     ) -> Iterator[StreamChunk]:
         """Yield text deltas; the final chunk carries the usage report. Takes `prefill`'s keywords."""
         settings = settings or GenerationSettings()
-        state = self.prefill(prompt_ids, settings, **kwargs)
-        yield from self._decode(state.logits, state.cache, settings, state.usage, state.started_at)
+        yield from self.decode(self.prefill(prompt_ids, settings, **kwargs), settings)
 
-    def _decode(self, logits, cache, settings: GenerationSettings, usage: Usage, t0: float) -> Iterator[StreamChunk]:
+    def decode(self, state: Prefilled, settings: GenerationSettings) -> Iterator[StreamChunk]:
+        """Free decoding from a prefilled prompt. It touches only `state`'s private cache, never the tree,
+        so it may run outside `lock` (and beside other requests' decoding)."""
+        logits, cache, usage, t0 = state.logits, state.cache, state.usage, state.started_at
         generator = make_generator(settings, self.loaded.device)
         eos = self.loaded.eos_token_ids
         text = TextStream(self.loaded.tokenizer, settings.stop)

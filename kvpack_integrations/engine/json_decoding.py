@@ -761,7 +761,13 @@ def generate_json(
     """Prefill `prompt_ids` and write a JSON value for `schema`; takes `Engine.prefill`'s keywords."""
     check_schema(schema)
     settings = settings or GenerationSettings()
-    state = engine.prefill(prompt_ids, settings, **prefill_kwargs)
+    return decode_json(engine, engine.prefill(prompt_ids, settings, **prefill_kwargs), schema, settings)
+
+
+def decode_json(
+    engine: Engine, state: Prefilled, schema: Mapping[str, Any], settings: GenerationSettings
+) -> GuidedResult:
+    """Write a JSON value for `schema` from an already prefilled prompt (its cache is private to it)."""
     decoder = GuidedDecoder(engine, state, settings)
     decoder.value(schema)
     usage = decoder.finish_usage()  # feeds the closing literal first, so truncation is known below

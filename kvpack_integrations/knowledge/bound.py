@@ -2,7 +2,8 @@
 
 The tree is bounded and evicts least recently used runs, so a pack may drop out between calls. Each
 request therefore checks that the pack's tokens are still cached and reloads the pack from the store
-(verified against the model) if not: served from disk, never recomputed.
+(verified against the model) if not: served from disk, never recomputed. A pack rebuilt in the store
+(`kvpack build` again) is noticed by its manifest's modification time and used from the next request.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..composition.radix_tree import RadixTree
+from ..errors import InvalidInputError
 from ..runtime.loader import LoadedModel
 from ..segments.pack_store import PackManifest, PackStore
 from .packs import knowledge_prompt, load_pack
@@ -20,12 +22,21 @@ class BoundPack:
     store: PackStore
     name: str
     _manifest: PackManifest | None = field(default=None, repr=False)
+    _stamp: int = field(default=-1, repr=False)
     _ids: list[int] = field(default_factory=list, repr=False)
 
     def manifest(self) -> PackManifest:
-        """The pack's manifest (raises `UnknownKnowledgeBaseError` naming the store if it is gone)."""
-        if self._manifest is None:
-            self._manifest = self.store.manifest(self.name)
+        """The pack's current manifest (raises `UnknownKnowledgeBaseError` naming the store if it is gone)."""
+        path = self.store.pack_dir(self.name) / "manifest.json"
+        stamp = path.stat().st_mtime_ns if path.is_file() else -1
+        if self._manifest is None or stamp != self._stamp:
+            manifest = self.store.manifest(self.name)
+            if manifest.raw:
+                raise InvalidInputError(
+                    f"knowledge base {self.name!r} was built from raw, untemplated text (the --raw ablation); "
+                    "a chat model renders knowledge with its chat template, so rebuild it without --raw"
+                )
+            self._manifest, self._stamp, self._ids = manifest, stamp, []
         return self._manifest
 
     def ensure_resident(self, loaded: LoadedModel, tree: RadixTree) -> bool:
@@ -36,5 +47,5 @@ class BoundPack:
             self._ids = prompt.token_ids[: manifest.token_count]
         if tree.match(self._ids).length >= len(self._ids):
             return False
-        self._manifest = load_pack(loaded, tree, self.store, self.name)
+        load_pack(loaded, tree, self.store, self.name)
         return True

@@ -33,7 +33,10 @@ class RetrievalPlan(AgentMiddleware):
         self.answer_nudge = answer_nudge
 
     def _plan(self, request: ModelRequest) -> ModelRequest:
-        done = sum(isinstance(m, ToolMessage) for m in request.messages)
+        # retrievals made for the current question: this tool's results since the last user turn
+        # (a conversation kept by a checkpointer holds earlier questions' results too)
+        last_user = max((i for i, m in enumerate(request.messages) if isinstance(m, HumanMessage)), default=-1)
+        done = sum(isinstance(m, ToolMessage) and m.name == self.tool_name for m in request.messages[last_user + 1 :])
         if done < self.retrievals:
             return request.override(tool_choice=self.tool_name)
         messages: list[Any] = list(request.messages)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -123,12 +123,17 @@ class KVPackChatModel(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
+        return {  # everything that changes the output: LangChain's LLM cache keys on this
             "model": self.model_name,
             "kb": self.kb,
+            "store": self.store,
             "strategy": self.strategy,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -150,18 +155,23 @@ class KVPackChatModel(BaseChatModel):
     # -- requests -------------------------------------------------------------------------------------
 
     def _settings(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> GenerationSettings:
+        def option(name: str) -> Any:  # None on a call means "this model's setting"
+            value = kwargs.get(name)
+            return getattr(self, name) if value is None else value
+
         return GenerationSettings(
-            max_new_tokens=int(kwargs.get("max_tokens", self.max_tokens)),
-            temperature=float(kwargs.get("temperature", self.temperature)),
-            top_p=float(kwargs.get("top_p", self.top_p)),
-            top_k=int(kwargs.get("top_k", self.top_k)),
-            seed=kwargs.get("seed", self.seed),
+            max_new_tokens=int(option("max_tokens")),
+            temperature=float(option("temperature")),
+            top_p=float(option("top_p")),
+            top_k=int(option("top_k")),
+            seed=option("seed"),
             stop=tuple(stop if stop is not None else self.stop or ()),
         )
 
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[ChatRequest, list[str]]:
+        kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own switch, already acted on
         unknown = set(kwargs) - {
             "tools",
             "tool_choice",
@@ -175,15 +185,16 @@ class KVPackChatModel(BaseChatModel):
             raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
         translated = to_turns(messages)
         texts, handles = call_documents(kwargs.get("documents"))
-        tools = list(kwargs.get("tools") or [])
-        schema = kwargs.get("response_format")
+        tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or []]
+        names = [t["function"]["name"] for t in tools]
+        schema = _response_schema(kwargs.get("response_format"))
         return ChatRequest(
             turns=translated.turns,
             knowledge=texts,
             handles=[*handles, *translated.handles],
             pack=self._pack,
             tools=tools,
-            tool_choice=kwargs.get("tool_choice") or "auto",
+            tool_choice=normalize_tool_choice(kwargs.get("tool_choice"), names),
             response_schema=schema,
             settings=self._settings(stop, kwargs),
             strategy=kwargs.get("strategy", self.strategy),
@@ -258,6 +269,11 @@ class KVPackChatModel(BaseChatModel):
                 tool_call_chunk(name=c.name, args=_json(c.arguments), id=c.id, index=i)
                 for i, c in enumerate(reply.tool_calls)
             ]
+            # unusable calls: args that do not parse become `invalid_tool_calls` when chunks are merged
+            chunks += [
+                tool_call_chunk(name=None, args=problem, id=None, index=len(chunks) + i)
+                for i, problem in enumerate(reply.invalid_tool_calls)
+            ]
             last = AIMessageChunk(
                 content=delta.text,
                 tool_call_chunks=chunks,
@@ -284,24 +300,31 @@ class KVPackChatModel(BaseChatModel):
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
+        done, cancelled = object(), threading.Event()
 
         def produce() -> None:
+            chunks = cast(Generator[ChatGenerationChunk, None, None], self._stream(messages, stop, None, **kwargs))
             try:
-                for chunk in self._stream(messages, stop, None, **kwargs):
+                for chunk in chunks:
+                    if cancelled.is_set():  # the consumer went away: stop decoding for nobody
+                        break
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
             except BaseException as exc:  # re-raised in the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
+                chunks.close()
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
         threading.Thread(target=produce, name="kvpack-astream", daemon=True).start()
-        while (item := await queue.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            if run_manager is not None and item.text:
-                await run_manager.on_llm_new_token(item.text, chunk=item)
-            yield item
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager is not None and item.text:
+                    await run_manager.on_llm_new_token(item.text, chunk=item)
+                yield item
+        finally:
+            cancelled.set()
 
     # -- tools and structured output ------------------------------------------------------------------
 
@@ -344,7 +367,7 @@ class KVPackChatModel(BaseChatModel):
             raise InvalidInputError(f"method={method!r} needs a schema")
         target: Any = schema
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic v2 or v1
-        ls_format = {"kwargs": {"method": method}, "schema": convert_to_json_schema(schema) if schema else None}
+        ls_format = {"kwargs": {"method": method}, "schema": _tracing_schema(schema)}
         parser: Runnable
         if method == "function_calling":
             name = convert_to_openai_tool(target)["function"]["name"]
@@ -371,6 +394,30 @@ def _json_schema(schema: dict | type) -> dict[str, Any]:
     if isinstance(schema, dict) and "function" not in schema and ("properties" in schema or "type" in schema):
         return dict(schema)
     return convert_to_openai_tool(schema)["function"].get("parameters", {"type": "object", "properties": {}})
+
+
+def _tracing_schema(schema: dict | type | None) -> dict[str, Any] | None:
+    """The schema as LangChain's tracing expects it (it refuses untitled JSON schemas; ours do not)."""
+    if schema is None:
+        return None
+    try:
+        return convert_to_json_schema(schema)
+    except ValueError:
+        return _json_schema(schema)
+
+
+def _response_schema(response_format: Any) -> Any:
+    """Our plain JSON schema from a `response_format`, including OpenAI's wrapped shapes."""
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        wrapped = response_format.get("json_schema")
+        if not isinstance(wrapped, dict) or not isinstance(wrapped.get("schema"), dict):
+            raise InvalidInputError("response_format of type json_schema needs json_schema.schema")
+        return wrapped["schema"]
+    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        return dict(FREE_FORM_JSON)
+    if response_format is not None and not isinstance(response_format, dict):
+        return _json_schema(response_format)  # a pydantic class or TypedDict
+    return response_format
 
 
 def _json(value: Any) -> str:

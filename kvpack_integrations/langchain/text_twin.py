@@ -31,7 +31,9 @@ def text_stuffed_messages(model: KVPackChatModel, messages: LanguageModelInput, 
     """Plain system/user/assistant messages whose chat-template rendering equals this call's prompt."""
     loaded = model.loaded_model(kwargs.get("model"))
     request, _ = model._request(model._convert_input(messages).to_messages(), kwargs.pop("stop", None), kwargs)
-    prompt, _, _ = prepare(shared_engine(loaded), request)
+    engine = shared_engine(loaded)
+    with engine.lock:  # rendering may load a bound pack into the shared prefix tree
+        prompt, _, _ = prepare(engine, request)
     if prompt.native_tools:
         raise InvalidInputError("this template renders tools itself; plain messages cannot carry them")
     out: list[BaseMessage] = []
