@@ -45,3 +45,7 @@ class CompositionError(KVPackError):
 
 class InvalidInputError(KVPackError):
     """A user-supplied argument or data file is malformed."""
+
+
+class KnowledgeBaseUnavailableError(KVPackError):
+    """The vector store behind a knowledge base (a Chroma server) cannot be reached."""

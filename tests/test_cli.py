@@ -249,3 +249,24 @@ def test_ask_stream_prints_the_answer_and_a_usage_line(capsys, tmp_path, model_d
     assert code == 0
     assert streamed.startswith(js["answer"])
     assert "[kv]" in streamed and "from cache" in streamed and "exact" in streamed
+
+
+def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
+    facts = tmp_path / "syn.jsonl"
+    code, out = run(capsys, "synthesize", "60", "--output", str(facts), "--json")
+    assert code == 0 and out["n"] == 60 and len(facts.read_text().splitlines()) == 60
+    common = ["--facts", str(facts), "--kb-dir", str(tmp_path / "kb"), "--model", model_dir, "--json"]
+    code, s = run(capsys, "eval", "routing", *common, "--limit", "4", "--max-new-tokens", "4")
+    assert code == 0
+    assert s["n_facts"] == 60 and s["n_banks"] == 3 and s["n_questions"] == 4
+    for key in ("routing_accuracy", "answer_accuracy", "oracle_answer_accuracy"):
+        assert 0.0 <= s[key] <= 1.0
+    assert s["bytes_per_fact"] > 0 and s["build_facts_per_s"] > 0 and s["p95_overhead_ms"] >= s["p50_overhead_ms"]
+    # every bank probed: routing is flat search, and the KB (reused, not rebuilt) holds every fact
+    code, flat = run(capsys, "eval", "routing", *common, "--routing-only", "--probes", "3")
+    assert code == 0 and flat["build_facts_per_s"] is None and flat["answer_accuracy"] is None
+    assert flat["routing_accuracy"] >= 0.7  # MiniLM flat search on 60 synthetic facts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"fact": "x"}\n')
+    code, err = run(capsys, "eval", "routing", "--facts", str(bad), "--model", model_dir, "--json")
+    assert code == 2 and "expected {fact, question, answer}" in err["error"]

@@ -10,6 +10,9 @@ from typing import Any
 from ..evaluation.accumulation import run_accumulation
 from ..evaluation.datasets import load_rows
 from ..evaluation.equivalence import EquivalenceOptions, run_equivalence
+from ..evaluation.routing import load_routing_rows, run_routing
+from ..knowledge.knowledge_base import KnowledgeBase
+from ..runtime.default_model import kvpack_home
 from .common import add_common_args, emit, loaded_model, pack_store
 
 
@@ -30,6 +33,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-packs", action="store_true", help="keep the per-row packs in the store")
     _shared(p)
     p.set_defaults(run=run_equivalence_cmd)
+    p = ev.add_parser("routing", help="banked routing over a knowledge base of every fact in a file")
+    p.add_argument("--facts", required=True, type=Path, help="JSONL rows {fact, question, answer}")
+    p.add_argument("--limit", type=int, default=None, help="sample N of the questions (the KB holds every fact)")
+    p.add_argument("--k", type=int, default=1, help="facts routed per question")
+    p.add_argument("--probes", type=int, default=1, help="nearest banks searched")
+    p.add_argument("--kb-dir", type=Path, default=None, help="Chroma directory (default: a new one under $KVPACK_HOME)")
+    p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--embedder", default=None, help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
+    p.add_argument("--routing-only", action="store_true", help="skip the answers (no language model)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
+    add_common_args(p)
+    p.set_defaults(run=run_routing_cmd)
     p = ev.add_parser("accumulation", help="knowledge growing by one passage per step, KV vs RAG")
     p.add_argument("--steps", type=int, default=5)
     _shared(p)
@@ -86,3 +103,35 @@ def run_accumulation_cmd(args: argparse.Namespace) -> int:
             f"  {100 * st['savings']:.1f}% ({100 * st['savings_incl_build']:.1f}%)"
         )
     return _finish(args, s, "\n".join(lines))
+
+
+def run_routing_cmd(args: argparse.Namespace) -> int:
+    rows = load_routing_rows(args.facts)
+    name = "eval-" + "".join(c if c.isalnum() else "-" for c in args.facts.stem)[:40].strip("-")
+    kb_dir = args.kb_dir or kvpack_home() / "kb-eval" / f"{name}-{len(rows)}"
+    kb = KnowledgeBase(name, None if args.host else kb_dir, host=args.host, port=args.port, embedder=args.embedder)
+    loaded = loaded_model(args)
+    s = run_routing(
+        loaded,
+        rows,
+        kb,
+        limit=args.limit,
+        k=args.k,
+        probes=args.probes,
+        max_new_tokens=args.max_new_tokens,
+        answers=not args.routing_only,
+        data_name=args.facts.name,
+    )
+    text = (
+        f"routing on {s['n_facts']} facts in {s['n_banks']} banks ({s['n_questions']} questions, k={s['k']}, "
+        f"probes={s['probes']}), {s['store']}\n"
+        f"  routing accuracy {s['routing_accuracy']:.3f}"
+        + (
+            f", answer accuracy {s['answer_accuracy']:.3f} (oracle {s['oracle_answer_accuracy']:.3f})"
+            if s["answer_accuracy"] is not None
+            else ""
+        )
+        + f"\n  overhead p50 {s['p50_overhead_ms']:.1f} ms, p95 {s['p95_overhead_ms']:.1f} ms"
+        + f" ({s['overhead_includes']})"
+    )
+    return _finish(args, s, text)

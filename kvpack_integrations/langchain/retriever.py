@@ -10,7 +10,7 @@ exactly the text the model composes from them.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
@@ -18,6 +18,8 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from ..errors import InvalidInputError
+from ..knowledge.knowledge_base import KnowledgeBase
 from ..knowledge.search import PackSearcher
 from ..runtime.embedder import load_embedder
 from ..segments.handles import HANDLE_KEY
@@ -25,6 +27,7 @@ from ..segments.pack_store import PackStore
 from .messages import join_documents
 
 NO_RESULTS = "No matching documents were found."
+FACT_KEY = "kvpack_fact"  # where a Chroma knowledge-base fact came from (its KV is computed when used)
 EMPTY_QUERY = "The search query was empty: call the tool again with words to search for."
 
 
@@ -33,20 +36,36 @@ class _SearchInput(BaseModel):
 
 
 class KVPackRetriever(BaseRetriever):
-    """Similarity search over the facts of a stored knowledge pack (`kvpack build ... --kb NAME`)."""
+    """Similarity search over a knowledge base: a stored pack, or a Chroma knowledge base with banks.
 
-    kb: str = Field(description="name of the knowledge pack")
+    `backend="pack"` (default) searches the facts of a pack built with `kvpack build ... --kb NAME`;
+    `backend="chroma"` routes through the banks of a `KnowledgeBase` (embedded at `chroma_path`, or on
+    a Chroma server at `host`/`port`), `probes` nearest banks per query.
+    """
+
+    kb: str = Field(description="name of the knowledge pack or knowledge base")
     store: str | None = Field(default=None, description="pack store directory (default: $KVPACK_STORE)")
     k: int = Field(default=4, ge=1)
     embedder: str | None = Field(default=None, description="sentence-transformers id or path; None: all-MiniLM-L6-v2")
+    backend: Literal["pack", "chroma"] = "pack"
+    chroma_path: str | None = Field(default=None, description="embedded Chroma directory (default: $KVPACK_KB)")
+    host: str | None = Field(default=None, description="Chroma server host (backend='chroma')")
+    port: int = 8000
+    probes: int = Field(default=1, ge=1, description="banks searched per query (backend='chroma')")
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _searcher: PackSearcher | None = PrivateAttr(default=None)
+    _base: KnowledgeBase | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_kb(self) -> KVPackRetriever:
-        PackStore(self.store).manifest(self.kb)  # an unknown pack is named at construction
+        if self.backend == "chroma":  # an unknown knowledge base or a dead server is named at construction
+            self._base = KnowledgeBase(
+                self.kb, self.chroma_path, host=self.host, port=self.port, embedder=self.embedder, create=False
+            )
+        else:
+            PackStore(self.store).manifest(self.kb)  # an unknown pack is named at construction
         return self
 
     def _search(self) -> PackSearcher:
@@ -58,6 +77,21 @@ class KVPackRetriever(BaseRetriever):
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
     ) -> list[Document]:
         k = kwargs.pop("k", self.k)
+        if self._base is not None:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+            routed = self._base.route(query, k=k, probes=self.probes)
+            return [
+                Document(
+                    page_content=f.text,
+                    metadata={
+                        **f.metadata,
+                        "score": f.score,
+                        FACT_KEY: {"kb": self.kb, "store": self._base.where, "id": f.id, "bank": f.bank},
+                    },
+                )
+                for f in routed
+            ]
         hits = self._search().search(query, k)
         return [
             Document(page_content=h.text, metadata={"score": h.score, HANDLE_KEY: h.handle.to_dict()}) for h in hits

@@ -41,6 +41,11 @@ class Embedder:
         self.name = name
         self._lock = threading.Lock()
 
+    @property
+    def dimension(self) -> int:
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(getter())
+
     def embed(self, texts: list[str]) -> np.ndarray:
         with self._lock:
             vectors = self.model.encode(

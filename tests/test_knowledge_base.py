@@ -1,0 +1,156 @@
+"""The Chroma-backed knowledge base: banked routing, persistence, incremental adds, servers, bad input."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chromadb
+import pytest
+from chromadb.config import Settings
+
+from kvpack_integrations.errors import (
+    EmptyKnowledgeError,
+    InvalidInputError,
+    KnowledgeBaseUnavailableError,
+    UnknownKnowledgeBaseError,
+)
+from kvpack_integrations.knowledge.knowledge_base import FORMAT, KnowledgeBase
+from kvpack_integrations.knowledge.synthetic import synthetic_facts
+
+ROWS = list(synthetic_facts(120, seed=1))
+FACTS = [r["fact"] for r in ROWS]
+
+
+@pytest.fixture
+def kb(tmp_path: Path) -> KnowledgeBase:
+    base = KnowledgeBase("syn", tmp_path / "kb")
+    base.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    return base
+
+
+def test_banks_and_routing(kb: KnowledgeBase) -> None:
+    assert len(kb) == 120 and kb.n_banks == 6  # ceil(120 / 20)
+    # k-means puts every fact in its nearest centroid's bank, so a fact routes to itself with one probe
+    for i in range(0, 120, 7):
+        hit = kb.route(FACTS[i], k=1, probes=1)[0]
+        assert hit.id == f"f{i}" and hit.text == FACTS[i] and hit.score > 0.99
+    # probing every bank is flat search: the best hit is the globally most similar fact
+    question = ROWS[3]["question"]
+    everything = kb.route(question, k=5, probes=kb.n_banks)
+    assert [h.score for h in everything] == sorted((h.score for h in everything), reverse=True)
+    assert kb.route(question, k=1, probes=1)[0].score <= everything[0].score
+    assert kb.facts() == FACTS
+
+
+def test_incremental_add_and_rebalance(kb: KnowledgeBase) -> None:
+    kb.add(["Zorblax Labs makes flutes."], ids=["new"], metadatas=[{"source": "test"}], progress=False)
+    hit = kb.route("Zorblax Labs makes flutes.", k=1, probes=1)[0]
+    assert hit.id == "new" and hit.metadata == {"source": "test"}
+    assert kb.n_banks == 6  # joined the nearest bank; centroids unchanged until a rebalance
+    assert kb.rebalance() == 7 and kb.n_banks == 7
+    assert kb.rebalance(3) == 3
+    assert kb.route(FACTS[0], k=1, probes=1)[0].id == "f0"
+
+
+def test_persistence_across_processes(kb: KnowledgeBase, tmp_path: Path) -> None:
+    code = (
+        "from kvpack_integrations.knowledge.knowledge_base import KnowledgeBase;"
+        f"kb = KnowledgeBase('syn', {str(tmp_path / 'kb')!r}, create=False);"
+        f"print(len(kb), kb.n_banks, kb.route({FACTS[5]!r}, k=1)[0].id)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["120", "6", "f5"]
+
+
+def test_bad_input(kb: KnowledgeBase, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="already in knowledge base 'syn': \\['f1'\\]"):
+        kb.add(["another fact"], ids=["f1"], progress=False)
+    with pytest.raises(InvalidInputError, match="duplicate fact ids in this batch"):
+        kb.add(["a", "b"], ids=["x", "x"], progress=False)
+    with pytest.raises(InvalidInputError, match="reserved"):
+        kb.add(["a"], metadatas=[{"bank": 3}], progress=False)
+    with pytest.raises(EmptyKnowledgeError):
+        kb.add([], progress=False)
+    with pytest.raises(InvalidInputError, match="query is empty"):
+        kb.route(" ")
+    assert len(kb) == 120  # nothing stored by the refused calls
+    empty = KnowledgeBase("empty", tmp_path / "kb")
+    with pytest.raises(EmptyKnowledgeError, match="holds no facts"):
+        empty.route("anything")
+    with pytest.raises(UnknownKnowledgeBaseError, match="no knowledge base named 'nope'"):
+        KnowledgeBase("nope", tmp_path / "kb", create=False)
+    with pytest.raises(InvalidInputError, match="invalid knowledge-base name"):
+        KnowledgeBase("a b", tmp_path / "kb")
+
+
+def test_another_embedder_is_refused(tmp_path: Path) -> None:
+    client = chromadb.PersistentClient(path=str(tmp_path / "kb"), settings=Settings(anonymized_telemetry=False))
+    client.create_collection(
+        "bge-facts", metadata={"format": FORMAT, "embedder": "BAAI/bge-large-en-v1.5", "dim": 1024, "bank_size": 20}
+    )
+    del client
+    with pytest.raises(InvalidInputError, match=r"built with embedder 'BAAI/bge-large-en-v1\.5' \(1024 dims\)"):
+        KnowledgeBase("bge", tmp_path / "kb")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dead_server_is_a_clear_error() -> None:
+    with pytest.raises(KnowledgeBaseUnavailableError, match=r"cannot reach a Chroma server at 127\.0\.0\.1:\d+"):
+        KnowledgeBase("syn", host="127.0.0.1", port=_free_port())
+
+
+@pytest.fixture
+def chroma_server(tmp_path: Path):
+    """A real `chroma run` on localhost, stopped after the test."""
+    exe = shutil.which("chroma") or str(Path(sys.executable).with_name("chroma"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "run", "--path", str(tmp_path / "server"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                chromadb.HttpClient(host="127.0.0.1", port=port).heartbeat()
+                break
+            except Exception:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("chroma run did not start within 60 s")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_real_chroma_server_shared_by_two_clients(chroma_server: int) -> None:
+    writer = KnowledgeBase("shared", host="127.0.0.1", port=chroma_server)
+    writer.add(FACTS[:40], ids=[f"f{i}" for i in range(40)], progress=False)
+    reader = KnowledgeBase("shared", host="127.0.0.1", port=chroma_server, create=False)
+    assert len(reader) == 40 and reader.n_banks == 2
+    assert reader.route(FACTS[7], k=1)[0].id == "f7"
+    assert reader.disk_bytes() == 0  # the server's files are not ours to count
+
+
+def test_langchain_retriever_reads_the_knowledge_base(kb: KnowledgeBase, tmp_path: Path) -> None:
+    from kvpack_integrations.langchain import KVPackRetriever
+    from kvpack_integrations.langchain.retriever import FACT_KEY
+
+    retriever = KVPackRetriever(kb="syn", backend="chroma", chroma_path=str(tmp_path / "kb"), k=2, probes=6)
+    docs = retriever.invoke(FACTS[9])
+    assert docs[0].page_content == FACTS[9] and docs[0].metadata[FACT_KEY]["id"] == "f9"
+    assert len(retriever.invoke(FACTS[9], k=3)) == 3
+    with pytest.raises(UnknownKnowledgeBaseError):
+        KVPackRetriever(kb="missing", backend="chroma", chroma_path=str(tmp_path / "kb"))
