@@ -1,10 +1,11 @@
 """`kvpack eval routing`: banked routing over a knowledge base holding every fact of a file.
 
 Rows are `{fact, question, answer}` (with an empty question a row only adds its fact). The knowledge
-base always holds every fact; `limit` samples that many questions (seeded). Per question: embed + route (top-k facts in the nearest `probes` banks), then
-the KV of the routed facts is built lazily (exact: the facts rendered with the chat template as the
-system message, each computed after the ones before, reused from the engine's bounded prefix tree when
-the same facts come again), and the model answers. The oracle arm gives the model the right fact.
+base always holds every fact; `limit` samples that many questions (seeded). Per question: embed and
+route (top-k facts in the nearest `probes` banks), then the KV of the routed facts is built lazily
+(exact: the facts rendered with the chat template as the system message, each computed after the ones
+before, reused from the engine's bounded prefix tree when the same facts come again), and the model
+answers. The oracle arm gives the model the right fact.
 """
 
 from __future__ import annotations
