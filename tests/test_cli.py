@@ -270,3 +270,16 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     bad.write_text('{"fact": "x"}\n')
     code, err = run(capsys, "eval", "routing", "--facts", str(bad), "--model", model_dir, "--json")
     assert code == 2 and "expected {fact, question, answer}" in err["error"]
+
+
+def test_build_switches_to_a_chroma_knowledge_base_when_facts_exceed_the_window(capsys, tmp_path) -> None:
+    small = _save(tmp_path, "llama", max_positions=256)
+    facts = tmp_path / "many.txt"
+    facts.write_text("\n".join(f"Fact number {i} says the widget weighs {i} grams." for i in range(80)))
+    common = ["--kb", "many", "--model", small, "--store", str(tmp_path / "s"), "--kb-dir", str(tmp_path / "kb")]
+    code, built = run(capsys, "build", str(facts), *common, "--json")
+    assert code == 0 and built["backend"] == "chroma" and "context window of 256" in built["reason"]
+    assert built["facts"] == 80 and built["banks"] == 4
+    facts.write_text(facts.read_text() + "\nA new fact about the widget's colour: blue.")
+    code, again = run(capsys, "build", str(facts), *common, "--json")  # the same base grows by the new fact
+    assert code == 0 and again["added"] == 1 and again["already_present"] == 80 and again["facts"] == 81

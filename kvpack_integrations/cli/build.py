@@ -1,14 +1,19 @@
-"""`kvpack build FACTS --kb NAME`: cache a fact file as a knowledge pack."""
+"""`kvpack build FACTS --kb NAME`: cache a fact file as a knowledge pack, or a Chroma knowledge base when large."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import time
+from pathlib import Path
 
 from ..composition.radix_tree import RadixTree
 from ..knowledge.facts import read_facts
+from ..knowledge.knowledge_base import KnowledgeBase
 from ..knowledge.packs import build_pack
 from ..prompts.knowledge import DEFAULT_INSTRUCTION, KnowledgeFormat
 from ..runtime.device import resolve_dtype
+from ..runtime.loader import LoadedModel
 from .common import add_common_args, emit, loaded_model, pack_store
 
 
@@ -22,13 +27,64 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="store K/V in float16/bfloat16 to halve disk use (no longer exact for a float32 model: reported)",
     )
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="text placed before the facts")
+    p.add_argument(
+        "--chroma",
+        action="store_true",
+        help="build a Chroma knowledge base with k-means banks instead of a pack (automatic when the facts do "
+        "not fit the model's context window); KV is then computed lazily for the facts a query routes to",
+    )
+    p.add_argument("--kb-dir", type=Path, default=None, help="embedded Chroma directory (default: $KVPACK_KB)")
+    p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--embedder", default=None, help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
     add_common_args(p)
     p.set_defaults(run=run)
 
 
+def _fits(loaded: LoadedModel, facts: list[str], instruction: str) -> bool:
+    """Whether the facts, rendered as one pack, leave room in the context window (a quick token count)."""
+    text = KnowledgeFormat(instruction=instruction).system_content(facts)
+    return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) < loaded.context_window - 256
+
+
+def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
+    t0 = time.perf_counter()
+    kb = KnowledgeBase(args.kb, args.kb_dir, host=args.host, port=args.port, embedder=args.embedder)
+    ids = [hashlib.blake2b(f.encode(), digest_size=12).hexdigest() for f in facts]  # content-addressed
+    present = kb.existing_ids(ids)
+    new = [(i, f) for i, f in dict(zip(ids, facts)).items() if i not in present]
+    if new:
+        kb.add([f for _, f in new], ids=[i for i, _ in new])
+    seconds = time.perf_counter() - t0
+    payload = {
+        "kb": args.kb,
+        "backend": "chroma",
+        "reason": reason,
+        "facts": len(kb),
+        "added": len(new),
+        "already_present": len(set(ids) & present),
+        "banks": kb.n_banks,
+        "bytes": kb.disk_bytes(),
+        "seconds": round(seconds, 3),
+        "embedder": kb.embedder.name,
+        "store": kb.where,
+    }
+    emit(
+        args,
+        payload,
+        f"built Chroma knowledge base {args.kb!r} ({reason}): {len(kb)} facts in {kb.n_banks} "
+        f"banks in {seconds:.1f} s\nstore: {kb.where}",
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     facts = read_facts(args.facts)
+    if args.chroma or args.host:
+        return run_chroma(args, facts, "asked for")
     loaded = loaded_model(args)
+    if not _fits(loaded, facts, args.instruction):
+        return run_chroma(args, facts, f"the facts exceed {loaded.name}'s context window of {loaded.context_window}")
     store = pack_store(args)
     storage = resolve_dtype(args.storage_dtype, loaded.device) if args.storage_dtype else None
     report = build_pack(

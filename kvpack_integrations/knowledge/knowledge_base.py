@@ -196,11 +196,16 @@ class KnowledgeBase:
         repeated = sorted({i for i in ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
         if repeated:
             raise InvalidInputError(f"duplicate fact ids in this batch: {repeated[:5]}")
-        existing: list[str] = []
-        for lo in range(0, len(ids), _PAGE):
-            existing += self._facts.get(ids=list(ids[lo : lo + _PAGE]), include=[])["ids"]
+        existing = self.existing_ids(ids)
         if existing:
             raise InvalidInputError(f"fact ids already in knowledge base {self.name!r}: {sorted(existing)[:5]}")
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` the knowledge base already holds."""
+        found: set[str] = set()
+        for lo in range(0, len(ids), _PAGE):
+            found.update(self._facts.get(ids=list(ids[lo : lo + _PAGE]), include=[])["ids"])
+        return found
 
     def _nearest_banks(self, vectors: np.ndarray) -> list[int]:
         found = self._banks.query(query_embeddings=vectors.tolist(), n_results=1, include=["metadatas"])
