@@ -106,6 +106,38 @@ def agent(path: Path) -> str:
     return head + table + "\n\nPer step (means over the questions):\n\n" + "\n".join(steps)
 
 
+def routing(paths: list[Path]) -> str:
+    """One table over every `kvpack eval routing` result."""
+    lines = [
+        "| facts file | store | facts / banks | questions | k / probes | routing acc. | answer acc. (oracle) "
+        "| bytes / fact | overhead p50 / p95 | build facts/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    machine = ""
+    for path in paths:
+        s = json.loads(path.read_text())
+        machine = _machine(s["machine"])
+        store = "server" if ":" in s["store"] and not s["store"].startswith("/") else "embedded"
+        answers = (
+            f"{s['answer_accuracy']:.3f} ({s['oracle_answer_accuracy']:.3f})"
+            if s["answer_accuracy"] is not None
+            else "-"
+        )
+        size = f"{s['bytes_per_fact']:,.0f}" if s["bytes_per_fact"] else "- (server)"
+        build = f"{s['build_facts_per_s']:.0f}" if s["build_facts_per_s"] else "(reused)"
+        overhead = f"{s['p50_overhead_ms']:.0f} / {s['p95_overhead_ms']:.0f} ms"
+        if s["answer_accuracy"] is None:
+            overhead += " (no KV build)"
+        lines.append(
+            f"| `{s['data']}` | {store} | {s['n_facts']:,} / {s['n_banks']:,} | {s['n_questions']} "
+            f"| {s['k']} / {s['probes']} | **{s['routing_accuracy']:.3f}** | {answers} | {size} | {overhead} "
+            f"| {build} |"
+        )
+    return f"`kvpack eval routing`, all-MiniLM-L6-v2 embeddings, SmolLM2-135M-Instruct; {machine}.\n\n" + "\n".join(
+        lines
+    )
+
+
 if __name__ == "__main__":
     for name, fn in (
         ("equivalence_hotpotqa_dev.json", equivalence),
@@ -115,3 +147,6 @@ if __name__ == "__main__":
         path = RESULTS / name
         if path.is_file():
             print(fn(path) + "\n")
+    found = sorted(RESULTS.glob("routing_*.json"))
+    if found:
+        print(routing(found) + "\n")

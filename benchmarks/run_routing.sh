@@ -18,14 +18,15 @@ run() { local name=$1; shift; [ -f "$OUT/$name.json" ] || kvpack eval routing "$
 run routing_synthetic_5000 --facts "$DATA/synthetic_5000.jsonl" --kb-dir "$STORES/kb-5000" --limit 200
 run routing_synthetic_5000_probes4 --facts "$DATA/synthetic_5000.jsonl" --kb-dir "$STORES/kb-5000" --limit 1000 \
   --probes 4 --routing-only
-run routing_hotpotqa_dev --facts "$DATA/hotpotqa_dev_facts.jsonl" --kb-dir "$STORES/kb-hotpotqa" --limit 200
+run routing_hotpotqa_dev --facts "$DATA/hotpotqa_dev_facts.jsonl" --kb-dir "$STORES/kb-hotpotqa" --limit 100
 
 PORT=${PORT:-8765}
 chroma run --path "$STORES/chroma-server" --host 127.0.0.1 --port "$PORT" > "$STORES/chroma-server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/api/v2/heartbeat" > /dev/null && break; sleep 1; done
-run routing_synthetic_5000_server --facts "$DATA/synthetic_5000.jsonl" --host 127.0.0.1 --port "$PORT" --limit 200
+run routing_synthetic_5000_server --facts "$DATA/synthetic_5000.jsonl" --host 127.0.0.1 --port "$PORT" --limit 1000 \
+  --routing-only
 
 run routing_synthetic_100000 --facts "$DATA/synthetic_100000.jsonl" --kb-dir "$STORES/kb-100000" --limit 1000 \
   --routing-only
