@@ -50,9 +50,10 @@ def _fits(loaded: LoadedModel, facts: list[str], instruction: str) -> bool:
 def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
     t0 = time.perf_counter()
     kb = KnowledgeBase(args.kb, args.kb_dir, host=args.host, port=args.port, embedder=args.embedder)
-    ids = [hashlib.blake2b(f.encode(), digest_size=12).hexdigest() for f in facts]  # content-addressed
+    unique = {hashlib.blake2b(f.encode(), digest_size=12).hexdigest(): f for f in facts}  # content-addressed
+    ids = list(unique)
     present = kb.existing_ids(ids)
-    new = [(i, f) for i, f in dict(zip(ids, facts)).items() if i not in present]
+    new = [(i, f) for i, f in unique.items() if i not in present]
     if new:
         kb.add([f for _, f in new], ids=[i for i, _ in new])
     seconds = time.perf_counter() - t0
@@ -62,7 +63,8 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
         "reason": reason,
         "facts": len(kb),
         "added": len(new),
-        "already_present": len(set(ids) & present),
+        "already_present": len(present),
+        "duplicates_in_file": len(facts) - len(unique),
         "banks": kb.n_banks,
         "bytes": kb.disk_bytes(),
         "seconds": round(seconds, 3),
