@@ -8,14 +8,12 @@ so each step of an agent loop prefills only what is new to the conversation.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -285,46 +283,6 @@ class KVPackChatModel(BaseChatModel):
             if run_manager is not None and delta.text:
                 run_manager.on_llm_new_token(delta.text, chunk=chunk)
             yield chunk
-
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        """Decode on a dedicated thread and hand chunks to the event loop.
-
-        Not LangChain's default (one executor hop per chunk): a stream holds the engine's lock between
-        chunks, and requests queued on that lock could otherwise take every executor thread it needs.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        done, cancelled = object(), threading.Event()
-
-        def produce() -> None:
-            chunks = cast(Generator[ChatGenerationChunk, None, None], self._stream(messages, stop, None, **kwargs))
-            try:
-                for chunk in chunks:
-                    if cancelled.is_set():  # the consumer went away: stop decoding for nobody
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except BaseException as exc:  # re-raised in the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                chunks.close()
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        threading.Thread(target=produce, name="kvpack-astream", daemon=True).start()
-        try:
-            while (item := await queue.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                if run_manager is not None and item.text:
-                    await run_manager.on_llm_new_token(item.text, chunk=item)
-                yield item
-        finally:
-            cancelled.set()
 
     # -- tools and structured output ------------------------------------------------------------------
 
