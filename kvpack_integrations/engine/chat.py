@@ -155,14 +155,16 @@ def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
         )
     state.usage.notes[:0] = notes
     forced = request.tool_choice if request.tool_choice not in ("auto", "none") else None
+    # text streams as decoded only when it is the reply itself: calls and JSON come whole, in the last delta
+    streamed = forced is None and request.response_schema is None and (not params or request.tool_choice == "none")
     if forced is not None:
         reply = _forced_tool_call(engine, state, request, params, forced)
     elif request.response_schema is not None:
         result = decode_json(engine, state, request.response_schema, request.settings)
         reply = ChatReply(result.text, [], [], result.usage, result.finish_reason, parsed=result.value)
     else:
-        reply = yield from _free_text(engine, state, request, params)
-    yield ChatDelta(text="" if forced is None and request.response_schema is None else reply.text, reply=reply)
+        reply = yield from _free_text(engine, state, request.settings, params, streamed)
+    yield ChatDelta(text="" if streamed else reply.text, reply=reply)
 
 
 def chat(engine: Engine, request: ChatRequest) -> ChatReply:
@@ -175,32 +177,31 @@ def chat(engine: Engine, request: ChatRequest) -> ChatReply:
 
 
 def _free_text(
-    engine: Engine, state: Prefilled, request: ChatRequest, params: Mapping[str, Mapping[str, Any]]
+    engine: Engine,
+    state: Prefilled,
+    settings: GenerationSettings,
+    params: Mapping[str, Mapping[str, Any]],
+    streamed: bool,
 ) -> Generator[ChatDelta, None, ChatReply]:
-    """Plain decoding; with tools offered the reply is parsed (with repair) for tool calls at the end."""
+    """Plain decoding; unless `streamed` (tools offered), the reply is parsed, with repair, for tool calls."""
     parts: list[str] = []
     usage: Usage | None = None
     finish = "length"
-    stream_text = not params or request.tool_choice == "none"
-    for chunk in engine.decode(state, request.settings):
+    for chunk in engine.decode(state, settings):
         parts.append(chunk.text)
-        if stream_text and chunk.text:
+        if streamed and chunk.text:
             yield ChatDelta(text=chunk.text)
         if chunk.usage is not None:
             usage, finish = chunk.usage, chunk.finish_reason or finish
     assert usage is not None
     text = "".join(parts)
-    if stream_text:
+    if streamed:
         return ChatReply(text, [], [], usage, finish)
     try:
         content, calls, problems = parse_tool_calls(text, params)
     except (TypeError, ValueError, RecursionError) as exc:  # degenerate output must not fail the request
         content, calls, problems = text, [], [f"the reply could not be parsed for tool calls: {exc}"]
-    if calls:
-        finish = "tool_calls"
-    reply = ChatReply(content, calls, problems, usage, finish)
-    yield ChatDelta(text=content)
-    return reply
+    return ChatReply(content, calls, problems, usage, "tool_calls" if calls else finish)
 
 
 def _forced_tool_call(
