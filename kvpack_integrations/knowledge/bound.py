@@ -22,22 +22,19 @@ class BoundPack:
     store: PackStore
     name: str
     _manifest: PackManifest | None = field(default=None, repr=False)
-    _stamp: int = field(default=-1, repr=False)
     _ids: list[int] = field(default_factory=list, repr=False)
 
     def manifest(self) -> PackManifest:
         """The pack's current manifest (raises `UnknownKnowledgeBaseError` naming the store if it is gone)."""
-        path = self.store.pack_dir(self.name) / "manifest.json"
-        stamp = path.stat().st_mtime_ns if path.is_file() else -1
-        if self._manifest is None or stamp != self._stamp:
-            manifest = self.store.manifest(self.name)
+        manifest = self.store.current_manifest(self.name)
+        if manifest is not self._manifest:  # first use, or rebuilt since
             if manifest.raw:
                 raise InvalidInputError(
                     f"knowledge base {self.name!r} was built from raw, untemplated text (the --raw ablation); "
                     "a chat model renders knowledge with its chat template, so rebuild it without --raw"
                 )
-            self._manifest, self._stamp, self._ids = manifest, stamp, []
-        return self._manifest
+            self._manifest, self._ids = manifest, []
+        return manifest
 
     def ensure_resident(self, loaded: LoadedModel, tree: RadixTree) -> bool:
         """Load the pack into `tree` unless all its tokens are cached; True if it was (re)loaded."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import EmptyKnowledgeError, InvalidInputError, KnowledgeBaseUnavailableError, UnknownKnowledgeBaseError
 from ..runtime.default_model import kvpack_home
 from ..runtime.embedder import Embedder, load_embedder
+from .search import check_k
 
 FORMAT = "kvpack-kb/1"
 DEFAULT_BANK_SIZE = 20
@@ -260,8 +261,9 @@ class KnowledgeBase:
         """The `k` facts most similar to `query` within its `probes` nearest banks, best first."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the query is empty")
-        if k < 1 or probes < 1:
-            raise InvalidInputError(f"k and probes must be >= 1, got k={k}, probes={probes}")
+        check_k(k)
+        if not isinstance(probes, int) or probes < 1:
+            raise InvalidInputError(f"probes must be a positive integer, got {probes!r}")
         if len(self) == 0:
             raise EmptyKnowledgeError(f"knowledge base {self.name!r} at {self.where} holds no facts")
         vector = self.embedder.embed([query])

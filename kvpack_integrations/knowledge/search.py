@@ -16,6 +16,12 @@ from ..segments.handles import SegmentHandle
 from ..segments.pack_store import PackManifest, PackStore
 
 
+def check_k(k: object) -> None:
+    """How many results a search returns must be a positive integer (not a bool, not a float)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+
+
 @dataclass(frozen=True)
 class FactHit:
     text: str
@@ -34,8 +40,8 @@ class PackSearcher:
         self._vectors: np.ndarray | None = None
 
     def _index(self) -> tuple[PackManifest, np.ndarray]:
-        manifest = self.store.manifest(self.name)
-        if self._manifest is None or self._vectors is None or manifest.created != self._manifest.created:
+        manifest = self.store.current_manifest(self.name)
+        if manifest is not self._manifest or self._vectors is None:  # first use, or the pack was rebuilt
             self._vectors = self.embedder.embed(list(manifest.facts))
             self._manifest = manifest
         return self._manifest, self._vectors
@@ -43,8 +49,7 @@ class PackSearcher:
     def search(self, query: str, k: int) -> list[FactHit]:
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the retrieval query is empty")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         manifest, vectors = self._index()
         scores = vectors @ self.embedder.embed([query])[0]
         order = np.argsort(-scores, kind="stable")[:k]

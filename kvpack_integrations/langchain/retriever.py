@@ -18,7 +18,6 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from ..errors import InvalidInputError
 from ..knowledge.knowledge_base import KnowledgeBase
 from ..knowledge.search import PackSearcher
 from ..runtime.embedder import load_embedder
@@ -78,8 +77,6 @@ class KVPackRetriever(BaseRetriever):
     ) -> list[Document]:
         k = kwargs.pop("k", self.k)
         if self._base is not None:
-            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                raise InvalidInputError(f"k must be a positive integer, got {k!r}")
             routed = self._base.route(query, k=k, probes=self.probes)
             return [
                 Document(
@@ -110,16 +107,10 @@ class KVPackRetriever(BaseRetriever):
 
         # inside an agent loop a bad query is the model's mistake: it gets a message back, not a crash
         def search(query: str) -> tuple[str, list[Document]]:
-            if not query.strip():
-                return EMPTY_QUERY, []
-            docs = self.invoke(query)
-            return (join_documents(d.page_content for d in docs) if docs else NO_RESULTS), docs
+            return _tool_result(self.invoke(query) if query.strip() else None)
 
         async def asearch(query: str) -> tuple[str, list[Document]]:
-            if not query.strip():
-                return EMPTY_QUERY, []
-            docs = await self.ainvoke(query)
-            return (join_documents(d.page_content for d in docs) if docs else NO_RESULTS), docs
+            return _tool_result(await self.ainvoke(query) if query.strip() else None)
 
         return StructuredTool.from_function(
             func=search,
@@ -129,3 +120,10 @@ class KVPackRetriever(BaseRetriever):
             args_schema=_SearchInput,
             response_format="content_and_artifact",
         )
+
+
+def _tool_result(docs: list[Document] | None) -> tuple[str, list[Document]]:
+    """The search tool's (content, artifact); `None` stands for an empty query."""
+    if docs is None:
+        return EMPTY_QUERY, []
+    return (join_documents(d.page_content for d in docs) if docs else NO_RESULTS), docs

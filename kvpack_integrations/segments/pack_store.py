@@ -128,6 +128,7 @@ class PackStore:
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_store_dir()
+        self._current: dict[str, tuple[int, PackManifest]] = {}
 
     @property
     def packs_dir(self) -> Path:
@@ -158,6 +159,17 @@ class PackStore:
         except (OSError, UnicodeDecodeError) as exc:
             raise CorruptSegmentError(f"pack manifest {path} is unreadable: {exc}") from exc
         return PackManifest.from_json(text, path)
+
+    def current_manifest(self, name: str) -> PackManifest:
+        """`manifest(name)`, re-read only when the file changed (a rebuild), so a per-request check costs a
+        stat; the same object comes back while the pack is unchanged."""
+        path = self.pack_dir(name) / "manifest.json"
+        stamp = path.stat().st_mtime_ns if path.is_file() else -1
+        cached = self._current.get(name)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self.manifest(name))
+            self._current[name] = cached
+        return cached[1]
 
     def write(
         self, manifest: PackManifest, segments: Sequence[KVSegment], storage_dtype: torch.dtype | None = None
