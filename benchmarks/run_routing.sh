@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Knowledge base at scale: `kvpack eval routing` on synthetic facts (5,000 and 100,000), against a Chroma
-# server, and on HotpotQA dev passages. Data is regenerated (seeded) under benchmarks/data/, stores live
-# under benchmarks/stores/ (both ignored by git); a knowledge base already built is reused, not rebuilt.
+# server, and on HotpotQA dev passages; hybrid routing (the default) beside the paper's dense-only
+# routing, full 384-dim vectors beside PCA-128. Data is regenerated (seeded) under benchmarks/data/,
+# stores live under benchmarks/stores/ (both ignored by git). Resumable: a result already written is
+# skipped and a knowledge base already built is reused.
 # Usage: bash benchmarks/run_routing.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,18 +17,25 @@ python benchmarks/hotpotqa_facts.py ../shared/data/hotpotqa_dev_300.jsonl "$DATA
 
 run() { local name=$1; shift; [ -f "$OUT/$name.json" ] || kvpack eval routing "$@" --json --output "$OUT/$name.json" | tail -1; }
 
-run routing_synthetic_5000 --facts "$DATA/synthetic_5000.jsonl" --kb-dir "$STORES/kb-5000" --limit 200
-run routing_synthetic_5000_probes4 --facts "$DATA/synthetic_5000.jsonl" --kb-dir "$STORES/kb-5000" --limit 1000 \
+S5=(--facts "$DATA/synthetic_5000.jsonl")
+run routing_synthetic_5000 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 200
+run routing_synthetic_5000_dense "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 1000 --lexical-weight 0 --routing-only
+run routing_synthetic_5000_dense_probes4 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 1000 --lexical-weight 0 \
   --probes 4 --routing-only
-run routing_hotpotqa_dev --facts "$DATA/hotpotqa_dev_facts.jsonl" --kb-dir "$STORES/kb-hotpotqa" --limit 100
+run routing_synthetic_5000_dims128 "${S5[@]}" --kb-dir "$STORES/kb-5000-d128" --dims 128 --limit 1000 --routing-only
+
+HQ=(--facts "$DATA/hotpotqa_dev_facts.jsonl" --kb-dir "$STORES/kb-hotpotqa")
+run routing_hotpotqa_dev "${HQ[@]}" --limit 100
+run routing_hotpotqa_dev_dense "${HQ[@]}" --limit 300 --lexical-weight 0 --routing-only
 
 PORT=${PORT:-8765}
 chroma run --path "$STORES/chroma-server" --host 127.0.0.1 --port "$PORT" > "$STORES/chroma-server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/api/v2/heartbeat" > /dev/null && break; sleep 1; done
-run routing_synthetic_5000_server --facts "$DATA/synthetic_5000.jsonl" --host 127.0.0.1 --port "$PORT" --limit 1000 \
-  --routing-only
+run routing_synthetic_5000_server "${S5[@]}" --host 127.0.0.1 --port "$PORT" --limit 200
 
-run routing_synthetic_100000 --facts "$DATA/synthetic_100000.jsonl" --kb-dir "$STORES/kb-100000" --limit 1000 \
-  --routing-only
+S100=(--facts "$DATA/synthetic_100000.jsonl")
+run routing_synthetic_100000_dims128 "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --dims 128 --limit 200
+run routing_synthetic_100000_dims128_routing "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --limit 1000 --routing-only
+run routing_synthetic_100000 "${S100[@]}" --kb-dir "$STORES/kb-100000" --limit 1000 --routing-only

@@ -264,10 +264,13 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     for key in ("routing_accuracy", "answer_accuracy", "oracle_answer_accuracy"):
         assert 0.0 <= s[key] <= 1.0
     assert s["bytes_per_fact"] > 0 and s["build_facts_per_s"] > 0 and s["p95_overhead_ms"] >= s["p50_overhead_ms"]
-    # every bank probed: routing is flat search, and the KB (reused, not rebuilt) holds every fact
-    code, flat = run(capsys, "eval", "routing", *common, "--routing-only", "--probes", "3")
+    # dense only, every bank probed: flat search, and the KB (reused, not rebuilt) holds every fact
+    dense = ["--routing-only", "--probes", "3", "--lexical-weight", "0"]
+    code, flat = run(capsys, "eval", "routing", *common, *dense)
     assert code == 0 and flat["build_facts_per_s"] is None and flat["answer_accuracy"] is None
-    assert flat["routing_accuracy"] >= 0.7  # MiniLM flat search on 60 synthetic facts
+    assert flat["routing"].startswith("dense") and flat["routing_accuracy"] >= 0.7  # MiniLM on invented names
+    code, hybrid = run(capsys, "eval", "routing", *common, "--routing-only")  # one probe, BM25 on
+    assert hybrid["routing"].startswith("hybrid") and hybrid["routing_accuracy"] == 1.0 and hybrid["n_questions"] == 60
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"fact": "x"}\n')
     code, err = run(capsys, "eval", "routing", "--facts", str(bad), "--model", model_dir, "--json")

@@ -57,6 +57,48 @@ def test_incremental_add_and_rebalance(kb: KnowledgeBase) -> None:
     assert kb.route(FACTS[0], k=1, probes=1)[0].id == "f0"
 
 
+def test_hybrid_routing_separates_facts_that_embed_alike(kb: KnowledgeBase) -> None:
+    # synthetic facts share six templates and differ in invented names, which MiniLM embeds alike:
+    # the paper's dense-only routing confuses them, BM25's rare-name weight does not
+    def accuracy(weight: float) -> float:
+        hits = [kb.route(r["question"], k=1, probes=1, lexical_weight=weight)[0].id for r in ROWS]
+        return sum(h == f"f{i}" for i, h in enumerate(hits)) / len(ROWS)
+
+    dense, hybrid = accuracy(0.0), accuracy(1.0)
+    assert dense < hybrid == 1.0, (dense, hybrid)
+    top = kb.route(ROWS[0]["question"], k=3)
+    assert top[0].score == pytest.approx(top[0].similarity + 1.0)  # the best BM25 row scores 1 relative
+    with pytest.raises(InvalidInputError, match="lexical_weight"):
+        kb.route("x", lexical_weight=-1.0)
+
+
+def test_other_writers_are_seen_by_a_reader(kb: KnowledgeBase, tmp_path: Path) -> None:
+    reader = KnowledgeBase("syn", tmp_path / "kb", create=False)
+    assert reader.route(ROWS[2]["question"], k=1)[0].id == "f2"  # the reader's mirror is built here
+    writer = KnowledgeBase("syn", tmp_path / "kb", create=False)
+    writer.add(["Quibblex Foundry makes harps."], ids=["late"], progress=False)
+    assert reader.route("What does Quibblex Foundry make?", k=1)[0].id == "late"  # appended
+    writer.rebalance(2)
+    assert reader.n_banks == 2 and {f.bank for f in reader.route(FACTS[3], k=10, probes=2)} <= {0, 1}  # reloaded
+
+
+def test_reduced_routing_vectors(tmp_path: Path) -> None:
+    full = KnowledgeBase("full", tmp_path / "full")
+    full.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    small = KnowledgeBase("small", tmp_path / "small", dims=32)
+    with pytest.raises(InvalidInputError, match="needs at least 32 facts in its first add"):
+        small.add(FACTS[:10], progress=False)
+    assert len(small) == 0  # nothing stored by the refused add
+    small.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    assert small.disk_bytes() < full.disk_bytes()
+    again = KnowledgeBase("small", tmp_path / "small", create=False)  # the PCA is read back from Chroma
+    assert again.routing_dim == 32 and all(again.route(r["question"], k=1)[0].id == f"f{i}" for i, r in enumerate(ROWS))
+    with pytest.raises(InvalidInputError, match="stores 32-dim routing vectors"):
+        KnowledgeBase("small", tmp_path / "small", dims=64)
+    with pytest.raises(InvalidInputError, match="dims must be an integer from 1"):
+        KnowledgeBase("big", tmp_path / "small", dims=10_000)
+
+
 def test_persistence_across_processes(kb: KnowledgeBase, tmp_path: Path) -> None:
     code = (
         "from kvpack_integrations.knowledge.knowledge_base import KnowledgeBase;"

@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--embedder", default=None, help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
+    p.add_argument("--dims", type=int, default=None, help="store PCA-reduced routing vectors (fewer bytes per fact)")
     add_common_args(p)
     p.set_defaults(run=run)
 
@@ -49,7 +50,7 @@ def _fits(loaded: LoadedModel, facts: list[str], instruction: str) -> bool:
 
 def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
     t0 = time.perf_counter()
-    kb = KnowledgeBase(args.kb, args.kb_dir, host=args.host, port=args.port, embedder=args.embedder)
+    kb = KnowledgeBase(args.kb, args.kb_dir, host=args.host, port=args.port, embedder=args.embedder, dims=args.dims)
     unique = {hashlib.blake2b(f.encode(), digest_size=12).hexdigest(): f for f in facts}  # content-addressed
     ids = list(unique)
     present = kb.existing_ids(ids)

@@ -11,7 +11,7 @@ from ..evaluation.accumulation import run_accumulation
 from ..evaluation.datasets import load_rows
 from ..evaluation.equivalence import EquivalenceOptions, run_equivalence
 from ..evaluation.routing import load_routing_rows, run_routing
-from ..knowledge.knowledge_base import KnowledgeBase
+from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..runtime.default_model import kvpack_home
 from .common import add_common_args, emit, loaded_model, pack_store
 
@@ -38,6 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="sample N of the questions (the KB holds every fact)")
     p.add_argument("--k", type=int, default=1, help="facts routed per question")
     p.add_argument("--probes", type=int, default=1, help="nearest banks searched")
+    p.add_argument(
+        "--lexical-weight",
+        type=float,
+        default=DEFAULT_LEXICAL_WEIGHT,
+        help="weight of BM25 in the hybrid score (0: the paper's dense-only routing)",
+    )
+    p.add_argument("--dims", type=int, default=None, help="store PCA-reduced routing vectors (new knowledge bases)")
     p.add_argument("--kb-dir", type=Path, default=None, help="Chroma directory (default: a new one under $KVPACK_HOME)")
     p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
     p.add_argument("--port", type=int, default=8000)
@@ -109,7 +116,9 @@ def run_routing_cmd(args: argparse.Namespace) -> int:
     rows = load_routing_rows(args.facts)
     name = "eval-" + "".join(c if c.isalnum() else "-" for c in args.facts.stem)[:40].strip("-")
     kb_dir = args.kb_dir or kvpack_home() / "kb-eval" / f"{name}-{len(rows)}"
-    kb = KnowledgeBase(name, None if args.host else kb_dir, host=args.host, port=args.port, embedder=args.embedder)
+    kb = KnowledgeBase(
+        name, None if args.host else kb_dir, host=args.host, port=args.port, embedder=args.embedder, dims=args.dims
+    )
     loaded = loaded_model(args)
     s = run_routing(
         loaded,
@@ -118,13 +127,14 @@ def run_routing_cmd(args: argparse.Namespace) -> int:
         limit=args.limit,
         k=args.k,
         probes=args.probes,
+        lexical_weight=args.lexical_weight,
         max_new_tokens=args.max_new_tokens,
         answers=not args.routing_only,
         data_name=args.facts.name,
     )
     text = (
         f"routing on {s['n_facts']} facts in {s['n_banks']} banks ({s['n_questions']} questions, k={s['k']}, "
-        f"probes={s['probes']}), {s['store']}\n"
+        f"probes={s['probes']}, {s['routing']}), {s['store']}\n"
         f"  routing accuracy {s['routing_accuracy']:.3f}"
         + (
             f", answer accuracy {s['answer_accuracy']:.3f} (oracle {s['oracle_answer_accuracy']:.3f})"

@@ -7,9 +7,15 @@ another embedder. Embedded `chromadb.PersistentClient` by default; `host=` uses 
 (`chroma run --path DIR --port N`) shared by many processes.
 
 Routing follows the Knowledge Packs paper: B = ceil(N / bank_size) banks by k-means (MiniBatchKMeans
-past 10,000 facts); a query is embedded, sent to its nearest centroid(s) (`probes`), and facts are
-ranked within those banks only (a Chroma `where` on the bank id). New facts join their nearest bank;
-`rebalance()` re-clusters everything. KV for routed facts is computed lazily by the engine.
+past 10,000 facts); a query is embedded, sent to its nearest centroid(s) (`probes`), and the facts of
+those banks are ranked by cosine. New facts join their nearest bank; `rebalance()` re-clusters
+everything. By default routing is hybrid: the facts BM25 ranks highest over the whole knowledge base
+join the candidates, and a candidate's score is its cosine plus `lexical_weight` times its BM25
+score relative to the best one (`lexical_weight=0` is the paper's dense-only routing). Bank
+membership and BM25 live in a per-process `FactMirror`, rebuilt from Chroma when the stamps in the
+facts collection's metadata change. KV for routed facts is computed lazily by the engine.
+
+Writers: one process at a time per knowledge base (Chroma has no transactions); readers any number.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from tqdm.auto import tqdm
 from ..errors import EmptyKnowledgeError, InvalidInputError, KnowledgeBaseUnavailableError, UnknownKnowledgeBaseError
 from ..runtime.default_model import kvpack_home
 from ..runtime.embedder import Embedder, load_embedder
+from .fact_mirror import FactMirror
+from .projection import Projection
 from .search import check_k
 
 FORMAT = "kvpack-kb/1"
@@ -35,13 +43,16 @@ DEFAULT_BANK_SIZE = 20
 _MINIBATCH_FROM = 10_000
 _PAGE = 5_000
 _RESERVED = ("bank", "kvpack_order")
+DEFAULT_LEXICAL_WEIGHT = 1.0
+_LEXICAL_CANDIDATES = 8  # BM25's best rows that join the banked candidates (at least 2k)
 
 
 @dataclass(frozen=True)
 class RoutedFact:
     id: str
     text: str
-    score: float  # cosine similarity to the query
+    score: float  # cosine + lexical_weight * relative BM25: what the ranking used
+    similarity: float  # cosine similarity to the query
     bank: int
     metadata: Mapping[str, Any]
 
@@ -73,7 +84,11 @@ def _client(path: str | Path | None, host: str | None, port: int) -> Any:
 
 
 class KnowledgeBase:
-    """Facts in Chroma with banked routing. `create=False` refuses a name that does not exist yet."""
+    """Facts in Chroma with banked routing. `create=False` refuses a name that does not exist yet.
+
+    `dims` stores routing vectors reduced by PCA (fitted on the first add) instead of the embedder's
+    full vectors: fewer bytes per fact, at some cost in dense accuracy. Fixed when the base is created.
+    """
 
     def __init__(
         self,
@@ -84,6 +99,7 @@ class KnowledgeBase:
         port: int = 8000,
         embedder: str | None = None,
         bank_size: int = DEFAULT_BANK_SIZE,
+        dims: int | None = None,
         create: bool = True,
     ) -> None:
         if (
@@ -103,6 +119,8 @@ class KnowledgeBase:
         if f"{name}-facts" not in existing and not create:
             raise UnknownKnowledgeBaseError(f"no knowledge base named {name!r} at {self.where}")
         dim = self.embedder.dimension
+        if dims is not None and (not isinstance(dims, int) or not 1 <= dims <= dim):
+            raise InvalidInputError(f"dims must be an integer from 1 to the embedder's {dim} dimensions, got {dims!r}")
         self._facts = self._client.get_or_create_collection(
             f"{name}-facts",
             metadata={
@@ -110,6 +128,7 @@ class KnowledgeBase:
                 "format": FORMAT,
                 "embedder": self.embedder.name,
                 "dim": dim,
+                "routing_dim": dims or dim,
                 "bank_size": bank_size,
             },
             embedding_function=None,
@@ -124,9 +143,75 @@ class KnowledgeBase:
                 f"{meta.get('embedder')!r} or rebuild it"
             )
         self.bank_size = int(meta.get("bank_size", bank_size))
+        self.routing_dim = int(meta.get("routing_dim", dim))
+        if dims is not None and dims != self.routing_dim:
+            raise InvalidInputError(
+                f"knowledge base {name!r} stores {self.routing_dim}-dim routing vectors; it cannot be opened "
+                f"with dims={dims}: leave dims unset, or build a new one"
+            )
+        self._projection_store = (
+            self._client.get_or_create_collection(f"{name}-projection", embedding_function=None)
+            if self.routing_dim < dim
+            else None
+        )
+        self._projection = Projection.load(self._projection_store) if self._projection_store is not None else None
         self._banks = self._client.get_or_create_collection(
             f"{name}-banks", metadata={"hnsw:space": "cosine"}, embedding_function=None
         )
+        self._mirror: FactMirror | None = None
+
+    # -- stamps: what other processes read to know their mirror is stale -----------------------------
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Routing vectors: the embedder's, projected when the knowledge base stores fewer dims."""
+        vectors = self.embedder.embed(list(texts))
+        if self._projection_store is None:
+            return vectors
+        if self._projection is None:
+            raise EmptyKnowledgeError(f"knowledge base {self.name!r} has no projection yet: add facts first")
+        return self._projection.apply(vectors)
+
+    def _metadata(self) -> dict[str, Any]:
+        return dict(self._client.get_collection(f"{self.name}-facts").metadata or {})
+
+    def _state(self) -> tuple[int, int]:
+        """(number of facts, bank generation) as last stamped by a writer (~1 ms)."""
+        meta = self._metadata()
+        size = meta.get("kvpack_size")
+        return (int(size) if size is not None else len(self)), int(meta.get("kvpack_generation", 0))
+
+    def _stamp(self, **changes: int) -> None:
+        meta = {k: v for k, v in self._metadata().items() if not k.startswith("hnsw:")}
+        self._facts.modify(metadata={**meta, **{f"kvpack_{k}": int(v) for k, v in changes.items()}})
+
+    def warm(self) -> None:
+        """Build this process's mirror (bank membership, BM25) now instead of at the first query."""
+        self._synced()
+
+    def _synced(self) -> FactMirror:
+        """This process's mirror, caught up with Chroma: new facts appended, a rebalance reloaded."""
+        size, generation = self._state()
+        mirror = self._mirror
+        if mirror is None or mirror.generation != generation or size < len(mirror):
+            mirror = FactMirror(generation)
+            self._mirror_pages(mirror, None)
+        elif size > len(mirror):
+            self._mirror_pages(mirror, {"kvpack_order": {"$gte": len(mirror)}})
+        self._mirror = mirror
+        return mirror
+
+    def _mirror_pages(self, mirror: FactMirror, where: dict[str, Any] | None) -> None:
+        rows: list[tuple[int, str, str, int]] = []
+        for offset in range(0, 1 << 62, _PAGE):
+            page = self._facts.get(where=where, include=["documents", "metadatas"], limit=_PAGE, offset=offset)
+            rows += [
+                (int(m["kvpack_order"]), fid, doc, int(m["bank"]))
+                for fid, doc, m in zip(page["ids"], page["documents"], page["metadatas"])
+            ]
+            if len(page["ids"]) < _PAGE:
+                break
+        rows.sort()
+        mirror.add([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
 
     # -- size and storage ---------------------------------------------------------------------------
 
@@ -170,12 +255,14 @@ class KnowledgeBase:
             clash = [k for k in _RESERVED if k in m]
             if clash:
                 raise InvalidInputError(f"metadata keys {clash} are reserved by the knowledge base")
-        first = len(self) == 0
-        order = len(self)
-        bar = tqdm(total=len(texts), desc=f"embedding into {self.name}", unit="fact", disable=not progress)
+        order, generation = self._state()
+        first = order == 0
+        mirror = self._mirror if self._mirror is not None and len(self._mirror) == order else None
+        fitted = self._fit_projection(texts, batch_size, progress) if self._needs_projection() else None
+        bar = tqdm(total=len(texts), desc=f"storing into {self.name}", unit="fact", disable=not progress)
         for lo in range(0, len(texts), batch_size):
             chunk = texts[lo : lo + batch_size]
-            vectors = self.embedder.embed(list(chunk))
+            vectors = fitted[lo : lo + batch_size] if fitted is not None else self._embed(chunk)
             banks = [0] * len(chunk) if first else self._nearest_banks(vectors)
             self._facts.add(
                 ids=list(ids[lo : lo + batch_size]),
@@ -186,11 +273,36 @@ class KnowledgeBase:
                     for j, (m, b) in enumerate(zip(metas[lo : lo + batch_size], banks))
                 ],
             )
+            if mirror is not None and not first:
+                mirror.add(list(ids[lo : lo + batch_size]), list(chunk), banks)
             bar.update(len(chunk))
         bar.close()
+        self._stamp(size=order + len(texts), generation=generation)
+        self._mirror = mirror
         if first:
             self.rebalance(progress=progress)
         return list(ids)
+
+    def _needs_projection(self) -> bool:
+        return self._projection_store is not None and self._projection is None
+
+    def _fit_projection(self, texts: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
+        """Embed the whole first add, fit and store the PCA on it, return the projected vectors."""
+        assert self._projection_store is not None
+        raw = np.concatenate(
+            [
+                self.embedder.embed(list(texts[lo : lo + batch_size]))
+                for lo in tqdm(
+                    range(0, len(texts), batch_size),
+                    desc=f"embedding for {self.routing_dim}-dim PCA",
+                    disable=not progress,
+                )
+            ]
+        )
+        projection = Projection.fit(raw, self.routing_dim)
+        projection.save(self._projection_store)
+        self._projection = projection
+        return projection.apply(raw)
 
     def _check_ids(self, ids: Sequence[str]) -> None:
         seen: set[str] = set()
@@ -231,7 +343,7 @@ class KnowledgeBase:
         banks = n_banks if n_banks is not None else math.ceil(n / self.bank_size)
         if not 1 <= banks <= n:
             raise InvalidInputError(f"n_banks must be between 1 and the number of facts ({n}), got {banks}")
-        data = self._all(["embeddings", "metadatas"])
+        data = self._all(["embeddings", "documents", "metadatas"])
         vectors = np.asarray(data["embeddings"], dtype=np.float32)
         if n >= _MINIBATCH_FROM:
             model: Any = MiniBatchKMeans(banks, random_state=seed, n_init=3, batch_size=4096)
@@ -253,41 +365,59 @@ class KnowledgeBase:
         for lo in tqdm(range(0, n, _PAGE), desc="assigning banks", disable=not progress or n <= _PAGE):
             metas = [{**m, "bank": int(b)} for m, b in zip(data["metadatas"][lo : lo + _PAGE], labels[lo : lo + _PAGE])]
             self._facts.update(ids=data["ids"][lo : lo + _PAGE], metadatas=metas)
+        generation = int(self._metadata().get("kvpack_generation", 0)) + 1
+        self._stamp(size=n, generation=generation)
+        mirror = FactMirror(generation)
+        order = sorted(range(n), key=lambda i: data["metadatas"][i]["kvpack_order"])
+        mirror.add(
+            [data["ids"][i] for i in order], [data["documents"][i] for i in order], [int(labels[i]) for i in order]
+        )
+        self._mirror = mirror
         return banks
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def route(self, query: str, k: int = 4, probes: int = 1) -> list[RoutedFact]:
-        """The `k` facts most similar to `query` within its `probes` nearest banks, best first."""
+    def route(
+        self, query: str, k: int = 4, probes: int = 1, *, lexical_weight: float = DEFAULT_LEXICAL_WEIGHT
+    ) -> list[RoutedFact]:
+        """The `k` best facts for `query`: those of its `probes` nearest banks, plus BM25's best (hybrid)."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the query is empty")
         check_k(k)
         if not isinstance(probes, int) or probes < 1:
             raise InvalidInputError(f"probes must be a positive integer, got {probes!r}")
-        if len(self) == 0:
+        if not isinstance(lexical_weight, (int, float)) or not 0 <= lexical_weight < math.inf:
+            raise InvalidInputError(f"lexical_weight must be a finite number >= 0, got {lexical_weight!r}")
+        mirror = self._synced()
+        if len(mirror) == 0:
             raise EmptyKnowledgeError(f"knowledge base {self.name!r} at {self.where} holds no facts")
-        vector = self.embedder.embed([query])
+        vector = self._embed([query])[0]
         nearest = self._banks.query(
-            query_embeddings=vector.tolist(), n_results=min(probes, self.n_banks), include=["metadatas"]
+            query_embeddings=[vector.tolist()], n_results=min(probes, self.n_banks), include=["metadatas"]
         )
-        banks = [int(m["bank"]) for m in nearest["metadatas"][0]]
-        found = self._facts.query(
-            query_embeddings=vector.tolist(),
-            n_results=k,
-            where={"bank": {"$in": banks}} if len(banks) > 1 else {"bank": banks[0]},
-            include=["documents", "metadatas", "distances"],
+        rows = set(mirror.rows_in(int(m["bank"]) for m in nearest["metadatas"][0]))
+        lexical = dict(mirror.lexical.top(query, max(2 * k, _LEXICAL_CANDIDATES))) if lexical_weight else {}
+        rows.update(lexical)
+        wanted = {mirror.ids[r]: r for r in rows}
+        found = self._facts.get(ids=list(wanted), include=["embeddings", "documents", "metadatas"])
+        similarity = np.asarray(found["embeddings"], dtype=np.float32).reshape(len(found["ids"]), -1) @ vector
+        ranked = sorted(
+            (
+                (float(sim) + lexical_weight * lexical.get(wanted[fid], 0.0), float(sim), fid, doc, meta)
+                for fid, doc, meta, sim in zip(found["ids"], found["documents"], found["metadatas"], similarity)
+            ),
+            key=lambda t: -t[0],
         )
         return [
             RoutedFact(
                 id=fid,
                 text=doc,
-                score=1.0 - float(dist),
+                score=score,
+                similarity=sim,
                 bank=int(meta["bank"]),
                 metadata={k2: v for k2, v in meta.items() if k2 not in _RESERVED},
             )
-            for fid, doc, meta, dist in zip(
-                found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0]
-            )
+            for score, sim, fid, doc, meta in ranked[:k]
         ]
 
     def facts(self) -> list[str]:

@@ -18,7 +18,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from ..knowledge.knowledge_base import KnowledgeBase
+from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher
 from ..runtime.embedder import load_embedder
 from ..segments.handles import HANDLE_KEY
@@ -51,6 +51,11 @@ class KVPackRetriever(BaseRetriever):
     host: str | None = Field(default=None, description="Chroma server host (backend='chroma')")
     port: int = 8000
     probes: int = Field(default=1, ge=1, description="banks searched per query (backend='chroma')")
+    lexical_weight: float = Field(
+        default=DEFAULT_LEXICAL_WEIGHT,
+        ge=0,
+        description="BM25 weight in hybrid routing; 0: dense only (backend='chroma')",
+    )
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -77,13 +82,14 @@ class KVPackRetriever(BaseRetriever):
     ) -> list[Document]:
         k = kwargs.pop("k", self.k)
         if self._base is not None:
-            routed = self._base.route(query, k=k, probes=self.probes)
+            routed = self._base.route(query, k=k, probes=self.probes, lexical_weight=self.lexical_weight)
             return [
                 Document(
                     page_content=f.text,
                     metadata={
                         **f.metadata,
                         "score": f.score,
+                        "similarity": f.similarity,
                         FACT_KEY: {"kb": self.kb, "store": self._base.where, "id": f.id, "bank": f.bank},
                     },
                 )
