@@ -288,3 +288,49 @@ def test_build_switches_to_a_chroma_knowledge_base_when_facts_exceed_the_window(
     facts.write_text(facts.read_text() + "\nA new fact about the widget's colour: blue.")
     code, again = run(capsys, "build", str(facts), *common, "--json")  # the same base grows by the new fact
     assert code == 0 and again["added"] == 1 and again["already_present"] == 80 and again["facts"] == 81
+
+
+def test_steer_build_and_ask_with_steering(capsys, tmp_path, model_dir, facts_file) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"positive": "Certainly, I would be delighted.", "negative": "yeah ok"}\n'
+        '{"positive": "Kindly note the following.", "negative": "so basically"}\n'
+    )
+    vec = tmp_path / "formal.safetensors"
+    code, built = run(
+        capsys, "steer", "build", str(pairs), "--out", str(vec), "--layers", "all", "--model", model_dir, "--json"
+    )
+    assert code == 0 and built["pairs"] == 2 and built["name"] == "formal" and vec.is_file()
+    assert len(built["delta_norm_per_layer"]) == len(built["layers"]) and max(built["delta_norm_per_layer"]) > 0
+    common = ["--model", model_dir, "--store", str(tmp_path / "s"), "--json", "--max-new-tokens", "8"]
+    run(
+        capsys, "build", str(facts_file), "--kb", "demo", "--model", model_dir, "--store", str(tmp_path / "s"), "--json"
+    )
+    code, plain = run(capsys, "ask", "Which company makes the battery?", "--kb", "demo", *common)
+    code, steered = run(
+        capsys, "ask", "Which company makes the battery?", "--kb", "demo", "--steer", f"{vec}:6", *common
+    )
+    assert code == 0 and steered["usage"]["steering"] == ["formal:6"] and steered["usage"]["exact"] is False
+    assert plain["usage"]["steering"] == [] and steered["answer"] != plain["answer"]
+    code, zero = run(capsys, "ask", "Which company makes the battery?", "--kb", "demo", "--steer", f"{vec}:0", *common)
+    assert zero["answer"] == plain["answer"]
+    code, err = run(capsys, "ask", "q?", "--kb", "demo", "--steer", str(tmp_path / "missing.safetensors"), *common)
+    assert code == 2 and "no steering vector file" in err["error"]
+    other = _save(tmp_path, "llama")
+    code, err = run(capsys, "ask", "q?", "--kb", "demo", "--steer", str(vec), *common[:-2], "--model", other)
+    assert code == 2 and err["type"] in ("FingerprintMismatchError",)
+    pairs.write_text('{"positive": "only one side"}\n')
+    code, err = run(capsys, "steer", "build", str(pairs), "--out", str(vec), "--model", model_dir, "--json")
+    assert code == 2 and "expected {positive, negative}" in err["error"]
+
+
+def test_eval_steering_on_a_tiny_model(capsys, tmp_path, model_dir) -> None:
+    records = tmp_path / "steer.jsonl"
+    args = ["eval", "steering", "--data", str(_rows(tmp_path)), "--limit", "2", "--tasks", "2", "--alphas", "0.5,1"]
+    code, s = run(capsys, *args, "--max-new-tokens", "6", "--records", str(records), "--model", model_dir, "--json")
+    assert code == 0 and s["n_tasks"] == 2 and min(s["n_pairs"].values()) >= 20
+    assert [r["alpha"] for r in s["sweep"]] == [0.5, 1.0] and set(s["layer_scores"]) == {"early", "mid", "late", "all"}
+    assert [r["alpha"] for r in s["dual_channel"]] == [0.0, 0.2, 0.5, 0.7, 1.0, 1.5] and s["dual_channel_rows"] == 2
+    assert -1.0 <= s["composition"]["cos"] <= 1.0 and 0.0 <= s["baseline_score"] <= 1.0
+    arms = {json.loads(line)["arm"] for line in records.read_text().splitlines()}
+    assert {"baseline", "text_prompt", "sweep_0.5", "layers_all", "defensive+docstrings", "dual_1.5"} <= arms

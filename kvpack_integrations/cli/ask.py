@@ -11,6 +11,7 @@ from ..engine.settings import GenerationSettings
 from ..errors import InvalidInputError
 from ..knowledge.packs import knowledge_prompt, load_pack
 from .common import add_common_args, emit, loaded_model, pack_store
+from .steer import parse_steer_option
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument(
+        "--steer", action="append", default=[], metavar="FILE[:ALPHA]", help="apply a steering vector (repeatable)"
+    )
     add_common_args(p)
     p.set_defaults(run=run)
 
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
+    steering = [parse_steer_option(spec, loaded.fingerprint) for spec in args.steer]
     engine = Engine(loaded)
     t0 = time.perf_counter()
     if args.mode == "kv":
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     )
     strategy = "exact" if args.mode == "kv" else "text"
     parts, usage, finish = [], None, None
-    for chunk in engine.stream(prompt.token_ids, settings, strategy=strategy, started_at=t0):
+    for chunk in engine.stream(prompt.token_ids, settings, strategy=strategy, started_at=t0, steering=steering):
         parts.append(chunk.text)
         if args.stream and not args.json:
             sys.stdout.write(chunk.text)

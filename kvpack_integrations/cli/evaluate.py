@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInputError
 from ..evaluation.accumulation import run_accumulation
 from ..evaluation.datasets import load_rows
 from ..evaluation.equivalence import EquivalenceOptions, run_equivalence
 from ..evaluation.routing import load_routing_rows, run_routing
+from ..evaluation.steering import SteeringEvalOptions, run_steering
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..runtime.default_model import kvpack_home
 from .common import add_common_args, emit, loaded_model, pack_store
@@ -54,6 +56,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
     add_common_args(p)
     p.set_defaults(run=run_routing_cmd)
+    p = ev.add_parser("steering", help="the paper's steering tables: alpha sweep, layers, composition, dual channel")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="QA JSONL for the dual channel (default ../shared/data/hotpotqa_dev_300)",
+    )
+    p.add_argument("--limit", type=int, default=100, help="dual-channel rows")
+    p.add_argument("--tasks", type=int, default=None, help="use only the first N code tasks")
+    p.add_argument("--alphas", default="0.25,0.5,0.75,1,1.5,2", help="comma-separated sweep alphas")
+    p.add_argument("--layers", default="mid", help="layers of the alpha sweep")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--records", type=Path, default=None, help="write every reply here (JSONL)")
+    p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
+    add_common_args(p)
+    p.set_defaults(run=run_steering_cmd)
     p = ev.add_parser("accumulation", help="knowledge growing by one passage per step, KV vs RAG")
     p.add_argument("--steps", type=int, default=5)
     _shared(p)
@@ -109,6 +127,40 @@ def run_accumulation_cmd(args: argparse.Namespace) -> int:
             f"  {st['tokens_kv']:>8.1f} (+{st['build_tokens_kv']:.1f})  {st['tokens_rag']:>9.1f}"
             f"  {100 * st['savings']:.1f}% ({100 * st['savings_incl_build']:.1f}%)"
         )
+    return _finish(args, s, "\n".join(lines))
+
+
+def run_steering_cmd(args: argparse.Namespace) -> int:
+    data = args.data or Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hotpotqa_dev_300.jsonl"
+    rows = load_rows(data, args.limit)
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    opts = SteeringEvalOptions(
+        alphas=alphas, layers=args.layers, task_limit=args.tasks, max_new_tokens=args.max_new_tokens
+    )
+    loaded = loaded_model(args)
+    s = run_steering(loaded, rows, opts, records_path=args.records)
+    s["dual_channel_data"] = data.name
+    lines = [
+        f"steering ({s['direction']}) on {s['n_tasks']} code tasks, {s['model']}",
+        f"  baseline {s['baseline_score']:.2f} (coherence {s['baseline_coherence']:.2f}), "
+        f"text prompt {s['text_prompt_score']:.2f} (coherence {s['text_prompt_coherence']:.2f})",
+        *(
+            f"  alpha {r['alpha']:<5g} {r['layers']}: score {r['score']:.2f}, coherence {r['coherence']:.2f}"
+            for r in s["sweep"]
+        ),
+        "  layers at alpha "
+        + f"{s['layer_alpha']:g}: "
+        + ", ".join(f"{k} {v:.2f} ({s['layer_coherence'][k]:.2f})" for k, v in s["layer_scores"].items()),
+        f"  composition: cos {s['composition']['cos']:.3f}, a {s['composition']['score_a']:.2f}, "
+        f"b {s['composition']['score_b']:.2f}, a+b {s['composition']['score_ab']}",
+        *(
+            f"  dual channel alpha {r['alpha']:<4g}: EM {r['em']:.3f}, F1 {r['f1']:.3f}, style {r['style_score']:.2f}"
+            for r in s["dual_channel"]
+        ),
+    ]
     return _finish(args, s, "\n".join(lines))
 
 

@@ -21,6 +21,7 @@ from ..prompts.conversation import ChatTurn, ConversationPrompt, render_conversa
 from ..prompts.knowledge import KnowledgeFormat
 from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..segments.handles import SegmentHandle, check_handle
+from ..steering.vector import SteeringVector
 from .engine import Engine, Prefilled
 from .json_decoding import GuidedDecoder, check_schema, decode_json
 from .settings import GenerationSettings
@@ -47,6 +48,7 @@ class ChatRequest:
     strategy: str = "exact"
     remember: bool = True
     strict_segments: bool = False
+    steering: Sequence[SteeringVector] = ()
 
 
 @dataclass
@@ -152,6 +154,7 @@ def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
             strategy=request.strategy,
             started_at=t0,
             remember_prompt=request.remember and request.strategy == "exact",
+            steering=request.steering,
         )
     state.usage.notes[:0] = notes
     forced = request.tool_choice if request.tool_choice not in ("auto", "none") else None

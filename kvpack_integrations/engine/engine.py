@@ -28,6 +28,8 @@ from ..composition.radix_tree import RadixTree
 from ..errors import CompositionError, InvalidInputError
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment
+from ..steering.apply import steer_values
+from ..steering.vector import SteeringVector, combined
 from .sampling import make_generator, next_token
 from .settings import GenerationSettings
 from .text_stream import TextStream
@@ -80,6 +82,7 @@ class Engine:
         composed: ComposedCache | None = None,
         started_at: float | None = None,
         remember_prompt: bool = False,
+        steering: Sequence[SteeringVector] = (),
     ) -> Prefilled:
         """Compose a cache for `prompt_ids`, prefill what it lacks, and return the next-token logits.
 
@@ -87,6 +90,8 @@ class Engine:
         `cached_tokens`. `started_at` (a `time.perf_counter()` value) moves the TTFT origin earlier, to
         include work done before the call, such as loading a pack. `remember_prompt` keeps the prompt's
         cache in the tree for the next call (agent loops). Decoders (free text, guided JSON) start here.
+        `steering` vectors add their value deltas to every prompt position but the last, which then runs
+        on the steered cache (so the first new token already reads it); the tree keeps the unsteered cache.
         """
         settings = settings or GenerationSettings()
         t0 = started_at if started_at is not None else time.perf_counter()
@@ -105,24 +110,36 @@ class Engine:
         cached = composed.cached_tokens if composed.strategy != "naive" else 0
         if cached >= len(ids):
             raise InvalidInputError("the composed cache covers the whole prompt: leave at least one token to prefill")
+        deltas = combined(steering, self.loaded.fingerprint)
         cache = composed.cache
-        logits = forward(self.loaded, cache, ids[cached:])
+        body = len(ids) if deltas is None else len(ids) - 1  # what is prefilled before steering
+        logits = forward(self.loaded, cache, ids[cached:body]) if body > cached else None
         notes = list(composed.notes)
-        if remember_prompt and composed.strategy == "exact":
+        if remember_prompt and composed.strategy == "exact" and body > cached:
             try:
-                check_sliding_window(self.loaded, len(ids))
+                check_sliding_window(self.loaded, body)
             except CompositionError as exc:  # the answer still comes; only the caching is skipped
                 notes.append(f"prompt not remembered: {exc}")
             else:
-                for seg in segments_from_cache(self.loaded, cache, ids, [len(ids)], start=cached):
+                for seg in segments_from_cache(self.loaded, cache, ids, [body], start=cached):
                     self.tree.insert(ids[:cached], seg)
+        steered = deltas is not None and bool(torch.any(deltas))
+        if deltas is not None:
+            positions = cache.get_seq_length()
+            steer_values(cache, deltas, positions)
+            logits = forward(self.loaded, cache, ids[body:])
+            if steered:
+                names = ", ".join(f"{v.name} (alpha {v.alpha:g}, layers {_span(v.layers)})" for v in steering)
+                notes.append(f"approximate: values of {positions} cached positions steered by {names}; keys unchanged")
+        assert logits is not None
         usage = Usage(
             input_tokens=total,
             cached_tokens=composed.cached_tokens,
             prefilled_tokens=len(ids) - cached,
             strategy=composed.strategy,
-            exact=composed.exact,
+            exact=composed.exact and not steered,
             notes=notes,
+            steering=[f"{v.name}:{v.alpha:g}" for v in steering] if steered else [],
         )
         return Prefilled(cache=cache, logits=logits, usage=usage, started_at=t0)
 
@@ -178,3 +195,11 @@ class Engine:
                 usage, finish = chunk.usage, chunk.finish_reason or finish
         assert usage is not None
         return GenerationResult(text="".join(parts), token_ids=ids, usage=usage, finish_reason=finish)
+
+
+def _span(layers: Sequence[int]) -> str:
+    """Layers as `a-b` when contiguous, else a list."""
+    ordered = sorted(layers)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ",".join(map(str, ordered))

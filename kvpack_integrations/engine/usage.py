@@ -19,6 +19,7 @@ class Usage:
     strategy: str = "text"
     exact: bool = True
     notes: list[str] = field(default_factory=list)
+    steering: list[str] = field(default_factory=list)  # "name:alpha" of the vectors applied
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

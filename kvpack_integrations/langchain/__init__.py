@@ -2,5 +2,6 @@
 
 from .chat_model import KVPackChatModel
 from .retriever import KVPackRetriever
+from .steering_callback import KVPackSteeringCallback
 
-__all__ = ["KVPackChatModel", "KVPackRetriever"]
+__all__ = ["KVPackChatModel", "KVPackRetriever", "KVPackSteeringCallback"]

@@ -37,7 +37,9 @@ from ..knowledge.bound import BoundPack
 from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
 from ..segments.pack_store import PackStore
+from ..steering.vector import SteeringVector
 from .messages import call_documents, to_turns
+from .steering_callback import ROLE_KEY, steering_for_run
 
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 _STRUCTURED_METHODS = ("json_schema", "function_calling", "json_mode")
@@ -167,7 +169,10 @@ class KVPackChatModel(BaseChatModel):
         )
 
     def _request(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: dict[str, Any],
     ) -> tuple[ChatRequest, list[str]]:
         kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own switch, already acted on
         unknown = set(kwargs) - {
@@ -177,6 +182,8 @@ class KVPackChatModel(BaseChatModel):
             "documents",
             "model",
             "strategy",
+            "steering",
+            ROLE_KEY,
             *_CALL_OPTIONS,
         }
         if unknown:
@@ -186,6 +193,7 @@ class KVPackChatModel(BaseChatModel):
         tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or []]
         names = [t["function"]["name"] for t in tools]
         schema = _response_schema(kwargs.get("response_format"))
+        by_role, steering_notes = steering_for_run(kwargs.get(ROLE_KEY))
         return ChatRequest(
             turns=translated.turns,
             knowledge=texts,
@@ -198,7 +206,8 @@ class KVPackChatModel(BaseChatModel):
             strategy=kwargs.get("strategy", self.strategy),
             remember=self.remember,
             strict_segments=self.strict_segments,
-        ), translated.notes
+            steering=[*_steering_option(kwargs.get("steering")), *by_role],
+        ), [*translated.notes, *steering_notes]
 
     def _metadata(self, reply: ChatReply, model_name: str) -> tuple[UsageMetadata, dict[str, Any]]:
         usage: Usage = reply.usage
@@ -376,6 +385,16 @@ def _response_schema(response_format: Any) -> Any:
     if response_format is not None and not isinstance(response_format, dict):
         return _json_schema(response_format)  # a pydantic class or TypedDict
     return response_format
+
+
+def _steering_option(value: Any) -> list[SteeringVector]:
+    """`steering=` on a call or in `bind`: one vector or a list of them."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, SteeringVector) else list(value)
+    if not all(isinstance(v, SteeringVector) for v in items):
+        raise InvalidInputError("steering= takes SteeringVector objects (build them with kvpack steer build)")
+    return items
 
 
 def _json(value: Any) -> str:

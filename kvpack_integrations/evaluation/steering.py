@@ -1,0 +1,268 @@
+"""`kvpack eval steering`: the Knowledge Packs paper's steering tables (6-10) on the loaded model.
+
+Directions and data ship in `kvpack_integrations/demo/steering/` (written for this project by
+`benchmarks/steering_pairs.py`): `defensive` (input validation in Python functions), `docstrings`,
+`formal` (register), 22 contrastive pairs each, and 18 code-writing tasks. Scores are computed, not
+judged: a style score per output (a regular expression or the parsed code) and coherence = the reply's
+code block parses as Python and defines a function. Arms, all greedy:
+
+- baseline (unsteered), text prompt (the style asked for in words: the upper reference);
+- alpha sweep of `defensive` on the mid layers;
+- layer thirds (early, mid, late, all) at the best coherent alpha of the sweep;
+- composition: `defensive` + `docstrings`, their per-layer cosine, each alone and the sum;
+- dual channel: HotpotQA gold passages as knowledge in the same cache, `formal` at alphas from 0 to
+  1.5: EM/F1 against the style score of the answers.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..engine.engine import Engine
+from ..engine.settings import GenerationSettings
+from ..errors import InvalidInputError
+from ..knowledge.packs import knowledge_prompt
+from ..prompts.knowledge import KnowledgeFormat
+from ..prompts.rendering import render_messages
+from ..runtime.loader import LoadedModel
+from ..steering.build import build_steering_vector, load_pairs
+from ..steering.vector import LAYER_NAMES, SteeringVector
+from .datasets import QARow
+from .machine import machine_info
+from .metrics import exact_match, f1_score
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "steering"
+COHERENT = 0.95
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_DEFENSIVE = re.compile(r"\braise\b|\bisinstance\(|\bassert\b|\btry:")
+_FORMAL = re.compile(
+    r"\b(certainly|kindly|please|regrettably|sincerely|shall|would be|pleased|grateful|appreciate|"
+    r"furthermore|therefore|however|indeed|accordingly|respectfully)\b",
+    re.IGNORECASE,
+)
+_CASUAL = re.compile(r"\b(yeah|gonna|wanna|lol|cool|dude|hey|u|thx|ok|okay|stuff|ugh)\b|!!", re.IGNORECASE)
+
+
+def code_of(text: str) -> str:
+    """The first fenced code block of a reply, else the whole reply."""
+    match = _CODE_BLOCK.search(text)
+    return match.group(1) if match else text
+
+
+def coherent_code(text: str) -> bool:
+    """The reply's code parses as Python and defines at least one function."""
+    try:
+        tree = ast.parse(code_of(text))
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, ast.FunctionDef) for node in ast.walk(tree))
+
+
+def defensive_score(text: str) -> float:
+    """1 when the code validates its input (raise, isinstance, assert or try), else 0."""
+    return float(bool(_DEFENSIVE.search(code_of(text))))
+
+
+def docstring_score(text: str) -> float:
+    """1 when a function in the code has a docstring (parsed; a regular expression if it does not parse)."""
+    code = code_of(text)
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return float(bool(re.search(r"def [^\n]*:\s*\n\s+(\"\"\"|''')", code)))
+    return float(any(isinstance(n, ast.FunctionDef) and ast.get_docstring(n) for n in ast.walk(tree)))
+
+
+def formality_score(text: str) -> float:
+    """1 when the text uses a formal marker and no casual one, else 0."""
+    return float(bool(_FORMAL.search(text)) and not _CASUAL.search(text))
+
+
+@dataclass(frozen=True)
+class Direction:
+    name: str
+    pairs: str  # file in DEMO
+    score: Callable[[str], float]
+    instruction: str  # the same style asked for in the prompt (text-prompt reference)
+
+
+DIRECTIONS = {
+    "defensive": Direction(
+        "defensive",
+        "defensive_pairs.jsonl",
+        defensive_score,
+        "Validate the arguments and raise an error for invalid input.",
+    ),
+    "docstrings": Direction("docstrings", "docstring_pairs.jsonl", docstring_score, "Give the function a docstring."),
+    "formal": Direction("formal", "formal_pairs.jsonl", formality_score, "Answer in a formal register."),
+}
+
+
+@dataclass
+class SteeringEvalOptions:
+    alphas: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+    layers: str = "mid"
+    dual_alphas: Sequence[float] = (0.0, 0.2, 0.5, 0.7, 1.0, 1.5)
+    task_limit: int | None = None
+    max_new_tokens: int = 160
+    dual_max_new_tokens: int = 32
+
+
+def load_tasks(path: str | Path | None = None, limit: int | None = None) -> list[str]:
+    path = Path(path) if path is not None else DEMO / "code_tasks.jsonl"
+    if not path.is_file():
+        raise InvalidInputError(f"tasks file not found: {path}")
+    tasks = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not tasks:
+        raise InvalidInputError(f"{path} holds no tasks")
+    return tasks[:limit] if limit else tasks
+
+
+class _Runner:
+    """Greedy generations over the tasks, one arm at a time, with every reply kept for the records."""
+
+    def __init__(self, loaded: LoadedModel, tasks: Sequence[str], max_new_tokens: int) -> None:
+        self.loaded = loaded
+        self.engine = Engine(loaded)
+        self.tasks = tasks
+        # the reply's code block closes with a fence: stop there instead of letting the model ramble on
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=("\n```\n",))
+        self.records: list[dict[str, Any]] = []
+
+    def arm(self, arm: str, steering: Sequence[SteeringVector] = (), suffix: str = "") -> list[str]:
+        replies = []
+        for task in tqdm(self.tasks, desc=arm, unit="task", leave=False):
+            prompt = f"{task} {suffix}".strip()
+            ids = render_messages(self.loaded.tokenizer, [{"role": "user", "content": prompt}]).token_ids
+            reply = self.engine.generate(ids, self.settings, steering=steering).text
+            replies.append(reply)
+            self.records.append({"arm": arm, "task": prompt, "reply": reply})
+        return replies
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
+
+
+def _scored(replies: Sequence[str], score: Callable[[str], float]) -> dict[str, float]:
+    return {"score": _mean([score(r) for r in replies]), "coherence": _mean([coherent_code(r) for r in replies])}
+
+
+def run_steering(
+    loaded: LoadedModel,
+    qa_rows: Sequence[QARow],
+    opts: SteeringEvalOptions | None = None,
+    *,
+    tasks: Sequence[str] | None = None,
+    records_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every arm of the steering tables; returns the summary (replies go to `records_path`)."""
+    opts = opts or SteeringEvalOptions()
+    tasks = list(tasks) if tasks is not None else load_tasks(limit=opts.task_limit)
+    vectors = {
+        name: build_steering_vector(
+            loaded, load_pairs(DEMO / d.pairs), layers=opts.layers, name=name, progress=progress
+        )
+        for name, d in DIRECTIONS.items()
+    }
+    defensive, docstrings = DIRECTIONS["defensive"], DIRECTIONS["docstrings"]
+    run = _Runner(loaded, tasks, opts.max_new_tokens)
+    baseline = run.arm("baseline")
+    text = run.arm("text_prompt", suffix=defensive.instruction)
+    sweep = []
+    for alpha in tqdm(opts.alphas, desc="alpha sweep", disable=not progress):
+        replies = run.arm(f"sweep_{alpha:g}", [vectors["defensive"].with_alpha(alpha)])
+        sweep.append({"alpha": alpha, "layers": opts.layers, **_scored(replies, defensive.score)})
+    coherent = [s for s in sweep if s["coherence"] >= COHERENT]
+    best = max(coherent, key=lambda s: (s["score"], -s["alpha"])) if coherent else min(sweep, key=lambda s: s["alpha"])
+    alpha = float(best["alpha"])
+    layers: dict[str, dict[str, float]] = {}
+    for name in LAYER_NAMES:
+        if name == opts.layers:
+            layers[name] = {k: best[k] for k in ("score", "coherence")}
+            continue
+        replies = run.arm(f"layers_{name}", [vectors["defensive"].with_layers(name).with_alpha(alpha)])
+        layers[name] = _scored(replies, defensive.score)
+    a, b = vectors["defensive"].with_alpha(alpha), vectors["docstrings"].with_alpha(alpha)
+    only_b = run.arm("docstrings_alone", [b])
+    both = run.arm("defensive+docstrings", [a + b])
+    cos = a.cosine(b)[list(a.layers)]
+    composition = {
+        "alpha": alpha,
+        "cos": float(cos.mean()),
+        "cos_per_layer": [round(float(c), 4) for c in cos],
+        "score_a": best["score"],
+        "score_b": _mean([docstrings.score(r) for r in only_b]),
+        "score_ab": {
+            "defensive": _mean([defensive.score(r) for r in both]),
+            "docstrings": _mean([docstrings.score(r) for r in both]),
+        },
+        "baseline_b": _mean([docstrings.score(r) for r in baseline]),
+        "coherence_ab": _mean([coherent_code(r) for r in both]),
+    }
+    dual = _dual_channel(loaded, qa_rows, vectors["formal"], opts, run.records, progress)
+    if records_path is not None:
+        Path(records_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(records_path).write_text("".join(json.dumps(r) + "\n" for r in run.records), encoding="utf-8")
+    base = _scored(baseline, defensive.score)
+    return {
+        "model": loaded.name,
+        "direction": "defensive",
+        "n_tasks": len(tasks),
+        "n_pairs": {name: len(load_pairs(DEMO / d.pairs)) for name, d in DIRECTIONS.items()},
+        "baseline_score": base["score"],
+        "baseline_coherence": base["coherence"],
+        "text_prompt_score": _scored(text, defensive.score)["score"],
+        "text_prompt_coherence": _scored(text, defensive.score)["coherence"],
+        "sweep": sweep,
+        "best_coherent": best if coherent else None,
+        "layer_alpha": alpha,
+        "layer_scores": {k: v["score"] for k, v in layers.items()},
+        "layer_coherence": {k: v["coherence"] for k, v in layers.items()},
+        "layers": {name: list(vectors["defensive"].with_layers(name).layers) for name in LAYER_NAMES},
+        "composition": composition,
+        "dual_channel": dual,
+        "dual_channel_rows": len(qa_rows),
+        "scoring": {
+            "score": "share of replies whose code validates input (raise / isinstance / assert / try)",
+            "coherence": "share of replies whose code block parses as Python and defines a function",
+            "dual_channel_style": "share of answers with a formal marker and no casual one",
+        },
+        "machine": machine_info(),
+    }
+
+
+def _dual_channel(
+    loaded: LoadedModel,
+    rows: Sequence[QARow],
+    formal: SteeringVector,
+    opts: SteeringEvalOptions,
+    records: list[dict[str, Any]],
+    progress: bool,
+) -> list[dict[str, float]]:
+    """Knowledge and steering in one cache: gold passages as the knowledge, `formal` at each alpha."""
+    engine = Engine(loaded)
+    settings = GenerationSettings(max_new_tokens=opts.dual_max_new_tokens)
+    prompts = [knowledge_prompt(loaded.tokenizer, r.facts(gold_only=True), r.question, KnowledgeFormat()) for r in rows]
+    out = []
+    for alpha in tqdm(opts.dual_alphas, desc="dual channel", disable=not progress):
+        em, f1, style = [], [], []
+        steering = [formal.with_alpha(alpha)] if alpha else []
+        for row, prompt in zip(rows, prompts):
+            reply = engine.generate(prompt.token_ids, settings, steering=steering).text
+            em.append(exact_match(reply, row.answers))
+            f1.append(f1_score(reply, row.answers))
+            style.append(formality_score(reply))
+            records.append({"arm": f"dual_{alpha:g}", "question": row.question, "reply": reply})
+        out.append({"alpha": alpha, "em": _mean(em), "f1": _mean(f1), "style_score": _mean(style)})
+    return out

@@ -1,0 +1,87 @@
+"""Building a steering vector from contrastive pairs: mean V(positive) - mean V(negative), per layer.
+
+Each text is rendered with the model's chat template as an assistant turn (the role whose style we
+steer), run once, and its values are averaged over the text's own tokens (the template's tokens are
+left out: they are the same on both sides). Rows of a pairs file are `{"positive": ..., "negative": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..composition.cache_ops import empty_cache
+from ..errors import CompositionError, InvalidInputError
+from ..prompts.rendering import render_messages
+from ..runtime.loader import LoadedModel
+from .vector import SteeringVector, resolve_layers
+
+
+def load_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """Read `{positive, negative}` JSONL rows, naming the line of a malformed one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"pairs file not found: {path}")
+    pairs = []
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pos, neg = row["positive"], row["negative"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InvalidInputError(f"{path}:{no}: expected {{positive, negative}} ({exc})") from None
+        if not isinstance(pos, str) or not isinstance(neg, str) or not pos.strip() or not neg.strip():
+            raise InvalidInputError(f"{path}:{no}: positive and negative must be non-empty strings")
+        pairs.append((pos, neg))
+    if not pairs:
+        raise InvalidInputError(f"{path} holds no pairs")
+    return pairs
+
+
+def mean_values(loaded: LoadedModel, text: str) -> torch.Tensor:
+    """Values of `text` as an assistant turn, averaged over its tokens: [num_layers, kv_heads, head_dim]."""
+    rendered = render_messages(loaded.tokenizer, [{"role": "assistant", "content": text}], add_generation_prompt=False)
+    lo, hi = rendered.part(0).tokens
+    if hi <= lo:
+        raise InvalidInputError(f"the text {text[:40]!r} renders to no tokens")
+    cache = empty_cache(loaded)
+    ids = torch.tensor([list(rendered.token_ids)], dtype=torch.long, device=loaded.device)
+    with torch.no_grad():
+        loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    means = []
+    for index, layer in enumerate(cache.layers):
+        values = getattr(layer, "values", None)
+        if values is None:
+            raise CompositionError(f"layer {index} ({type(layer).__name__}) keeps no values: it cannot be steered")
+        means.append(values[0, :, lo:hi].float().mean(dim=1).cpu())
+    return torch.stack(means)
+
+
+def build_steering_vector(
+    loaded: LoadedModel,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    layers: str | Sequence[int] | tuple[float, float] = "mid",
+    alpha: float = 1.0,
+    name: str = "steering",
+    progress: bool = True,
+) -> SteeringVector:
+    """Mean over pairs of (mean V(positive) - mean V(negative)) at every layer; `layers` says which apply."""
+    if not pairs:
+        raise InvalidInputError("a steering vector needs at least one (positive, negative) pair")
+    fp = loaded.fingerprint
+    total = torch.zeros(fp.num_layers, fp.num_kv_heads, fp.head_dim)
+    for pos, neg in tqdm(pairs, desc=f"steering vector {name}", unit="pair", disable=not progress):
+        total += mean_values(loaded, pos) - mean_values(loaded, neg)
+    return SteeringVector(
+        deltas=total / len(pairs),
+        layers=resolve_layers(layers, fp.num_layers),
+        alpha=float(alpha),
+        fingerprint=fp,
+        name=name,
+    )

@@ -1,0 +1,174 @@
+"""`SteeringVector`: per-layer value deltas [kv_heads, head_dim], a layer range and a strength.
+
+Why values and not keys: keys carry RoPE rotations, so adding a position-free delta to them breaks
+the positional code; values are position-free, and a delta there shifts what every later token reads
+from the steered positions. Vectors add (`a + b`), scale (`2 * a`), compare per layer (`a.cosine(b)`)
+and are saved as safetensors with the model fingerprint, so one built for another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..errors import FingerprintMismatchError, InvalidInputError
+from ..runtime.fingerprint import Fingerprint
+
+FORMAT = "kvpack-steering/1"
+LAYER_NAMES = ("early", "mid", "late", "all")
+
+
+def resolve_layers(spec: str | Sequence[int] | tuple[float, float], num_layers: int) -> tuple[int, ...]:
+    """Layers from a name (`early`/`mid`/`late` thirds of depth, `all`), a fraction range `(0.3, 0.7)` or
+    `"0.3-0.7"`, or explicit layer indices."""
+    if isinstance(spec, str):
+        if spec in LAYER_NAMES:
+            third = {"early": (0.0, 1 / 3), "mid": (1 / 3, 2 / 3), "late": (2 / 3, 1.0), "all": (0.0, 1.0)}[spec]
+            return resolve_layers(third, num_layers)
+        try:
+            lo, hi = (float(x) for x in spec.split("-"))
+        except ValueError:
+            raise InvalidInputError(
+                f"unknown layer range {spec!r}: use {', '.join(LAYER_NAMES)}, fractions like '0.3-0.7', or indices"
+            ) from None
+        return resolve_layers((lo, hi), num_layers)
+    items = list(spec)
+    if len(items) == 2 and any(isinstance(x, float) for x in items):
+        lo, hi = float(items[0]), float(items[1])
+        if not 0.0 <= lo < hi <= 1.0:
+            raise InvalidInputError(f"a layer fraction range needs 0 <= start < end <= 1, got ({lo}, {hi})")
+        first, last = round(lo * num_layers), max(round(hi * num_layers), round(lo * num_layers) + 1)
+        return tuple(range(first, min(last, num_layers)))
+    if not items or not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        raise InvalidInputError(f"layers must be a name, a fraction range or a non-empty list of indices, got {spec!r}")
+    bad = [x for x in items if not 0 <= x < num_layers]
+    if bad:
+        raise InvalidInputError(f"layers {bad} are outside this model's {num_layers} layers")
+    return tuple(sorted({int(x) for x in items}))
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """`deltas[l]` is the mean V(positive) - V(negative) at layer l; only `layers` are applied, times `alpha`."""
+
+    deltas: torch.Tensor  # [num_layers, kv_heads, head_dim], float32, unscaled
+    layers: tuple[int, ...]
+    alpha: float
+    fingerprint: Fingerprint
+    name: str = "steering"
+
+    def __post_init__(self) -> None:
+        fp = self.fingerprint
+        shape = (fp.num_layers, fp.num_kv_heads, fp.head_dim)
+        if tuple(self.deltas.shape) != shape:
+            raise InvalidInputError(f"steering deltas have shape {tuple(self.deltas.shape)}, the model needs {shape}")
+        if not torch.isfinite(self.deltas).all():
+            raise InvalidInputError(f"steering vector {self.name!r} holds NaN or infinite values")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha!r}")
+        if not self.layers or any(not 0 <= layer < fp.num_layers for layer in self.layers):
+            raise InvalidInputError(f"layers {self.layers} are empty or outside the model's {fp.num_layers} layers")
+
+    # -- variants ----------------------------------------------------------------------------------
+
+    def with_alpha(self, alpha: float) -> SteeringVector:
+        return replace(self, alpha=float(alpha))
+
+    def with_layers(self, spec: str | Sequence[int] | tuple[float, float]) -> SteeringVector:
+        return replace(self, layers=resolve_layers(spec, self.fingerprint.num_layers))
+
+    def effective(self) -> torch.Tensor:
+        """What is added to the values: alpha * deltas on the chosen layers, zero elsewhere."""
+        mask = torch.zeros(self.fingerprint.num_layers, 1, 1)
+        mask[list(self.layers)] = 1.0
+        return self.alpha * mask * self.deltas
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        """Composition: the sum of both effective deltas, on the union of their layers, alpha 1."""
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        _check_same_model(self, other)
+        return SteeringVector(
+            deltas=self.effective() + other.effective(),
+            layers=tuple(sorted(set(self.layers) | set(other.layers))),
+            alpha=1.0,
+            fingerprint=self.fingerprint,
+            name=f"{self.name}+{other.name}",
+        )
+
+    def __mul__(self, factor: float) -> SteeringVector:
+        if not isinstance(factor, (int, float)):
+            return NotImplemented
+        return self.with_alpha(self.alpha * factor)
+
+    __rmul__ = __mul__
+
+    def cosine(self, other: SteeringVector) -> torch.Tensor:
+        """Cosine similarity of the raw deltas, one value per layer."""
+        _check_same_model(self, other)
+        a, b = self.deltas.flatten(1), other.deltas.flatten(1)
+        return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint.to_json(),
+            "layers": json.dumps(list(self.layers)),
+            "alpha": repr(float(self.alpha)),
+            "name": self.name,
+        }
+        save_file({"deltas": self.deltas.contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expected: Fingerprint | None = None) -> SteeringVector:
+        """Read a saved vector; with `expected`, one built for another model is a clear error."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInputError(f"steering vector file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                deltas = fh.get_tensor("deltas")
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise InvalidInputError(f"{path} is not a readable steering vector ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise InvalidInputError(f"{path} is not a kvpack steering vector (format {meta.get('format')!r})")
+        fingerprint = Fingerprint.from_json(meta["fingerprint"])
+        if expected is not None and fingerprint != expected:
+            raise FingerprintMismatchError(
+                f"steering vector {path.name} was built for another model: "
+                + "; ".join(expected.mismatches(fingerprint))
+            )
+        return cls(deltas.float(), tuple(json.loads(meta["layers"])), float(meta["alpha"]), fingerprint, meta["name"])
+
+
+def _check_same_model(a: SteeringVector, b: SteeringVector) -> None:
+    if a.fingerprint != b.fingerprint:
+        raise FingerprintMismatchError(f"steering vectors {a.name!r} and {b.name!r} were built for different models")
+
+
+def combined(vectors: Iterable[SteeringVector], fingerprint: Fingerprint) -> torch.Tensor | None:
+    """The summed effective deltas of `vectors` for a model, or None when there are none."""
+    total: torch.Tensor | None = None
+    for vec in vectors:
+        if vec.fingerprint != fingerprint:
+            raise FingerprintMismatchError(
+                f"steering vector {vec.name!r} was built for another model: "
+                + "; ".join(fingerprint.mismatches(vec.fingerprint))
+            )
+        total = vec.effective() if total is None else total + vec.effective()
+    return total

@@ -1,0 +1,116 @@
+"""Per-role steering in LangChain and LangGraph: the chat model finds the steering callback among a run's
+callbacks and applies the vector of the run's agent role (from `bind` or the run metadata)."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import pytest
+from langchain_core.messages import HumanMessage
+from langchain_core.runnables import RunnableLambda
+from langgraph.graph import END, START, StateGraph
+
+from kvpack_integrations.errors import InvalidInputError
+from kvpack_integrations.langchain import KVPackChatModel, KVPackSteeringCallback
+from kvpack_integrations.steering import build_steering_vector
+
+from .support.tiny_models import save_model_dir
+
+FORMAL = [("Certainly, I would be delighted to assist.", "yeah sure"), ("Kindly allow me to explain.", "ok so")]
+TERSE = [("No.", "Well, let me think about that for a long while before answering."), ("Yes.", "I suppose so.")]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    chat = KVPackChatModel(model=save_model_dir("llama", tmp_path_factory.mktemp("m")), max_tokens=8)
+    loaded = chat.loaded_model()
+    formal = build_steering_vector(loaded, FORMAL, layers="all", alpha=4.0, name="formal", progress=False)
+    terse = build_steering_vector(loaded, TERSE, layers="all", alpha=4.0, name="terse", progress=False)
+    return chat, formal, terse
+
+
+def _usage(message) -> dict:
+    return message.response_metadata["kvpack"]
+
+
+def test_role_from_metadata_or_bind(setup) -> None:
+    chat, formal, terse = setup
+    steer = KVPackSteeringCallback(roles={"reviewer": formal + terse, "writer": terse})
+    plain = chat.invoke("Describe the drone.")
+    reviewer = chat.invoke("Describe the drone.", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}})
+    assert _usage(plain)["steering"] == [] and _usage(plain)["exact"] is True
+    assert _usage(reviewer)["steering"] == ["formal+terse:1"] and _usage(reviewer)["exact"] is False
+    assert reviewer.content != plain.content  # alpha 4 on every layer of a random model changes the answer
+    writer = chat.bind(agent_role="writer").invoke(
+        "Describe the drone.", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}}
+    )
+    assert _usage(writer)["steering"] == ["terse:4"]  # bind wins over the metadata
+    nobody = chat.invoke("Describe the drone.", config={"callbacks": [steer], "metadata": {"agent_role": "critic"}})
+    assert _usage(nobody)["steering"] == [] and nobody.content == plain.content
+    assert any("role 'critic' has no vector" in n for n in _usage(nobody)["notes"])
+    assert [role for role, _ in steer.applied] == ["reviewer", "writer"]
+    # the same vector passed directly, and streaming takes the same path
+    direct = chat.invoke("Describe the drone.", steering=[formal + terse])
+    streamed = "".join(
+        c.content
+        for c in chat.stream(
+            "Describe the drone.", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}}
+        )
+    )
+    assert direct.content == reviewer.content == streamed
+
+
+def test_two_roles_in_a_langgraph_graph_share_one_model(setup) -> None:
+    chat, formal, terse = setup
+    steer = KVPackSteeringCallback(roles={"writer": formal, "reviewer": terse})
+
+    class State(TypedDict):
+        draft: str
+        review: str
+        usages: list
+
+    def write(state: State) -> dict:
+        reply = chat.invoke([HumanMessage("Write one line about the drone.")])
+        return {"draft": reply.content, "usages": [*state["usages"], _usage(reply)["steering"]]}
+
+    def review(state: State) -> dict:
+        reply = chat.invoke([HumanMessage(f"Review this line: {state['draft']}")])
+        return {"review": reply.content, "usages": [*state["usages"], _usage(reply)["steering"]]}
+
+    graph = StateGraph(State)
+    graph.add_node("writer", write, metadata={"agent_role": "writer"})
+    graph.add_node("reviewer", review, metadata={"agent_role": "reviewer"})
+    graph.add_edge(START, "writer")
+    graph.add_edge("writer", "reviewer")
+    graph.add_edge("reviewer", END)
+    out = graph.compile().invoke({"draft": "", "review": "", "usages": []}, config={"callbacks": [steer]})
+    assert out["usages"] == [["formal:4"], ["terse:4"]]
+    assert [role for role, _ in steer.applied] == ["writer", "reviewer"]
+    # a plain runnable chain passes the role down the same way
+    chain = RunnableLambda(lambda q: chat.invoke(q))
+    inner = chain.invoke("Hello", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}})
+    assert _usage(inner)["steering"] == ["terse:4"]
+
+
+def test_bad_steering_input(setup) -> None:
+    chat, _, _ = setup
+    with pytest.raises(InvalidInputError, match="roles="):
+        KVPackSteeringCallback(roles={})
+    with pytest.raises(InvalidInputError, match="expected a name and SteeringVector"):
+        KVPackSteeringCallback(roles={"writer": "formal.safetensors"})
+    with pytest.raises(InvalidInputError, match="steering= takes SteeringVector"):
+        chat.invoke("Hi", steering=["formal"])
+
+
+async def test_async_calls_and_batches_are_steered_by_role(setup) -> None:
+    chat, formal, _ = setup
+    steer = KVPackSteeringCallback(roles={"writer": formal})
+    config = {"callbacks": [steer], "metadata": {"agent_role": "writer"}}
+    sync = chat.invoke("Describe the drone.", config=config)
+    reply = await chat.ainvoke("Describe the drone.", config=config)
+    streamed = "".join([c.content async for c in chat.astream("Describe the drone.", config=config)])
+    assert _usage(reply)["steering"] == ["formal:4"] and reply.content == sync.content == streamed
+    plain = await chat.ainvoke("Describe the drone.")  # the role does not leak into a later run
+    assert _usage(plain)["steering"] == [] and plain.content != sync.content
+    batch = chat.batch(["Describe the drone."] * 2, config=[config, {}])
+    assert [_usage(m)["steering"] for m in batch] == [["formal:4"], []]

@@ -1,0 +1,143 @@
+"""Value-space steering on tiny models: what changes (values, chosen layers), what never does (keys,
+stored caches), algebra, files, and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvpack_integrations.engine import Engine
+from kvpack_integrations.engine.settings import GenerationSettings
+from kvpack_integrations.errors import FingerprintMismatchError, InvalidInputError
+from kvpack_integrations.prompts.rendering import render_messages
+from kvpack_integrations.steering import SteeringVector, build_steering_vector, resolve_layers
+from kvpack_integrations.steering.apply import steer_values
+
+from .support.tiny_models import make_model
+
+PAIRS = [
+    ("Certainly, dear colleague, I would be delighted to assist.", "yeah sure whatever"),
+    ("Kindly allow me to explain this matter in detail.", "ok so basically"),
+    ("It is my pleasure to provide the requested information.", "here u go"),
+]
+OTHER = [("The drone flies north.", "The drone flies south."), ("Fact one is true.", "Fact one is false.")]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return make_model("llama")
+
+
+@pytest.fixture(scope="module")
+def vector(loaded) -> SteeringVector:
+    return build_steering_vector(loaded, PAIRS, layers="mid", name="formal", progress=False)
+
+
+def _prompt(loaded) -> list[int]:
+    messages = [
+        {"role": "system", "content": "Norhaven Labs is a drone maker headquartered in the town of Kelmark."},
+        {"role": "user", "content": "Which company produces the battery?"},
+    ]
+    return list(render_messages(loaded.tokenizer, messages).token_ids)
+
+
+def test_layer_ranges() -> None:
+    assert resolve_layers("early", 30) == tuple(range(0, 10))
+    assert resolve_layers("mid", 30) == tuple(range(10, 20))
+    assert resolve_layers("late", 30) == tuple(range(20, 30))
+    assert resolve_layers("all", 4) == (0, 1, 2, 3)
+    assert resolve_layers("0.5-1.0", 4) == (2, 3) == resolve_layers((0.5, 1.0), 4)
+    assert resolve_layers([3, 1, 1], 4) == (1, 3)
+    assert resolve_layers("mid", 2) == (1,)  # never empty, even on a very shallow model
+    for bad, match in [("middle", "unknown layer range"), ((0.8, 0.2), "fraction range"), ([9], "outside")]:
+        with pytest.raises(InvalidInputError, match=match):
+            resolve_layers(bad, 4)
+
+
+def test_steering_changes_values_of_the_chosen_layers_only(loaded, vector) -> None:
+    engine = Engine(loaded)
+    ids = _prompt(loaded)
+    plain = engine.prefill(ids, remember_prompt=True)
+    steered = Engine(loaded).prefill(ids, steering=[vector.with_alpha(2.0)])
+    n = len(ids) - 1  # every prompt position but the last is steered
+    for layer, (a, b) in enumerate(zip(plain.cache.layers, steered.cache.layers)):
+        assert torch.equal(a.keys[:, :, :n], b.keys[:, :, :n])  # keys are never touched
+        diff = b.values[:, :, :n] - a.values[:, :, :n]
+        if layer in vector.layers:
+            want = (2.0 * vector.deltas[layer])[None, :, None, :].expand_as(diff)
+            assert torch.allclose(diff, want, atol=1e-5)
+        else:
+            assert torch.allclose(diff, torch.zeros_like(diff), atol=1e-5)
+    assert not torch.allclose(plain.logits, steered.logits)
+    assert steered.usage.exact is False and steered.usage.steering == ["formal:2"]
+    assert any("approximate" in n and "keys unchanged" in n for n in steered.usage.notes)
+
+
+def test_stored_caches_are_never_steered(loaded, vector) -> None:
+    engine = Engine(loaded)
+    ids = _prompt(loaded)
+    stored, _ = engine.cache_prefix(ids, [len(ids) - 6])  # a stored prefix the steered request composes from
+    before = [(s.keys[layer].clone(), s.values[layer].clone()) for s in stored for layer in vector.layers]
+    settings = GenerationSettings(max_new_tokens=4)
+    out = engine.generate(ids, settings, steering=[vector.with_alpha(3.0)], remember_prompt=True)
+    assert out.usage.cached_tokens == len(ids) - 6 and out.usage.steering == ["formal:3"]
+    after = [(s.keys[layer], s.values[layer]) for s in stored for layer in vector.layers]
+    assert all(torch.equal(k0, k1) and torch.equal(v0, v1) for (k0, v0), (k1, v1) in zip(before, after))
+    # what the request remembered is the unsteered cache: an unsteered request reusing it answers as cold
+    again = engine.generate(ids, settings)
+    cold = Engine(loaded).generate(ids, settings)
+    assert again.token_ids == cold.token_ids and again.usage.cached_tokens == len(ids) - 1
+
+
+def test_alpha_zero_is_identical_to_unsteered(loaded, vector) -> None:
+    settings = GenerationSettings(max_new_tokens=12)
+    ids = _prompt(loaded)
+    plain = Engine(loaded).generate(ids, settings)
+    zero = Engine(loaded).generate(ids, settings, steering=[vector.with_alpha(0.0)])
+    strong = Engine(loaded).generate(ids, settings, steering=[vector.with_alpha(8.0).with_layers("all")])
+    assert zero.token_ids == plain.token_ids and zero.usage.exact is True and zero.usage.steering == []
+    assert strong.token_ids != plain.token_ids
+
+
+def test_composition_is_the_sum_and_cosine_is_per_layer(loaded, vector) -> None:
+    other = build_steering_vector(loaded, OTHER, layers="late", alpha=0.5, name="south", progress=False)
+    both = vector + other
+    assert torch.allclose(both.effective(), vector.effective() + other.effective())
+    assert both.layers == tuple(sorted(set(vector.layers) | set(other.layers))) and both.name == "formal+south"
+    assert torch.allclose((3 * vector).effective(), 3 * vector.effective())
+    cos = vector.cosine(other)
+    assert cos.shape == (loaded.fingerprint.num_layers,) and torch.all(cos.abs() <= 1.0 + 1e-6)
+    assert torch.allclose(vector.cosine(vector), torch.ones_like(cos), atol=1e-5)
+    # two vectors at once act as their sum
+    ids = _prompt(loaded)
+    two = Engine(loaded).prefill(ids, steering=[vector, other])
+    one = Engine(loaded).prefill(ids, steering=[both])
+    assert torch.allclose(two.logits, one.logits, atol=1e-4)
+
+
+def test_files_fingerprints_and_bad_values(loaded, vector, tmp_path: Path) -> None:
+    path = vector.with_alpha(0.7).save(tmp_path / "formal.safetensors")
+    back = SteeringVector.load(path, loaded.fingerprint)
+    assert torch.equal(back.deltas, vector.deltas) and back.alpha == 0.7 and back.layers == vector.layers
+    stranger = make_model("qwen2")
+    with pytest.raises(FingerprintMismatchError, match="built for another model"):
+        SteeringVector.load(path, stranger.fingerprint)
+    with pytest.raises(FingerprintMismatchError):
+        Engine(stranger).prefill(_prompt(stranger), steering=[vector])
+    bad = vector.deltas.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        SteeringVector(bad, vector.layers, 1.0, vector.fingerprint)
+    with pytest.raises(InvalidInputError, match="alpha must be a finite number"):
+        vector.with_alpha(float("inf"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(InvalidInputError, match="not a readable steering vector"):
+        SteeringVector.load(tmp_path / "junk.safetensors")
+
+
+def test_steer_values_refuses_a_cache_of_another_depth(loaded, vector) -> None:
+    cache = Engine(loaded).prefill(_prompt(loaded)).cache
+    with pytest.raises(Exception, match="layers"):
+        steer_values(cache, vector.deltas[:1], 3)
