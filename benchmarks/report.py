@@ -109,9 +109,9 @@ def agent(path: Path) -> str:
 def routing(paths: list[Path]) -> str:
     """One table over every `kvpack eval routing` result."""
     lines = [
-        "| facts file | store | facts / banks | questions | k / probes | routing acc. | answer acc. (oracle) "
-        "| bytes / fact | overhead p50 / p95 | build facts/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| facts file | store | routing | dims | facts / banks | questions | k / probes | routing acc. "
+        "| answer acc. (oracle) | bytes / fact | route p50 | overhead p50 / p95 | build facts/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     machine = ""
     for path in paths:
@@ -127,15 +127,51 @@ def routing(paths: list[Path]) -> str:
         build = f"{s['build_facts_per_s']:.0f}" if s["build_facts_per_s"] else "(reused)"
         overhead = f"{s['p50_overhead_ms']:.0f} / {s['p95_overhead_ms']:.0f} ms"
         if s["answer_accuracy"] is None:
-            overhead += " (no KV build)"
+            overhead = "- (no KV build)"
+        mode = "hybrid" if s["lexical_weight"] else "dense"
         lines.append(
-            f"| `{s['data']}` | {store} | {s['n_facts']:,} / {s['n_banks']:,} | {s['n_questions']} "
-            f"| {s['k']} / {s['probes']} | **{s['routing_accuracy']:.3f}** | {answers} | {size} | {overhead} "
-            f"| {build} |"
+            f"| `{s['data']}` | {store} | {mode} | {s['routing_dim']} | {s['n_facts']:,} / {s['n_banks']:,} "
+            f"| {s['n_questions']} | {s['k']} / {s['probes']} | **{s['routing_accuracy']:.3f}** | {answers} | {size} "
+            f"| {s['p50_route_ms']:.0f} ms | {overhead} | {build} |"
         )
     return f"`kvpack eval routing`, all-MiniLM-L6-v2 embeddings, SmolLM2-135M-Instruct; {machine}.\n\n" + "\n".join(
         lines
     )
+
+
+def steering(path: Path) -> str:
+    """The steering tables: sweep, layer thirds, composition, dual channel."""
+    s = json.loads(path.read_text())
+    head = (
+        f"`kvpack eval steering`, {s['model']}, {s['n_tasks']} code tasks, direction `{s['direction']}` "
+        f"({s['n_pairs']['defensive']} pairs); {_machine(s['machine'])}.\n\n"
+    )
+    sweep = ["| arm | alpha | layers | score | coherence |", "|---|---|---|---|---|"]
+    sweep.append(f"| baseline | 0 | - | {s['baseline_score']:.2f} | {s['baseline_coherence']:.2f} |")
+    sweep.append(f"| text prompt | - | - | {s['text_prompt_score']:.2f} | {s['text_prompt_coherence']:.2f} |")
+    for r in s["sweep"]:
+        sweep.append(f"| steered | {r['alpha']:g} | {r['layers']} | {r['score']:.2f} | {r['coherence']:.2f} |")
+    for name, score in s["layer_scores"].items():
+        layers = s["layers"][name]
+        sweep.append(
+            f"| layer third | {s['layer_alpha']:g} | {name} ({layers[0]}-{layers[-1]}) | {score:.2f} "
+            f"| {s['layer_coherence'][name]:.2f} |"
+        )
+    c = s["composition"]
+    comp = (
+        f"\n\nComposition at alpha {c['alpha']:g} (mid layers): cos(defensive, docstrings) = {c['cos']:.3f}; "
+        f"defensive alone {c['score_a']:.2f}, docstrings alone {c['score_b']:.2f} (baseline {c['baseline_b']:.2f}); "
+        f"sum: defensive {c['score_ab']['defensive']:.2f}, docstrings {c['score_ab']['docstrings']:.2f}, "
+        f"coherence {c['coherence_ab']:.2f}."
+    )
+    dual = [
+        f"\n\nDual channel ({s['dual_channel_rows']} rows of `{s.get('dual_channel_data', 'hotpotqa_dev_300.jsonl')}`, "
+        "gold passages as knowledge, `formal` on the mid layers):\n",
+        "| alpha | EM | F1 | formal style |",
+        "|---|---|---|---|",
+    ]
+    dual += [f"| {r['alpha']:g} | {r['em']:.3f} | {r['f1']:.3f} | {r['style_score']:.2f} |" for r in s["dual_channel"]]
+    return head + "\n".join(sweep) + comp + "\n".join(dual)
 
 
 if __name__ == "__main__":
@@ -147,6 +183,8 @@ if __name__ == "__main__":
         path = RESULTS / name
         if path.is_file():
             print(fn(path) + "\n")
+    if (RESULTS / "steering_smollm2.json").is_file():
+        print(steering(RESULTS / "steering_smollm2.json") + "\n")
     found = sorted(RESULTS.glob("routing_*.json"))
     if found:
         print(routing(found) + "\n")

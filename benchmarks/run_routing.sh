@@ -33,9 +33,9 @@ chroma run --path "$STORES/chroma-server" --host 127.0.0.1 --port "$PORT" > "$ST
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/api/v2/heartbeat" > /dev/null && break; sleep 1; done
-run routing_synthetic_5000_server "${S5[@]}" --host 127.0.0.1 --port "$PORT" --limit 200
+run routing_synthetic_5000_server "${S5[@]}" --host 127.0.0.1 --port "$PORT" --limit 100
 
 S100=(--facts "$DATA/synthetic_100000.jsonl")
-run routing_synthetic_100000_dims128 "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --dims 128 --limit 200
+run routing_synthetic_100000_dims128 "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --dims 128 --limit 100
 run routing_synthetic_100000_dims128_routing "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --limit 1000 --routing-only
 run routing_synthetic_100000 "${S100[@]}" --kb-dir "$STORES/kb-100000" --limit 1000 --routing-only

@@ -271,6 +271,13 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     assert flat["routing"].startswith("dense") and flat["routing_accuracy"] >= 0.7  # MiniLM on invented names
     code, hybrid = run(capsys, "eval", "routing", *common, "--routing-only")  # one probe, BM25 on
     assert hybrid["routing"].startswith("hybrid") and hybrid["routing_accuracy"] == 1.0 and hybrid["n_questions"] == 60
+    name = "eval-syn"  # the knowledge base eval routing named after the file
+    code, out = run(capsys, "rebalance", "--kb", name, "--kb-dir", str(tmp_path / "kb"), "--banks", "5", "--json")
+    assert code == 0 and out == {**out, "facts": 60, "banks_before": 3, "banks": 5}
+    code, again = run(capsys, "eval", "routing", *common, "--routing-only")
+    assert again["n_banks"] == 5 and again["routing_accuracy"] == 1.0
+    code, err = run(capsys, "rebalance", "--kb", "nope", "--kb-dir", str(tmp_path / "kb"), "--json")
+    assert code == 2 and "no knowledge base named 'nope'" in err["error"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"fact": "x"}\n')
     code, err = run(capsys, "eval", "routing", "--facts", str(bad), "--model", model_dir, "--json")
@@ -308,9 +315,9 @@ def test_steer_build_and_ask_with_steering(capsys, tmp_path, model_dir, facts_fi
     )
     code, plain = run(capsys, "ask", "Which company makes the battery?", "--kb", "demo", *common)
     code, steered = run(
-        capsys, "ask", "Which company makes the battery?", "--kb", "demo", "--steer", f"{vec}:6", *common
+        capsys, "ask", "Which company makes the battery?", "--kb", "demo", "--steer", f"{vec}:1", *common
     )
-    assert code == 0 and steered["usage"]["steering"] == ["formal:6"] and steered["usage"]["exact"] is False
+    assert code == 0 and steered["usage"]["steering"] == ["formal:1"] and steered["usage"]["exact"] is False
     assert plain["usage"]["steering"] == [] and steered["answer"] != plain["answer"]
     code, zero = run(capsys, "ask", "Which company makes the battery?", "--kb", "demo", "--steer", f"{vec}:0", *common)
     assert zero["answer"] == plain["answer"]

@@ -24,8 +24,8 @@ TERSE = [("No.", "Well, let me think about that for a long while before answerin
 def setup(tmp_path_factory: pytest.TempPathFactory):
     chat = KVPackChatModel(model=save_model_dir("llama", tmp_path_factory.mktemp("m")), max_tokens=8)
     loaded = chat.loaded_model()
-    formal = build_steering_vector(loaded, FORMAL, layers="all", alpha=4.0, name="formal", progress=False)
-    terse = build_steering_vector(loaded, TERSE, layers="all", alpha=4.0, name="terse", progress=False)
+    formal = build_steering_vector(loaded, FORMAL, layers="all", alpha=0.5, name="formal", progress=False)
+    terse = build_steering_vector(loaded, TERSE, layers="all", alpha=0.5, name="terse", progress=False)
     return chat, formal, terse
 
 
@@ -40,11 +40,11 @@ def test_role_from_metadata_or_bind(setup) -> None:
     reviewer = chat.invoke("Describe the drone.", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}})
     assert _usage(plain)["steering"] == [] and _usage(plain)["exact"] is True
     assert _usage(reviewer)["steering"] == ["formal+terse:1"] and _usage(reviewer)["exact"] is False
-    assert reviewer.content != plain.content  # alpha 4 on every layer of a random model changes the answer
+    assert reviewer.content != plain.content  # steering every layer of a random model changes the answer
     writer = chat.bind(agent_role="writer").invoke(
         "Describe the drone.", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}}
     )
-    assert _usage(writer)["steering"] == ["terse:4"]  # bind wins over the metadata
+    assert _usage(writer)["steering"] == ["terse:0.5"]  # bind wins over the metadata
     nobody = chat.invoke("Describe the drone.", config={"callbacks": [steer], "metadata": {"agent_role": "critic"}})
     assert _usage(nobody)["steering"] == [] and nobody.content == plain.content
     assert any("role 'critic' has no vector" in n for n in _usage(nobody)["notes"])
@@ -84,12 +84,12 @@ def test_two_roles_in_a_langgraph_graph_share_one_model(setup) -> None:
     graph.add_edge("writer", "reviewer")
     graph.add_edge("reviewer", END)
     out = graph.compile().invoke({"draft": "", "review": "", "usages": []}, config={"callbacks": [steer]})
-    assert out["usages"] == [["formal:4"], ["terse:4"]]
+    assert out["usages"] == [["formal:0.5"], ["terse:0.5"]]
     assert [role for role, _ in steer.applied] == ["writer", "reviewer"]
     # a plain runnable chain passes the role down the same way
     chain = RunnableLambda(lambda q: chat.invoke(q))
     inner = chain.invoke("Hello", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}})
-    assert _usage(inner)["steering"] == ["terse:4"]
+    assert _usage(inner)["steering"] == ["terse:0.5"]
 
 
 def test_bad_steering_input(setup) -> None:
@@ -109,8 +109,29 @@ async def test_async_calls_and_batches_are_steered_by_role(setup) -> None:
     sync = chat.invoke("Describe the drone.", config=config)
     reply = await chat.ainvoke("Describe the drone.", config=config)
     streamed = "".join([c.content async for c in chat.astream("Describe the drone.", config=config)])
-    assert _usage(reply)["steering"] == ["formal:4"] and reply.content == sync.content == streamed
+    assert _usage(reply)["steering"] == ["formal:0.5"] and reply.content == sync.content == streamed
     plain = await chat.ainvoke("Describe the drone.")  # the role does not leak into a later run
     assert _usage(plain)["steering"] == [] and plain.content != sync.content
     batch = chat.batch(["Describe the drone."] * 2, config=[config, {}])
-    assert [_usage(m)["steering"] for m in batch] == [["formal:4"], []]
+    assert [_usage(m)["steering"] for m in batch] == [["formal:0.5"], []]
+
+
+@pytest.mark.default_model
+def test_steered_agents_example_runs(tmp_path, capsys) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "steered_agents.py"
+    spec = importlib.util.spec_from_file_location("steered_agents", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.run(str(tmp_path / "store"), 0.75)
+    usage = result["usage"]
+    assert usage["support"]["steering"] == ["formal:0.75"] and usage["engineer"]["steering"] == ["defensive:0.75"]
+    assert [role for role, _ in result["applied"]] == ["support", "engineer"]
+    # one knowledge base: both roles read the same cached pack, so both prompts start from the cache
+    assert (
+        usage["support"]["cached_tokens"] > 300
+        and usage["engineer"]["cached_tokens"] >= usage["support"]["cached_tokens"] - 20
+    )

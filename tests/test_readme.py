@@ -30,3 +30,15 @@ def test_readme_langchain_example_runs(tmp_path: Path, capsys) -> None:
     assert "'cache_read':" in out and "'strategy': 'exact'" in out
     assert "tool [{'name': 'search_knowledge'" not in out  # tool calls live on AI messages
     assert out.count("ai [{'name': 'search_knowledge'") == 2  # two forced retrievals, then an answer
+
+
+def test_readme_steering_example_runs(tmp_path: Path, capsys) -> None:
+    blocks = [
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "build_steering_vector(" in b
+    ]
+    assert blocks, "README has no steering example"
+    code = blocks[0].replace("~/.cache/kvpack", str(tmp_path))
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "['defensive:0.75', 'docstrings:0.5'] False" in out
+    assert (tmp_path / "steering" / "defensive.safetensors").is_file()

@@ -96,7 +96,9 @@ def test_alpha_zero_is_identical_to_unsteered(loaded, vector) -> None:
     ids = _prompt(loaded)
     plain = Engine(loaded).generate(ids, settings)
     zero = Engine(loaded).generate(ids, settings, steering=[vector.with_alpha(0.0)])
-    strong = Engine(loaded).generate(ids, settings, steering=[vector.with_alpha(8.0).with_layers("all")])
+    strong = Engine(loaded, steering_limit=None).generate(
+        ids, settings, steering=[vector.with_alpha(8.0).with_layers("all")]
+    )
     assert zero.token_ids == plain.token_ids and zero.usage.exact is True and zero.usage.steering == []
     assert strong.token_ids != plain.token_ids
 
@@ -141,3 +143,17 @@ def test_steer_values_refuses_a_cache_of_another_depth(loaded, vector) -> None:
     cache = Engine(loaded).prefill(_prompt(loaded)).cache
     with pytest.raises(Exception, match="layers"):
         steer_values(cache, vector.deltas[:1], 3)
+
+
+def test_a_delta_larger_than_the_values_is_refused(loaded, vector) -> None:
+    ids = _prompt(loaded)
+    engine = Engine(loaded)
+    plain = engine.prefill(ids)
+    ratio = float(plain.cache.layers[vector.layers[0]].values.norm(dim=-1).pow(2).mean().sqrt())
+    too_much = vector.with_alpha(1e4 / max(float(vector.deltas.norm()), 1e-6) * ratio)
+    with pytest.raises(InvalidInputError, match=r"steering too strong: at layer \d+ the delta is [\d.]+ times"):
+        engine.prefill(ids, steering=[too_much])
+    ok = Engine(loaded, steering_limit=None).prefill(ids, steering=[too_much])  # experiments may lift the limit
+    assert torch.isfinite(ok.logits).all() and "largest delta" in ok.usage.notes[-1]
+    # the refused request changed nothing: the tree still serves the plain prompt
+    assert torch.allclose(engine.prefill(ids).logits, plain.logits, atol=1e-5)

@@ -14,7 +14,10 @@ from kvpack_integrations.evaluation.steering import (
 )
 from kvpack_integrations.steering import load_pairs
 
-GUARDED = "Sure:\n```python\ndef half(x):\n    if not isinstance(x, int):\n        raise TypeError('x')\n    return x / 2\n```\nDone."
+GUARDED = (
+    "Sure:\n```python\ndef half(x):\n    if not isinstance(x, int):\n        raise TypeError('x')\n"
+    "    return x / 2\n```\nDone."
+)
 PLAIN = "```python\ndef half(x):\n    return x / 2\n```"
 DOCUMENTED = '```python\ndef half(x):\n    """Half of x."""\n    return x / 2\n```'
 BROKEN = "```python\ndef half(x):\nreturn x / 2\n```"

@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import KVPackError
-from . import ask, build, demo, evaluate, list_packs, steer, synthesize
+from . import ask, build, demo, evaluate, list_packs, packet, rebalance, steer, synthesize
 from .common import quiet_libraries
 
 
@@ -16,7 +16,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="kvpack", description="Knowledge as pre-computed KV-cache segments for local transformers models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (build, ask, list_packs, evaluate, demo, synthesize, steer):
+    for module in (build, ask, list_packs, evaluate, demo, synthesize, steer, rebalance, packet):
         module.add_parser(sub)
     return parser
 

@@ -28,6 +28,7 @@ from ..composition.radix_tree import RadixTree
 from ..errors import CompositionError, InvalidInputError
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment
+from ..steering.apply import DEFAULT_LIMIT as DEFAULT_STEERING_LIMIT
 from ..steering.apply import steer_values
 from ..steering.vector import SteeringVector, combined
 from .sampling import make_generator, next_token
@@ -51,8 +52,15 @@ class Prefilled:
 class Engine:
     """Generation on one loaded model with an in-memory prefix cache (a radix tree of segments)."""
 
-    def __init__(self, loaded: LoadedModel, *, max_cached_tokens: int | None = 65536) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_cached_tokens: int | None = 65536,
+        steering_limit: float | None = DEFAULT_STEERING_LIMIT,
+    ) -> None:
         self.loaded = loaded
+        self.steering_limit = steering_limit  # largest |delta| / |value| a request may steer by (None: any)
         self.tree = RadixTree(loaded.fingerprint, max_tokens=max_cached_tokens)
         # guards the prefix tree: held while a request composes, prefills and remembers its prompt,
         # never while it decodes (decoding uses the request's own cache), so a stream left half-read
@@ -126,11 +134,14 @@ class Engine:
         steered = deltas is not None and bool(torch.any(deltas))
         if deltas is not None:
             positions = cache.get_seq_length()
-            steer_values(cache, deltas, positions)
+            ratio = steer_values(cache, deltas, positions, self.steering_limit)
             logits = forward(self.loaded, cache, ids[body:])
             if steered:
                 names = ", ".join(f"{v.name} (alpha {v.alpha:g}, layers {_span(v.layers)})" for v in steering)
-                notes.append(f"approximate: values of {positions} cached positions steered by {names}; keys unchanged")
+                notes.append(
+                    f"approximate: values of {positions} cached positions steered by {names}; keys unchanged; "
+                    f"largest delta {ratio:.2f} x the typical value"
+                )
         assert logits is not None
         usage = Usage(
             input_tokens=total,

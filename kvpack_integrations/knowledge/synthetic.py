@@ -91,7 +91,12 @@ _ATTRIBUTES = [
         "In which year was {e} founded?",
         lambda r: str(r.randint(1801, 2023)),
     ),
-    ("founder", "The founder of {e} is {a}.", "Who is the founder of {e}?", lambda r: f"{_name(r)} {_name(r)}"),
+    (
+        "founder",
+        "The founder of {e} is {a}.",
+        "Who is the founder of {e}?",
+        lambda r: f"{invented_name(r)} {invented_name(r)}",
+    ),
     (
         "product",
         "{e} is best known for making {a}.",
@@ -108,7 +113,7 @@ _ATTRIBUTES = [
 ]
 
 
-def _name(rng: random.Random) -> str:
+def invented_name(rng: random.Random) -> str:
     syllables = rng.randint(2, 3)
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).title()
 
@@ -121,7 +126,7 @@ def synthetic_facts(n: int, seed: int = 0) -> Iterator[dict[str, str]]:
     seen: set[str] = set()
     produced = 0
     for _ in itertools.count():
-        entity = f"{_name(rng)} {rng.choice(['Labs', 'Works', 'Systems', 'Guild', 'Foundry', 'Collective'])}"
+        entity = f"{invented_name(rng)} {rng.choice(['Labs', 'Works', 'Systems', 'Guild', 'Foundry', 'Collective'])}"
         if entity in seen:
             continue
         seen.add(entity)

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import FingerprintMismatchError, InvalidInputError
 from ..runtime.fingerprint import Fingerprint
+from ..segments.tensor_files import load_tensor_file, save_tensor_file
 
 FORMAT = "kvpack-steering/1"
 LAYER_NAMES = ("early", "mid", "late", "all")
@@ -117,43 +118,27 @@ class SteeringVector:
     # -- files -------------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": FORMAT,
-            "fingerprint": self.fingerprint.to_json(),
-            "layers": json.dumps(list(self.layers)),
-            "alpha": repr(float(self.alpha)),
-            "name": self.name,
-        }
-        save_file({"deltas": self.deltas.contiguous()}, str(path), metadata=meta)
-        return path
+        meta = {"layers": json.dumps(list(self.layers)), "alpha": repr(float(self.alpha)), "name": self.name}
+        return save_tensor_file(
+            path, {"deltas": self.deltas}, file_format=FORMAT, fingerprint=self.fingerprint, metadata=meta
+        )
 
     @classmethod
     def load(cls, path: str | Path, expected: Fingerprint | None = None) -> SteeringVector:
         """Read a saved vector; with `expected`, one built for another model is a clear error."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidInputError(f"steering vector file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                deltas = fh.get_tensor("deltas")
-        except Exception as exc:  # safetensors raises several types for a damaged file
-            raise InvalidInputError(f"{path} is not a readable steering vector ({exc})") from None
-        if meta.get("format") != FORMAT:
-            raise InvalidInputError(f"{path} is not a kvpack steering vector (format {meta.get('format')!r})")
-        fingerprint = Fingerprint.from_json(meta["fingerprint"])
-        if expected is not None and fingerprint != expected:
-            raise FingerprintMismatchError(
-                f"steering vector {path.name} was built for another model: "
-                + "; ".join(expected.mismatches(fingerprint))
-            )
-        return cls(deltas.float(), tuple(json.loads(meta["layers"])), float(meta["alpha"]), fingerprint, meta["name"])
+        tensors, meta, fingerprint = load_tensor_file(
+            path, file_format=FORMAT, what="steering vector", expected=expected
+        )
+        if "deltas" not in tensors:
+            raise InvalidInputError(f"{path} holds no steering deltas")
+        layers = tuple(json.loads(meta.get("layers", "[]")))
+        return cls(
+            tensors["deltas"].float(),
+            layers,
+            float(meta.get("alpha", "1.0")),
+            fingerprint,
+            meta.get("name", "steering"),
+        )
 
 
 def _check_same_model(a: SteeringVector, b: SteeringVector) -> None:

@@ -1,0 +1,72 @@
+"""`kvpack packet train|biographies`: the KV Packet adapter's trainer and its synthetic training data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..evaluation.datasets import load_rows
+from ..packet.biographies import write_biographies
+from ..packet.trainer import TrainOptions, train_adapter
+from .common import add_common_args, emit, loaded_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    packet = sub.add_parser("packet", help="KV Packet adapters").add_subparsers(dest="packet_command", required=True)
+    p = packet.add_parser("train", help="train a header/trailer adapter by distillation (resumable)")
+    p.add_argument("--data", type=Path, action="append", required=True, help="QA JSONL (repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="rows per data file")
+    p.add_argument("--out", type=Path, required=True, help="adapter .safetensors (its checkpoint: OUT.ckpt)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--accumulation", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--header-tokens", type=int, default=8)
+    p.add_argument("--trailer-tokens", type=int, default=8)
+    p.add_argument("--max-passages", type=int, default=None, help="passages per example, gold first")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
+    p.set_defaults(run=run_train)
+    p = packet.add_parser("biographies", help="write synthetic biography QA rows for training")
+    p.add_argument("n", type=int)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--passages", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run_biographies)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    rows = [row for path in args.data for row in load_rows(path, args.limit)]
+    opts = TrainOptions(
+        steps=args.steps,
+        accumulation=args.accumulation,
+        lr=args.lr,
+        header_tokens=args.header_tokens,
+        trailer_tokens=args.trailer_tokens,
+        max_passages=args.max_passages,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    loaded = loaded_model(args)
+    adapter, state = train_adapter(loaded, rows, args.out, opts)
+    tail = state.losses[-10:]
+    payload = {
+        "out": str(args.out),
+        "rows": len(rows),
+        "steps": state.step,
+        "seconds": round(state.seconds, 1),
+        "kl_first": state.losses[0] if state.losses else None,
+        "kl_last10": sum(tail) / len(tail) if tail else None,
+        "header_tokens": adapter.header_tokens,
+        "trailer_tokens": adapter.trailer_tokens,
+        "model": loaded.name,
+    }
+    emit(args, payload, f"trained {args.out}: {state.step} steps, KL {payload['kl_first']} -> {payload['kl_last10']}")
+    return 0
+
+
+def run_biographies(args: argparse.Namespace) -> int:
+    path = write_biographies(args.output, args.n, args.passages, args.seed)
+    emit(args, {"output": str(path), "n": args.n}, f"wrote {args.n} biography rows to {path}")
+    return 0

@@ -1,0 +1,80 @@
+"""Re-rotating cached keys to a new position with the model's own rotary embedding.
+
+A key cached at position p holds s * R(p) k (s: the RoPE variant's attention scaling). Rotations
+compose, R(p + d) = R(d) R(p), so moving it to p + d needs only R(d), built from the same inverse
+frequencies the model uses (llama3 and yarn scaling change them; linear scaling divides them) and
+without applying s again. Values carry no position and stay as they are.
+
+Refused with a clear error: RoPE variants whose frequencies depend on the sequence length (dynamic,
+longrope), models with several rotary embeddings (Gemma 3's local/global layers) and models without
+RoPE. Partial rotary (a `partial_rotary_factor` below 1, as in Phi-2) rotates only the first dims,
+as the model does. Sliding-window layers are the caller's concern: their caches cannot be composed
+past the window (`check_sliding_window`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CompositionError
+from ..runtime.loader import LoadedModel
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """What re-rotation needs: the inverse frequencies (one per rotated pair) and the rotated width."""
+
+    inv_freq: torch.Tensor  # [rot_dim // 2], float32
+    rot_dim: int
+    rope_type: str
+
+
+def rope_spec(loaded: LoadedModel) -> RopeSpec:
+    """The loaded model's RoPE, or a `CompositionError` saying why its keys cannot be re-rotated."""
+    decoder = getattr(loaded.model, "model", loaded.model)
+    if any(hasattr(decoder, name) for name in ("rotary_emb_local", "rotary_embs")):
+        raise CompositionError(
+            f"{loaded.name} uses several rotary embeddings (local and global layers): key re-rotation "
+            "is not supported for it; use exact composition"
+        )
+    rotary = getattr(decoder, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if rotary is None or not isinstance(inv_freq, torch.Tensor):
+        raise CompositionError(f"{loaded.name} has no rotary position embedding: its keys cannot be re-rotated")
+    rope_type = str(getattr(rotary, "rope_type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CompositionError(
+            f"{loaded.name} uses RoPE type {rope_type!r}, whose frequencies depend on the sequence length; "
+            f"re-rotation supports {', '.join(SUPPORTED_ROPE_TYPES)}; use exact composition"
+        )
+    rot_dim = 2 * int(inv_freq.numel())
+    if rot_dim > loaded.fingerprint.head_dim:
+        raise CompositionError(
+            f"{loaded.name}: rotary width {rot_dim} exceeds the head dim {loaded.fingerprint.head_dim}"
+        )
+    return RopeSpec(inv_freq.detach().float().cpu().clone(), rot_dim, rope_type)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """Keys [..., seq, head_dim] moved by `delta` positions (an int, or one per position); a new tensor."""
+    seq = keys.shape[-2]
+    shift = torch.as_tensor(delta, dtype=torch.float64).reshape(-1)
+    if shift.numel() == 1:
+        shift = shift.expand(seq)
+    elif shift.numel() != seq:
+        raise CompositionError(f"{shift.numel()} position shifts for {seq} cached positions")
+    angles = shift[:, None] * spec.inv_freq.double()[None, :]  # float64: exact for positions past 2**24
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().float().to(keys.device), emb.sin().float().to(keys.device)
+    rotated, rest = keys[..., : spec.rot_dim].float(), keys[..., spec.rot_dim :]
+    out = rotated * cos + _rotate_half(rotated) * sin
+    return torch.cat((out.to(keys.dtype), rest), dim=-1)

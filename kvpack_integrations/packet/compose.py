@@ -1,0 +1,83 @@
+"""Caching a document as a packet and composing packets into one cache without recomputing them.
+
+`cache_packet` runs `header + document + trailer` alone at positions 0..m-1 (the soft tokens enter as
+input embeddings). `compose_packets` lays a preamble cache and the packets end to end, each packet's
+keys re-rotated to its offset with the model's own RoPE; values are copied as they are. Nothing of a
+document is recomputed, so the result is approximate: the usage report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..composition.cache_ops import empty_cache
+from ..composition.rope import RopeSpec, rerotate
+from ..errors import CompositionError
+from ..runtime.loader import LoadedModel
+from .adapter import PacketAdapter
+
+
+@dataclass(frozen=True)
+class PacketCache:
+    """One wrapped document's K/V at positions 0..m-1 (m = header + document + trailer tokens)."""
+
+    document: tuple[int, ...]
+    keys: tuple[torch.Tensor, ...]  # per layer [kv_heads, m, head_dim]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+
+def wrapped_embeddings(loaded: LoadedModel, adapter: PacketAdapter, document: Sequence[int]) -> torch.Tensor:
+    """[1, m, hidden]: the header, the document's token embeddings, the trailer."""
+    table = loaded.model.get_input_embeddings()
+    ids = torch.tensor([list(document)], dtype=torch.long, device=loaded.device)
+    embedded = table(ids)[0]
+    soft = [
+        adapter.header.to(embedded.device, embedded.dtype),
+        embedded,
+        adapter.trailer.to(embedded.device, embedded.dtype),
+    ]
+    return torch.cat(soft, dim=0)[None]
+
+
+def cache_packet(loaded: LoadedModel, adapter: PacketAdapter, document: Sequence[int]) -> PacketCache:
+    adapter.check_model(loaded)
+    cache = empty_cache(loaded)
+    with torch.no_grad():
+        loaded.model(inputs_embeds=wrapped_embeddings(loaded, adapter, document), past_key_values=cache, use_cache=True)
+    keys, values = [], []
+    for layer in cache.layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is None or v is None:
+            raise CompositionError(f"{type(layer).__name__} cache layers keep no keys/values: no packets")
+        keys.append(k[0].detach().clone())
+        values.append(v[0].detach().clone())
+    return PacketCache(tuple(document), tuple(keys), tuple(values))
+
+
+def compose_packets(
+    loaded: LoadedModel, preamble: DynamicCache, packets: Sequence[PacketCache], spec: RopeSpec
+) -> DynamicCache:
+    """A fresh cache: the preamble's K/V, then every packet moved to its offset (keys re-rotated)."""
+    head = preamble.get_seq_length()
+    offsets, start = [], head
+    for packet in packets:
+        offsets.append(start)
+        start += packet.length
+    cache = empty_cache(loaded)
+    for layer_index, layer in enumerate(preamble.layers):
+        old_keys, old_values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        keys = [old_keys[0]] if head and old_keys is not None else []
+        values = [old_values[0]] if head and old_values is not None else []
+        for packet, offset in zip(packets, offsets):
+            keys.append(rerotate(packet.keys[layer_index], offset, spec))
+            values.append(packet.values[layer_index])
+        cache.update(torch.cat(keys, dim=1)[None].clone(), torch.cat(values, dim=1)[None].clone(), layer_index)
+    return cache

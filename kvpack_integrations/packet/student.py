@@ -1,0 +1,75 @@
+"""The packet layout as one differentiable forward pass: what the trainer optimises the adapter through.
+
+Sequence: preamble | header + document_i + trailer (for every i) | tail | answer, positions running
+through, with `block_mask` (each wrapped document attends only to itself). Gradients reach only the
+adapter's soft tokens: the model's weights stay frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..runtime.loader import LoadedModel
+from .adapter import PacketAdapter
+from .layout import PacketPrompt, block_mask
+
+
+@dataclass
+class StudentPass:
+    inputs_embeds: torch.Tensor  # [1, L, hidden]
+    attention_mask: torch.Tensor  # [1, 1, L, L] additive
+    position_ids: torch.Tensor  # [1, L]
+    answer_logit_positions: torch.Tensor  # where the logits predicting each answer token sit
+
+
+def student_pass(
+    loaded: LoadedModel,
+    prompt: PacketPrompt,
+    answer: Sequence[int],
+    header: torch.Tensor,
+    trailer: torch.Tensor,
+) -> StudentPass:
+    """Inputs for the student; `header`/`trailer` may require grad (the adapter being trained)."""
+    table = loaded.model.get_input_embeddings()
+
+    def embed(ids: Sequence[int]) -> torch.Tensor:
+        if not ids:
+            return torch.zeros(0, table.weight.shape[1], dtype=table.weight.dtype, device=table.weight.device)
+        return table(torch.tensor([list(ids)], dtype=torch.long, device=table.weight.device))[0]
+
+    dtype = table.weight.dtype
+    h, t = header.to(dtype), trailer.to(dtype)
+    parts = [embed(prompt.preamble)]
+    blocks = []
+    for document in prompt.documents:
+        parts += [h, embed(document), t]
+        blocks.append(h.shape[0] + len(document) + t.shape[0])
+    tail = [*prompt.tail, *answer]
+    parts.append(embed(tail))
+    embeds = torch.cat(parts, dim=0)[None]
+    total = embeds.shape[1]
+    first_answer = total - len(answer)
+    return StudentPass(
+        inputs_embeds=embeds,
+        attention_mask=block_mask(len(prompt.preamble), blocks, len(tail), dtype).to(embeds.device),
+        position_ids=torch.arange(total, device=embeds.device)[None],
+        answer_logit_positions=torch.arange(first_answer - 1, total - 1, device=embeds.device),
+    )
+
+
+def student_logits(loaded: LoadedModel, inputs: StudentPass) -> torch.Tensor:
+    """Logits [L, vocab] of the student pass (no cache; gradients flow to the soft tokens)."""
+    out = loaded.model(
+        inputs_embeds=inputs.inputs_embeds,
+        attention_mask=inputs.attention_mask,
+        position_ids=inputs.position_ids,
+        use_cache=False,
+    )
+    return out.logits[0]
+
+
+def as_adapter_inputs(adapter: PacketAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    return adapter.header, adapter.trailer

@@ -1,0 +1,60 @@
+"""Small fingerprinted safetensors files (steering vectors, packet adapters): one format check, one
+fingerprint check, atomic writes. Segments have their own, richer serialization."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import FingerprintMismatchError, InvalidInputError
+from ..runtime.fingerprint import Fingerprint
+
+
+def save_tensor_file(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    file_format: str,
+    fingerprint: Fingerprint,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `tensors` with the format tag, the fingerprint and `metadata`; readers never see half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {**(metadata or {}), "format": file_format, "fingerprint": fingerprint.to_json()}
+    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_tensor_file(
+    path: str | Path, *, file_format: str, what: str, expected: Fingerprint | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], Fingerprint]:
+    """Read a file written by `save_tensor_file`: (tensors, metadata, fingerprint); `what` names it in errors."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidInputError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise InvalidInputError(f"{path} is not a readable {what} ({exc})") from None
+    if meta.get("format") != file_format:
+        raise InvalidInputError(f"{path} is not a kvpack {what} (format {meta.get('format')!r})")
+    try:
+        fingerprint = Fingerprint.from_json(meta["fingerprint"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidInputError(f"{path}: unreadable model fingerprint ({exc})") from None
+    if expected is not None and fingerprint != expected:
+        raise FingerprintMismatchError(
+            f"{what} {path.name} was built for another model: " + "; ".join(expected.mismatches(fingerprint))
+        )
+    return tensors, meta, fingerprint

@@ -1,0 +1,100 @@
+"""Packets: composing independently cached documents (keys re-rotated, nothing recomputed) equals the
+student's single block-diagonal pass, which is what the adapter is trained through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpack_integrations.composition.cache_ops import empty_cache, forward
+from kvpack_integrations.composition.rope import rope_spec
+from kvpack_integrations.errors import FingerprintMismatchError, InvalidInputError
+from kvpack_integrations.packet import PacketAdapter
+from kvpack_integrations.packet.compose import cache_packet, compose_packets
+from kvpack_integrations.packet.layout import packet_prompt
+from kvpack_integrations.packet.student import student_logits, student_pass
+from kvpack_integrations.prompts.knowledge import KnowledgeFormat
+
+from .conftest import FACTS, QUESTION
+from .support.tiny_models import make_model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3"])
+def test_packet_composition_equals_the_student_pass(family: str) -> None:
+    loaded = make_model(family)
+    adapter = PacketAdapter.initial(loaded, header_tokens=3, trailer_tokens=2)
+    prompt = packet_prompt(loaded.tokenizer, FACTS[:3], QUESTION, KnowledgeFormat())
+    assert prompt.text_ids()[: len(prompt.preamble)] == list(prompt.preamble) and len(prompt.documents) == 3
+    preamble = empty_cache(loaded)
+    forward(loaded, preamble, prompt.preamble)
+    packets = [cache_packet(loaded, adapter, d) for d in prompt.documents]
+    composed = compose_packets(loaded, preamble, packets, rope_spec(loaded))
+    assert composed.get_seq_length() == len(prompt.preamble) + sum(len(d) + 5 for d in prompt.documents)
+    logits = forward(loaded, composed, prompt.tail)
+    inputs = student_pass(loaded, prompt, [], adapter.header, adapter.trailer)
+    with torch.no_grad():
+        student = student_logits(loaded, inputs)[-1].float()
+    torch.testing.assert_close(logits, student, atol=2e-4, rtol=1e-4)
+    # the documents really are isolated: without the block mask the last logits differ
+    with torch.no_grad():
+        full = loaded.model(inputs_embeds=inputs.inputs_embeds).logits[0, -1].float()
+    assert not torch.allclose(full, student, atol=1e-3)
+
+
+def test_adapter_files_and_refusals(tmp_path) -> None:
+    loaded = make_model("llama")
+    adapter = PacketAdapter.initial(loaded)
+    assert adapter.header.shape == (8, 64) and adapter.trailer.shape == (8, 64)
+    back = PacketAdapter.load(adapter.save(tmp_path / "a.safetensors"), loaded.fingerprint)
+    assert torch.equal(back.header, adapter.header) and torch.equal(back.trailer, adapter.trailer)
+    with pytest.raises(FingerprintMismatchError, match="built for another model"):
+        PacketAdapter.load(tmp_path / "a.safetensors", make_model("qwen2").fingerprint)
+    with pytest.raises(FingerprintMismatchError):
+        cache_packet(make_model("llama", seed=1), adapter, [1, 2, 3])
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        PacketAdapter(adapter.header * float("nan"), adapter.trailer, adapter.fingerprint)
+    (tmp_path / "junk.safetensors").write_text("junk")
+    with pytest.raises(InvalidInputError, match="not a readable packet adapter"):
+        PacketAdapter.load(tmp_path / "junk.safetensors")
+
+
+def test_training_lowers_the_kl_and_resumes_from_its_checkpoint(tmp_path) -> None:
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet.trainer import TrainOptions, train_adapter
+
+    loaded = make_model("llama")
+    rows = [
+        QARow(QUESTION, ("Quill Energy",), tuple(Passage(f"T{i}", f, i == 2) for i, f in enumerate(FACTS[:4]))),
+        QARow("How long does the Aurora X2 fly?", ("48 minutes",), tuple(Passage("A", f, True) for f in FACTS[1:3])),
+    ]
+    opts = TrainOptions(steps=12, accumulation=2, lr=0.05, header_tokens=2, trailer_tokens=2, checkpoint_every=4)
+    out = tmp_path / "adapter.safetensors"
+    adapter, state = train_adapter(loaded, rows, out, opts, progress=False)
+    assert out.is_file() and adapter.trained_steps == 12 and len(state.losses) == 12
+    assert sum(state.losses[-3:]) < sum(state.losses[:3])  # distillation makes progress on what it sees
+    # changed options do not silently continue an old run
+    with pytest.raises(InvalidInputError, match="other options"):
+        train_adapter(loaded, rows, out, TrainOptions(**{**opts.__dict__, "steps": 14}), progress=False)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch) -> None:
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet import trainer
+
+    loaded = make_model("llama")
+    rows = [QARow(QUESTION, ("Quill Energy",), tuple(Passage(f"T{i}", f, i == 2) for i, f in enumerate(FACTS[:3])))]
+    opts = trainer.TrainOptions(steps=6, accumulation=1, lr=0.05, header_tokens=2, trailer_tokens=2, checkpoint_every=3)
+    whole, whole_state = trainer.train_adapter(loaded, rows, tmp_path / "whole.safetensors", opts, progress=False)
+    real = trainer._checkpoint
+
+    def crash_after_first(path, loaded, header, trailer, optimizer, state, opts):
+        real(path, loaded, header, trailer, optimizer, state, opts)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_adapter(loaded, rows, tmp_path / "split.safetensors", opts, progress=False)
+    monkeypatch.setattr(trainer, "_checkpoint", real)
+    split, split_state = trainer.train_adapter(loaded, rows, tmp_path / "split.safetensors", opts, progress=False)
+    assert split_state.step == 6 and split_state.losses == pytest.approx(whole_state.losses, rel=1e-5)
+    torch.testing.assert_close(split.header, whole.header)
