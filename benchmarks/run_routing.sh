@@ -38,4 +38,3 @@ run routing_synthetic_5000_server "${S5[@]}" --host 127.0.0.1 --port "$PORT" --l
 S100=(--facts "$DATA/synthetic_100000.jsonl")
 run routing_synthetic_100000_dims128 "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --dims 128 --limit 100
 run routing_synthetic_100000_dims128_routing "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --limit 1000 --routing-only
-run routing_synthetic_100000 "${S100[@]}" --kb-dir "$STORES/kb-100000" --limit 1000 --routing-only

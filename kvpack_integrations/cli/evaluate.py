@@ -1,4 +1,4 @@
-"""`kvpack eval equivalence|accumulation`: KV vs text stuffing, measured side by side in one run."""
+"""`kvpack eval equivalence|accumulation|routing|steering|packet`: each measured side by side in one run."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from ..errors import InvalidInputError
 from ..evaluation.accumulation import run_accumulation
 from ..evaluation.datasets import load_rows
 from ..evaluation.equivalence import EquivalenceOptions, run_equivalence
+from ..evaluation.packet_eval import METHODS as PACKET_METHODS
+from ..evaluation.packet_eval import PacketEvalOptions, run_packet_eval
 from ..evaluation.routing import load_routing_rows, run_routing
 from ..evaluation.steering import SteeringEvalOptions, run_steering
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
+from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..runtime.default_model import kvpack_home
 from .common import add_common_args, emit, loaded_model, pack_store
 
@@ -67,11 +70,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=int, default=None, help="use only the first N code tasks")
     p.add_argument("--alphas", default="0.25,0.5,0.75,1,1.5,2", help="comma-separated sweep alphas")
     p.add_argument("--layers", default="mid", help="layers of the alpha sweep")
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--max-new-tokens", type=int, default=160, help="per code reply")
+    p.add_argument("--dual-max-new-tokens", type=int, default=16, help="per dual-channel answer")
     p.add_argument("--records", type=Path, default=None, help="write every reply here (JSONL)")
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
     add_common_args(p)
     p.set_defaults(run=run_steering_cmd)
+    p = ev.add_parser("packet", help="KV Packet vs full recompute and the other baselines, row by row")
+    p.add_argument("--data", type=Path, required=True, help="QA JSONL {question, answers, contexts}")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--adapter", type=Path, default=None, help="packet adapter (default: the one shipped for the model)")
+    p.add_argument(
+        "--methods", default=",".join(PACKET_METHODS), help="comma-separated, from " + ", ".join(PACKET_METHODS)
+    )
+    p.add_argument("--max-passages", type=int, default=None, help="passages per row, gold first (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--packets", type=Path, default=None, help="packet store directory (default: a temporary one)")
+    p.add_argument("--records", type=Path, default=None, help="write every answer here (JSONL)")
+    p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
+    add_common_args(p)
+    p.set_defaults(run=run_packet_cmd)
     p = ev.add_parser("accumulation", help="knowledge growing by one passage per step, KV vs RAG")
     p.add_argument("--steps", type=int, default=5)
     _shared(p)
@@ -138,7 +156,11 @@ def run_steering_cmd(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidInputError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
     opts = SteeringEvalOptions(
-        alphas=alphas, layers=args.layers, task_limit=args.tasks, max_new_tokens=args.max_new_tokens
+        alphas=alphas,
+        layers=args.layers,
+        task_limit=args.tasks,
+        max_new_tokens=args.max_new_tokens,
+        dual_max_new_tokens=args.dual_max_new_tokens,
     )
     loaded = loaded_model(args)
     s = run_steering(loaded, rows, opts, records_path=args.records)
@@ -161,6 +183,32 @@ def run_steering_cmd(args: argparse.Namespace) -> int:
             for r in s["dual_channel"]
         ),
     ]
+    return _finish(args, s, "\n".join(lines))
+
+
+def run_packet_cmd(args: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    rows = load_rows(args.data, args.limit)
+    loaded = loaded_model(args)
+    adapter_file = args.adapter or shipped_adapter(loaded)
+    adapter = PacketAdapter.load(adapter_file, loaded.fingerprint) if adapter_file is not None else None
+    opts = PacketEvalOptions(methods=methods, max_new_tokens=args.max_new_tokens, max_passages=args.max_passages)
+    s = run_packet_eval(
+        loaded,
+        rows,
+        adapter,
+        opts,
+        store=args.packets,
+        records_path=args.records,
+        data_name=args.data.name,
+        adapter_name=str(adapter_file) if adapter_file else "",
+    )
+    lines = [f"packet eval on {s['n']} rows of {args.data.name}, {s['model']}"]
+    for method, m in s["methods"].items():
+        lines.append(
+            f"  {method:<10} F1 {m['f1']:.3f}  EM {m['em']:.3f}  recomputed {m['recomputed_tokens']:.0f}  "
+            f"TTFT {m['ttft_ms']:.0f} ms  GFLOP {m['flops'] / 1e9:.1f}"
+        )
     return _finish(args, s, "\n".join(lines))
 
 

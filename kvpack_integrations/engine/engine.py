@@ -37,6 +37,8 @@ from .text_stream import TextStream
 from .usage import GenerationResult, StreamChunk, Usage
 
 STRATEGIES = ("exact", "text")
+# caches that do not cover the prompt's own first tokens: the whole prompt is prefilled on top of them
+APPENDED_STRATEGIES = frozenset({"naive", "packet", "rerotated", "blend", "epic"})
 
 
 @dataclass
@@ -94,10 +96,12 @@ class Engine:
     ) -> Prefilled:
         """Compose a cache for `prompt_ids`, prefill what it lacks, and return the next-token logits.
 
-        `composed` lets a caller supply a cache it built (e.g. `naive`), covering `prompt_ids`' first
-        `cached_tokens`. `started_at` (a `time.perf_counter()` value) moves the TTFT origin earlier, to
-        include work done before the call, such as loading a pack. `remember_prompt` keeps the prompt's
-        cache in the tree for the next call (agent loops). Decoders (free text, guided JSON) start here.
+        `composed` lets a caller supply a cache it built, covering `prompt_ids`' first `cached_tokens`;
+        for the appended strategies (`naive`, `packet`, ...) the cache holds other positions and all of
+        `prompt_ids` is prefilled on top of it. `started_at` (a `time.perf_counter()` value) moves the
+        TTFT origin earlier, to include work done before the call, such as loading a pack.
+        `remember_prompt` keeps the prompt's cache in the tree for the next call (agent loops). Decoders
+        (free text, guided JSON) start here.
         `steering` vectors add their value deltas to every prompt position but the last, which then runs
         on the steered cache (so the first new token already reads it); the tree keeps the unsteered cache.
         """
@@ -106,7 +110,8 @@ class Engine:
         ids = list(prompt_ids)
         if not ids:
             raise InvalidInputError("the prompt is empty")
-        total = (composed.cached_tokens if composed is not None and composed.strategy == "naive" else 0) + len(ids)
+        appended = composed is not None and composed.strategy in APPENDED_STRATEGIES
+        total = (composed.cached_tokens if composed is not None and appended else 0) + len(ids)
         check_context_window(self.loaded, total, settings.max_new_tokens)
         if composed is None:
             composed = self.compose(ids, strategy)
@@ -115,7 +120,7 @@ class Engine:
                 f"the composed cache holds {composed.cache.get_seq_length()} positions but claims "
                 f"{composed.cached_tokens}: a ComposedCache is used up by one generation; compose again"
             )
-        cached = composed.cached_tokens if composed.strategy != "naive" else 0
+        cached = 0 if appended else composed.cached_tokens
         if cached >= len(ids):
             raise InvalidInputError("the composed cache covers the whole prompt: leave at least one token to prefill")
         deltas = combined(steering, self.loaded.fingerprint)

@@ -114,7 +114,7 @@ class SteeringEvalOptions:
     dual_alphas: Sequence[float] = (0.0, 0.2, 0.5, 0.7, 1.0, 1.5)
     task_limit: int | None = None
     max_new_tokens: int = 160
-    dual_max_new_tokens: int = 32
+    dual_max_new_tokens: int = 16
 
 
 def load_tasks(path: str | Path | None = None, limit: int | None = None) -> list[str]:

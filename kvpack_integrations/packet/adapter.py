@@ -84,3 +84,12 @@ class PacketAdapter:
             raise InvalidInputError(f"{path} lacks the header or trailer tensor")
         steps = int(meta.get("trained_steps", "0"))
         return cls(tensors["header"], tensors["trailer"], fingerprint, steps, meta.get("notes", ""))
+
+
+SHIPPED = Path(__file__).resolve().parent / "adapters"
+
+
+def shipped_adapter(loaded: LoadedModel) -> Path | None:
+    """The adapter trained for this model and shipped in the package, if there is one."""
+    path = SHIPPED / f"{loaded.fingerprint.digest}.safetensors"
+    return path if path.is_file() else None

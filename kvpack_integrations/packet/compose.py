@@ -47,11 +47,19 @@ def wrapped_embeddings(loaded: LoadedModel, adapter: PacketAdapter, document: Se
     return torch.cat(soft, dim=0)[None]
 
 
-def cache_packet(loaded: LoadedModel, adapter: PacketAdapter, document: Sequence[int]) -> PacketCache:
-    adapter.check_model(loaded)
+def cache_packet(loaded: LoadedModel, adapter: PacketAdapter | None, document: Sequence[int]) -> PacketCache:
+    """The document alone at positions 0..m-1, wrapped in the adapter's soft tokens (plain with None)."""
+    if not document:
+        raise CompositionError("a packet needs at least one document token")
     cache = empty_cache(loaded)
     with torch.no_grad():
-        loaded.model(inputs_embeds=wrapped_embeddings(loaded, adapter, document), past_key_values=cache, use_cache=True)
+        if adapter is None:
+            ids = torch.tensor([list(document)], dtype=torch.long, device=loaded.device)
+            loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        else:
+            adapter.check_model(loaded)
+            embeds = wrapped_embeddings(loaded, adapter, document)
+            loaded.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
     keys, values = [], []
     for layer in cache.layers:
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -63,9 +71,11 @@ def cache_packet(loaded: LoadedModel, adapter: PacketAdapter, document: Sequence
 
 
 def compose_packets(
-    loaded: LoadedModel, preamble: DynamicCache, packets: Sequence[PacketCache], spec: RopeSpec
+    loaded: LoadedModel, preamble: DynamicCache, packets: Sequence[PacketCache], spec: RopeSpec, *, move: bool = True
 ) -> DynamicCache:
-    """A fresh cache: the preamble's K/V, then every packet moved to its offset (keys re-rotated)."""
+    """A fresh cache: the preamble's K/V, then every packet moved to its offset (keys re-rotated).
+
+    `move=False` leaves each packet's keys at positions 0..m-1 (naive concatenation, an ablation)."""
     head = preamble.get_seq_length()
     offsets, start = [], head
     for packet in packets:
@@ -77,7 +87,7 @@ def compose_packets(
         keys = [old_keys[0]] if head and old_keys is not None else []
         values = [old_values[0]] if head and old_values is not None else []
         for packet, offset in zip(packets, offsets):
-            keys.append(rerotate(packet.keys[layer_index], offset, spec))
+            keys.append(rerotate(packet.keys[layer_index], offset, spec) if move else packet.keys[layer_index])
             values.append(packet.values[layer_index])
         cache.update(torch.cat(keys, dim=1)[None].clone(), torch.cat(values, dim=1)[None].clone(), layer_index)
     return cache

@@ -1,0 +1,90 @@
+"""Selective recompute over a composed cache: the CacheBlend- and EPIC-style baselines.
+
+`recompute_positions` recomputes the K/V of chosen positions of a composed cache in one forward pass:
+the chosen tokens enter as new queries at their own positions, each attending to the composed cache
+before it (old K/V, except for the chosen positions, whose fresh K/V it sees instead) and to itself;
+the fresh K/V are then written back in place. `value_deviation` is CacheBlend's selection signal: how
+far each position's layer-1 values in the composed cache are from the values a full forward computes
+(only the first two layers run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import CompositionError
+from ..runtime.loader import LoadedModel
+
+
+def recompute_positions(loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int], positions: Sequence[int]) -> None:
+    """Recompute the cache entries at `positions` (indices into `ids`, the cached tokens) in place."""
+    chosen = sorted(set(int(p) for p in positions))
+    if not chosen:
+        return
+    length = cache.get_seq_length()
+    if len(ids) != length or chosen[0] < 0 or chosen[-1] >= length:
+        raise CompositionError(f"positions {chosen[0]}..{chosen[-1]} are outside the {length} cached tokens")
+    pos = torch.tensor(chosen, device=loaded.device)
+    q = len(chosen)
+    allowed = torch.zeros(q, length + q, dtype=torch.bool, device=loaded.device)
+    allowed[:, :length] = torch.arange(length, device=loaded.device)[None, :] < pos[:, None]
+    allowed[:, pos] = False  # a chosen position is seen through its fresh K/V, not its old one
+    allowed[:, length:] = torch.tril(torch.ones(q, q, dtype=torch.bool, device=loaded.device))
+    mask = torch.zeros(q, length + q, dtype=loaded.dtype, device=loaded.device)
+    mask.masked_fill_(~allowed, torch.finfo(loaded.dtype).min)
+    input_ids = torch.tensor([[ids[p] for p in chosen]], dtype=torch.long, device=loaded.device)
+    with torch.no_grad():
+        loaded.model(
+            input_ids=input_ids,
+            past_key_values=cache,
+            attention_mask=mask[None, None],
+            position_ids=pos[None],
+            use_cache=True,
+        )
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None or keys.shape[-2] != length + q:
+            raise CompositionError(f"{type(layer).__name__} cache layers cannot be recomputed in place")
+        keys[:, :, pos] = keys[:, :, length:]
+        values[:, :, pos] = values[:, :, length:]
+    cache.crop(-q)  # transformers 5: a negative count removes that many positions
+
+
+class _Stop(Exception):
+    pass
+
+
+def layer_values(loaded: LoadedModel, ids: Sequence[int], layer: int = 1) -> torch.Tensor:
+    """Values [kv_heads, len, head_dim] of `layer` under a full forward, running only layers 0..layer."""
+    decoder = getattr(loaded.model, "model", loaded.model)
+    attention = decoder.layers[layer].self_attn
+    captured: list[torch.Tensor] = []
+
+    def grab(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured.append(output.detach())
+        raise _Stop
+
+    handle = attention.v_proj.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            loaded.model(input_ids=torch.tensor([list(ids)], device=loaded.device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise CompositionError("the value projection of the model's attention was not reached")
+    fp = loaded.fingerprint
+    return captured[0][0].view(len(ids), fp.num_kv_heads, fp.head_dim).transpose(0, 1)
+
+
+def value_deviation(loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int], layer: int = 1) -> torch.Tensor:
+    """Per position: |V_cache - V_full| at `layer` (CacheBlend's signal for what to recompute)."""
+    full = layer_values(loaded, ids, layer)
+    cached = getattr(cache.layers[layer], "values", None)
+    if cached is None:
+        raise CompositionError(f"cache layer {layer} holds no values")
+    return (cached[0, :, : len(ids)].float() - full.float()).norm(dim=-1).mean(dim=0)
