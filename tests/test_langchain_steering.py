@@ -117,14 +117,16 @@ async def test_async_calls_and_batches_are_steered_by_role(setup) -> None:
 
 
 @pytest.mark.default_model
-def test_steered_agents_example_runs(tmp_path, capsys) -> None:
+def test_steered_agents_example_runs(tmp_path, monkeypatch) -> None:
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "notebooks" / "steered_agents.py"
     spec = importlib.util.spec_from_file_location("steered_agents", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "steered_agents", module)  # LangGraph resolves the state's type hints there
     spec.loader.exec_module(module)
     result = module.run(str(tmp_path / "store"), 0.75)
     usage = result["usage"]
