@@ -214,7 +214,7 @@ def run_steering(
     if records_path is not None:
         Path(records_path).parent.mkdir(parents=True, exist_ok=True)
         Path(records_path).write_text("".join(json.dumps(r) + "\n" for r in run.records), encoding="utf-8")
-    base = _scored(baseline, defensive.score)
+    base, prompted = _scored(baseline, defensive.score), _scored(text, defensive.score)
     return {
         "model": loaded.name,
         "direction": "defensive",
@@ -222,8 +222,8 @@ def run_steering(
         "n_pairs": {name: len(load_pairs(DEMO / d.pairs)) for name, d in DIRECTIONS.items()},
         "baseline_score": base["score"],
         "baseline_coherence": base["coherence"],
-        "text_prompt_score": _scored(text, defensive.score)["score"],
-        "text_prompt_coherence": _scored(text, defensive.score)["coherence"],
+        "text_prompt_score": prompted["score"],
+        "text_prompt_coherence": prompted["coherence"],
         "sweep": sweep,
         "best_coherent": best if coherent else None,
         "layer_alpha": alpha,

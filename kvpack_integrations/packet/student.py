@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime.loader import LoadedModel
-from .adapter import PacketAdapter
 from .layout import PacketPrompt, block_mask
 
 
@@ -69,7 +68,3 @@ def student_logits(loaded: LoadedModel, inputs: StudentPass) -> torch.Tensor:
         use_cache=False,
     )
     return out.logits[0]
-
-
-def as_adapter_inputs(adapter: PacketAdapter) -> tuple[torch.Tensor, torch.Tensor]:
-    return adapter.header, adapter.trailer
