@@ -174,6 +174,46 @@ def steering(path: Path) -> str:
     return head + "\n".join(sweep) + comp + "\n".join(dual)
 
 
+def packet(paths: list[Path]) -> str:
+    """One table per dataset (every method, mixture adapter), then the cross-domain rows (packet only)."""
+    runs = {p.stem.removeprefix("packet_"): json.loads(p.read_text()) for p in paths}
+    main = {k: v for k, v in runs.items() if "full" in v["methods"]}
+    out = []
+    for s in main.values():
+        full = s["methods"]["full"]
+        out.append(
+            f"`kvpack eval packet` on `{s['data']}`, N = {s['n']}, every passage a document, {s['model']}, "
+            f"adapter `{Path(s['methods']['packet']['adapter']).name}`; {_machine(s['machine'])}.\n"
+        )
+        out.append(
+            "| method | F1 | EM | F1 / full | recomputed doc tokens | GFLOP (est.) | median TTFT | full / method |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|")
+        for method, m in s["methods"].items():
+            out.append(
+                f"| {method} | {m['f1']:.3f} | {m['em']:.3f} | {m['f1'] / full['f1']:.0%} | "
+                f"{m['recomputed_tokens']:.0f} | {m['flops'] / 1e9:.1f} | {m['ttft_ms']:.0f} ms | "
+                f"x{full['ttft_ms'] / m['ttft_ms']:.1f} |"
+            )
+        out.append("")
+    cross = {k: v for k, v in runs.items() if "full" not in v["methods"]}
+    if cross:
+        out.append("Adapter trained on HotpotQA only vs the mixture, packet method:\n")
+        out.append("| data | adapter | F1 | EM | F1 / full (same data) |")
+        out.append("|---|---|---|---|---|")
+        for name, s in cross.items():
+            base = main.get(name.split("_hotpotqa_adapter")[0])
+            m = s["methods"]["packet"]
+            ratio = f"{m['f1'] / base['methods']['full']['f1']:.0%}" if base else "-"
+            if base:
+                mix = base["methods"]["packet"]
+                mix_ratio = mix["f1"] / base["methods"]["full"]["f1"]
+                out.append(f"| `{s['data']}` | mixture | {mix['f1']:.3f} | {mix['em']:.3f} | {mix_ratio:.0%} |")
+            adapter = Path(m["adapter"]).name
+            out.append(f"| `{s['data']}` | {adapter} | {m['f1']:.3f} | {m['em']:.3f} | {ratio} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     for name, fn in (
         ("equivalence_hotpotqa_dev.json", equivalence),
@@ -188,3 +228,6 @@ if __name__ == "__main__":
     found = sorted(RESULTS.glob("routing_*.json"))
     if found:
         print(routing(found) + "\n")
+    found = sorted(RESULTS.glob("packet_*.json"))
+    if found:
+        print(packet(found) + "\n")

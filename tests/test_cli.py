@@ -341,3 +341,22 @@ def test_eval_steering_on_a_tiny_model(capsys, tmp_path, model_dir) -> None:
     assert -1.0 <= s["composition"]["cos"] <= 1.0 and 0.0 <= s["baseline_score"] <= 1.0
     arms = {json.loads(line)["arm"] for line in records.read_text().splitlines()}
     assert {"baseline", "text_prompt", "sweep_0.5", "layers_all", "defensive+docstrings", "dual_1.5"} <= arms
+
+
+def test_build_with_packets_and_ask_in_packet_modes(capsys, tmp_path, model_dir, facts_file) -> None:
+    from kvpack_integrations.packet import PacketAdapter
+    from kvpack_integrations.runtime.loader import load_model
+
+    adapter = PacketAdapter.initial(load_model(model_dir), 2, 2).save(tmp_path / "adapter.safetensors")
+    packets = ["--packet-store", str(tmp_path / "packets"), "--packet-adapter", str(adapter)]
+    common = ["--model", model_dir, "--store", str(tmp_path / "s"), "--json"]
+    code, built = run(capsys, "build", str(facts_file), "--kb", "demo", "--packets", "packet", *packets, *common)
+    assert code == 0 and built["packets"]["built"] == 3 and built["packets"]["composition"] == "packet"
+    question = ["ask", "Which company makes the battery?", "--kb", "demo", "--max-new-tokens", "6"]
+    code, answer = run(capsys, *question, "--mode", "packet", *packets, *common)
+    usage = answer["usage"]
+    assert code == 0 and usage["strategy"] == "packet" and usage["exact"] is False
+    assert not any("cached now" in n for n in usage["notes"])  # the build stored every packet
+    code, blended = run(capsys, *question, "--mode", "blend", *packets, *common)
+    assert code == 0 and blended["usage"]["strategy"] == "blend"
+    assert any("3 of them cached now" in n for n in blended["usage"]["notes"])  # plain packets, first use

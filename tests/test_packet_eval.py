@@ -86,3 +86,18 @@ def test_every_method_in_one_harness(tmp_path) -> None:
         run_packet_eval(loaded, _rows(), adapter, PacketEvalOptions(methods=("magic",)), progress=False)
     with pytest.raises(InvalidInputError, match="no adapter"):
         run_packet_eval(loaded, _rows(), None, PacketEvalOptions(methods=("packet",)), progress=False)
+
+
+def test_an_interrupted_eval_resumes_from_its_records(tmp_path) -> None:
+    loaded = make_model("llama")
+    records = tmp_path / "r.jsonl"
+    opts = PacketEvalOptions(methods=("full", "rerotated"), max_new_tokens=3)
+    run_packet_eval(loaded, _rows()[:1], None, opts, records_path=records, progress=False)
+    first = records.read_text()
+    s = run_packet_eval(loaded, _rows(), None, opts, records_path=records, progress=False)
+    lines = records.read_text().splitlines()
+    assert records.read_text().startswith(first) and len(lines) == 4  # row 0 kept, only row 1 computed
+    assert s["n"] == 2 and s["methods"]["full"]["f1_vs_full"] in (1.0, None)
+    other = [QARow("Another question?", ("x",), _rows()[0].passages)]
+    with pytest.raises(InvalidInputError, match="records of other data"):
+        run_packet_eval(loaded, other, None, opts, records_path=records, progress=False)

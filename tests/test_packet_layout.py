@@ -72,9 +72,11 @@ def test_training_lowers_the_kl_and_resumes_from_its_checkpoint(tmp_path) -> Non
     adapter, state = train_adapter(loaded, rows, out, opts, progress=False)
     assert out.is_file() and adapter.trained_steps == 12 and len(state.losses) == 12
     assert sum(state.losses[-3:]) < sum(state.losses[:3])  # distillation makes progress on what it sees
-    # changed options do not silently continue an old run
+    # a finished run is extended by resuming it with more steps; other changed options are refused
+    longer, more = train_adapter(loaded, rows, out, TrainOptions(**{**opts.__dict__, "steps": 14}), progress=False)
+    assert longer.trained_steps == 14 and more.losses[:12] == state.losses and len(more.losses) == 14
     with pytest.raises(InvalidInputError, match="other options"):
-        train_adapter(loaded, rows, out, TrainOptions(**{**opts.__dict__, "steps": 14}), progress=False)
+        train_adapter(loaded, rows, out, TrainOptions(**{**opts.__dict__, "lr": 0.01}), progress=False)
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch) -> None:

@@ -1,15 +1,19 @@
-"""`kvpack ask QUESTION --kb NAME [--mode kv|rag]`: answer from a pack, or from the same facts as text."""
+"""`kvpack ask QUESTION --kb NAME [--mode kv|rag|packet|blend]`: answer from a pack (exact), from the same
+facts as text, or from the facts' packets (approximate)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from ..engine.engine import Engine
 from ..engine.settings import GenerationSettings
 from ..errors import InvalidInputError
 from ..knowledge.packs import knowledge_prompt, load_pack
+from ..packet.composer import PacketComposer
+from ..packet.layout import packet_prompt
 from .common import add_common_args, emit, loaded_model, pack_store
 from .steer import parse_steer_option
 
@@ -18,7 +22,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help="answer a question with a knowledge base")
     p.add_argument("question")
     p.add_argument("--kb", required=True, help="knowledge-base name")
-    p.add_argument("--mode", choices=("kv", "rag"), default="kv", help="kv: reuse the pack; rag: facts as text")
+    p.add_argument(
+        "--mode",
+        choices=("kv", "rag", "packet", "blend"),
+        default="kv",
+        help="kv: reuse the pack (exact); rag: facts as text; packet/blend: facts composed from stored packets "
+        "(approximate; built on first use, or at index time with `kvpack build --packets`)",
+    )
+    p.add_argument("--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)")
+    p.add_argument("--packet-adapter", type=Path, default=None, help="packet adapter (default: the shipped one)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -50,12 +62,21 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.mode == "kv":
         manifest = load_pack(loaded, engine.tree, store, args.kb)
-    prompt = knowledge_prompt(
-        loaded.tokenizer, manifest.facts, args.question, manifest.knowledge_format, raw=manifest.raw
-    )
-    strategy = "exact" if args.mode == "kv" else "text"
+    if args.mode in ("packet", "blend"):
+        if manifest.raw:
+            raise InvalidInputError(f"pack {args.kb!r} is raw (untemplated): it cannot be composed from packets")
+        composer = PacketComposer(loaded, args.packet_store, args.packet_adapter or "shipped")
+        split = packet_prompt(loaded.tokenizer, manifest.facts, args.question, manifest.knowledge_format)
+        composed = composer.compose(engine, split, args.mode).composed
+        chunks = engine.stream(list(split.tail), settings, composed=composed, started_at=t0, steering=steering)
+    else:
+        prompt = knowledge_prompt(
+            loaded.tokenizer, manifest.facts, args.question, manifest.knowledge_format, raw=manifest.raw
+        )
+        strategy = "exact" if args.mode == "kv" else "text"
+        chunks = engine.stream(prompt.token_ids, settings, strategy=strategy, started_at=t0, steering=steering)
     parts, usage, finish = [], None, None
-    for chunk in engine.stream(prompt.token_ids, settings, strategy=strategy, started_at=t0, steering=steering):
+    for chunk in chunks:
         parts.append(chunk.text)
         if args.stream and not args.json:
             sys.stdout.write(chunk.text)

@@ -6,11 +6,13 @@ import argparse
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 from ..composition.radix_tree import RadixTree
 from ..knowledge.facts import read_facts
 from ..knowledge.knowledge_base import KnowledgeBase
 from ..knowledge.packs import build_pack
+from ..packet.composer import PacketComposer
 from ..prompts.knowledge import DEFAULT_INSTRUCTION, KnowledgeFormat
 from ..runtime.device import resolve_dtype
 from ..runtime.loader import LoadedModel
@@ -38,6 +40,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--embedder", default=None, help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
     p.add_argument("--dims", type=int, default=None, help="store PCA-reduced routing vectors (fewer bytes per fact)")
+    p.add_argument(
+        "--packets",
+        choices=("packet", "blend"),
+        default=None,
+        help="also cache every fact as a KV Packet (wrapped with the adapter; 'blend': plain) for "
+        "composition='packet'/'blend' at query time",
+    )
+    p.add_argument("--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)")
+    p.add_argument("--packet-adapter", type=Path, default=None, help="packet adapter (default: the shipped one)")
     add_common_args(p)
     p.set_defaults(run=run)
 
@@ -46,6 +57,17 @@ def _fits(loaded: LoadedModel, facts: list[str], instruction: str) -> bool:
     """Whether the facts, rendered as one pack, leave room in the context window (a quick token count)."""
     text = KnowledgeFormat(instruction=instruction).system_content(facts)
     return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) < loaded.context_window - 256
+
+
+def build_packets(args: argparse.Namespace, facts: list[str], fmt: KnowledgeFormat) -> dict[str, Any]:
+    """Index time for packet composition: every fact cached alone, as a packet, in the packet store."""
+    if args.packets is None:
+        return {}
+    loaded = loaded_model(args)
+    composer = PacketComposer(loaded, args.packet_store, args.packet_adapter or "shipped")
+    method = "packet" if args.packets == "packet" else "rerotated"
+    built = composer.ensure_facts(facts, fmt, method, progress=not args.json)
+    return {"packets": {"composition": args.packets, "built": built, "store": str(composer.store)}}
 
 
 def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
@@ -71,6 +93,7 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
         "seconds": round(seconds, 3),
         "embedder": kb.embedder.name,
         "store": kb.where,
+        **build_packets(args, facts, KnowledgeFormat(instruction=args.instruction)),
     }
     emit(
         args,
@@ -111,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "exact": m.lossless,
         "model": m.model_name,
         "store": str(store.root),
+        **build_packets(args, list(m.facts), m.knowledge_format),
     }
     note = "" if m.lossless else f" (stored in {m.storage_dtype}: approximate, not exact)"
     emit(

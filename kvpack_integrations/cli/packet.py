@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--header-tokens", type=int, default=8)
     p.add_argument("--trailer-tokens", type=int, default=8)
     p.add_argument("--max-passages", type=int, default=None, help="passages per example, gold first")
+    p.add_argument("--max-answer-tokens", type=int, default=16, help="teacher answer tokens distilled per example")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     add_common_args(p)
@@ -45,6 +46,7 @@ def run_train(args: argparse.Namespace) -> int:
         header_tokens=args.header_tokens,
         trailer_tokens=args.trailer_tokens,
         max_passages=args.max_passages,
+        max_answer_tokens=args.max_answer_tokens,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )

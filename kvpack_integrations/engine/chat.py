@@ -17,6 +17,8 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..knowledge.bound import BoundPack
+from ..packet.composer import PacketComposer
+from ..packet.layout import PacketPrompt
 from ..prompts.conversation import ChatTurn, ConversationPrompt, render_conversation
 from ..prompts.knowledge import KnowledgeFormat
 from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
@@ -29,6 +31,8 @@ from .tool_calls import ParsedToolCall, new_call_id, parse_tool_calls
 from .usage import Usage
 
 TOOL_CHOICES = ("auto", "none", "required")
+REQUEST_STRATEGIES = ("exact", "text", "packet", "blend")
+PACKET_STRATEGIES = frozenset({"packet", "blend"})  # knowledge composed from stored packets (approximate)
 FREE_FORM_JSON: Mapping[str, Any] = {"type": "object"}
 
 
@@ -49,6 +53,7 @@ class ChatRequest:
     remember: bool = True
     strict_segments: bool = False
     steering: Sequence[SteeringVector] = ()
+    packets: PacketComposer | None = None  # for strategy packet/blend; None: the engine's
 
 
 @dataclass
@@ -100,6 +105,8 @@ def _without_annotations(schema: Any) -> Any:
 
 
 def _validate(request: ChatRequest, params: Mapping[str, Mapping[str, Any]]) -> None:
+    if request.strategy not in REQUEST_STRATEGIES:
+        raise InvalidInputError(f"unknown strategy {request.strategy!r}: use one of {', '.join(REQUEST_STRATEGIES)}")
     choice = request.tool_choice
     if choice not in TOOL_CHOICES and choice not in params:
         known = ", ".join(params) or "no tools are bound"
@@ -148,14 +155,17 @@ def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
     _validate(request, params)
     with engine.lock:
         prompt, notes, t0 = prepare(engine, request)
-        state = engine.prefill(
-            prompt.token_ids,
-            request.settings,
-            strategy=request.strategy,
-            started_at=t0,
-            remember_prompt=request.remember and request.strategy == "exact",
-            steering=request.steering,
-        )
+        if request.strategy in PACKET_STRATEGIES:
+            state = _prefill_packets(engine, request, prompt, t0)
+        else:
+            state = engine.prefill(
+                prompt.token_ids,
+                request.settings,
+                strategy=request.strategy,
+                started_at=t0,
+                remember_prompt=request.remember and request.strategy == "exact",
+                steering=request.steering,
+            )
     state.usage.notes[:0] = notes
     forced = request.tool_choice if request.tool_choice not in ("auto", "none") else None
     # text streams as decoded only when it is the reply itself: calls and JSON come whole, in the last delta
@@ -168,6 +178,26 @@ def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
     else:
         reply = yield from _free_text(engine, state, request.settings, params, streamed)
     yield ChatDelta(text="" if streamed else reply.text, reply=reply)
+
+
+def _prefill_packets(engine: Engine, request: ChatRequest, prompt: ConversationPrompt, t0: float) -> Prefilled:
+    """Knowledge documents composed from their packets (re-rotated, not recomputed), the rest prefilled."""
+    if not prompt.knowledge_cuts:
+        raise InvalidInputError(
+            f"strategy {request.strategy!r} composes knowledge documents from packets, and this request has none "
+            "that can be cut out: bind a knowledge pack or pass documents, with a knowledge format that has an "
+            "instruction"
+        )
+    split = PacketPrompt.from_cuts(prompt.token_ids, prompt.knowledge_cuts)
+    composer = request.packets or engine.packets
+    composition = composer.compose(engine, split, request.strategy)
+    return engine.prefill(
+        list(split.tail),
+        request.settings,
+        composed=composition.composed,
+        started_at=t0,
+        steering=request.steering,
+    )
 
 
 def chat(engine: Engine, request: ChatRequest) -> ChatReply:

@@ -26,6 +26,7 @@ from ..composition.composed import ComposedCache
 from ..composition.exact import compose_exact, materialize
 from ..composition.radix_tree import RadixTree
 from ..errors import CompositionError, InvalidInputError
+from ..packet.composer import PacketComposer
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment
 from ..steering.apply import DEFAULT_LIMIT as DEFAULT_STEERING_LIMIT
@@ -60,14 +61,24 @@ class Engine:
         *,
         max_cached_tokens: int | None = 65536,
         steering_limit: float | None = DEFAULT_STEERING_LIMIT,
+        packets: PacketComposer | None = None,
     ) -> None:
         self.loaded = loaded
+        self._packets = packets
         self.steering_limit = steering_limit  # largest |delta| / |value| a request may steer by (None: any)
         self.tree = RadixTree(loaded.fingerprint, max_tokens=max_cached_tokens)
         # guards the prefix tree: held while a request composes, prefills and remembers its prompt,
         # never while it decodes (decoding uses the request's own cache), so a stream left half-read
         # or a model called from inside a callback cannot block other requests
         self.lock = threading.RLock()
+
+    @property
+    def packets(self) -> PacketComposer:
+        """Where `packet`/`blend` requests get document packets: given, else the default store with the
+        adapter shipped for this model (created on first use)."""
+        if self._packets is None:
+            self._packets = PacketComposer(self.loaded)
+        return self._packets
 
     def cache_prefix(self, ids: Sequence[int], boundaries: Sequence[int]) -> tuple[list[KVSegment], int]:
         """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""

@@ -30,20 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from ..composition.cache_ops import forward
-from ..composition.composed import ComposedCache
-from ..composition.rope import rope_spec
 from ..engine.engine import Engine
 from ..engine.settings import GenerationSettings
 from ..errors import InvalidInputError
 from ..packet.adapter import PacketAdapter
-from ..packet.compose import PacketCache, cache_packet, compose_packets
+from ..packet.composer import PacketComposer
 from ..packet.layout import PacketPrompt, packet_prompt
-from ..packet.recompute import recompute_positions, value_deviation
-from ..packet.store import load_packet, packet_path, save_packet
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.loader import LoadedModel
 from .datasets import QARow
@@ -69,82 +63,49 @@ def _non_embedding_params(loaded: LoadedModel) -> int:
 
 
 class _Harness:
-    def __init__(
-        self, loaded: LoadedModel, adapter: PacketAdapter | None, store: Path, opts: PacketEvalOptions
-    ) -> None:
+    def __init__(self, loaded: LoadedModel, composer: PacketComposer, opts: PacketEvalOptions) -> None:
         self.loaded = loaded
-        self.adapter = adapter
-        self.store = store
-        self.opts = opts
-        self.spec = rope_spec(loaded)
+        self.composer = composer
         self.engine = Engine(loaded)
         self.params = _non_embedding_params(loaded)
         self.settings = GenerationSettings(max_new_tokens=opts.max_new_tokens)
         self.layers = loaded.fingerprint.num_layers
+        self.methods = opts.methods
 
     def prepare(self, prompt: PacketPrompt) -> None:
-        """Cache every document alone (plain and wrapped) in the store, outside any timing."""
-        for adapter in (None, self.adapter) if self.adapter is not None else (None,):
-            for document in prompt.documents:
-                path = packet_path(self.store, document, adapter)
-                if not path.is_file():
-                    save_packet(path, cache_packet(self.loaded, adapter, document), self.loaded.fingerprint)
-
-    def _load(self, prompt: PacketPrompt, adapter: PacketAdapter | None) -> list[PacketCache]:
-        return [
-            load_packet(
-                packet_path(self.store, d, adapter), self.loaded.fingerprint, self.loaded.dtype, self.loaded.device
-            )
-            for d in prompt.documents
-        ]
-
-    def _preamble(self, prompt: PacketPrompt) -> Any:
-        composed = self.engine.compose([*prompt.preamble, 0])  # the shared prefix from the tree
-        cache = composed.cache
-        if composed.cached_tokens < len(prompt.preamble):
-            forward(self.loaded, cache, prompt.preamble[composed.cached_tokens :])
-            self.engine.cache_prefix(list(prompt.preamble), [len(prompt.preamble)])
-        return cache
+        """Cache every document alone (plain and wrapped, as the methods need) in the store, untimed."""
+        if any(m not in ("full", "packet") for m in self.methods):
+            self.composer.ensure(prompt.documents, "rerotated")
+        if "packet" in self.methods:
+            self.composer.ensure(prompt.documents, "packet")
 
     def run(self, method: str, prompt: PacketPrompt) -> tuple[str, float, int, float]:
         """(answer, ttft ms, recomputed document tokens, flops) for one method on one prompt."""
         t0 = time.perf_counter()
-        doc_tokens = sum(len(d) for d in prompt.documents)
         if method == "full":
             result = Engine(self.loaded, max_cached_tokens=0).generate(
                 prompt.text_ids(), self.settings, strategy="text", started_at=t0
             )
+            doc_tokens = sum(len(d) for d in prompt.documents)
             return result.text, result.usage.ttft_ms, doc_tokens, 2.0 * self.params * len(prompt.text_ids())
-        adapter = self.adapter if method == "packet" else None
-        if method == "packet" and adapter is None:
-            raise InvalidInputError("the packet method needs an adapter")
-        packets = self._load(prompt, adapter)
-        # naive keeps every document at positions 0..n (no re-rotation): the paper's ablation
-        cache = compose_packets(self.loaded, self._preamble(prompt), packets, self.spec, move=method != "naive")
-        recomputed, extra = 0, 0.0
-        if method in ("blend", "epic"):
-            ids = [*prompt.preamble, *(t for d in prompt.documents for t in d)]
-            starts, at = [], len(prompt.preamble)
-            for d in prompt.documents:
-                starts.append(at)
-                at += len(d)
-            if method == "epic":
-                chosen = [
-                    s + i for s, d in zip(starts, prompt.documents) for i in range(min(self.opts.epic_tokens, len(d)))
-                ]
-            else:
-                deviation = value_deviation(self.loaded, cache, ids)
-                doc_positions = torch.arange(len(prompt.preamble), len(ids))
-                k = max(1, round(self.opts.blend_ratio * len(doc_positions)))
-                chosen = doc_positions[deviation[doc_positions].topk(k).indices].tolist()
-                extra = 2.0 * self.params * len(ids) * 2 / self.layers
-            recompute_positions(self.loaded, cache, ids, chosen)
-            recomputed = len(chosen)
-        composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False)
-        state = self.engine.prefill(list(prompt.tail), self.settings, composed=composed, started_at=t0)
+        composition = self.composer.compose(self.engine, prompt, method)
+        state = self.engine.prefill(list(prompt.tail), self.settings, composed=composition.composed, started_at=t0)
         text = "".join(chunk.text for chunk in self.engine.decode(state, self.settings))
-        flops = 2.0 * self.params * (recomputed + len(prompt.tail)) + extra
-        return text, state.usage.ttft_ms, recomputed, flops
+        flops = 2.0 * self.params * (composition.recomputed_tokens + len(prompt.tail))
+        flops += 2.0 * self.params * composition.selection_tokens * 2 / self.layers  # blend's two-layer pass
+        return text, state.usage.ttft_ms, composition.recomputed_tokens, flops
+
+
+def _resume(path: Path | None, rows: Sequence[QARow]) -> list[dict[str, Any]]:
+    """Records of an earlier, interrupted run of the same rows (a long eval continues where it stopped)."""
+    if path is None or not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for r in records:
+        row = r.get("row")
+        if not isinstance(row, int) or row >= len(rows) or r.get("question") != rows[row].question:
+            raise InvalidInputError(f"{path} holds records of other data: remove it (or pass another --records)")
+    return records
 
 
 def run_packet_eval(
@@ -167,19 +128,29 @@ def run_packet_eval(
     if "packet" in opts.methods and adapter is None:
         raise InvalidInputError("--methods includes packet but no adapter was given")
     root = Path(store) if store is not None else Path(tempfile.mkdtemp(prefix="kvpack-packets-"))
-    harness = _Harness(loaded, adapter, root, opts)
+    composer = PacketComposer(loaded, root, adapter, blend_ratio=opts.blend_ratio, epic_tokens=opts.epic_tokens)
+    harness = _Harness(loaded, composer, opts)
     fmt = KnowledgeFormat()
-    records: list[dict[str, Any]] = []
+    out = Path(records_path) if records_path is not None else None
+    records = _resume(out, rows)
+    done = {(r["row"], r["method"]) for r in records}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
     for index, row in enumerate(tqdm(rows, desc="packet eval", unit="row", disable=not progress)):
+        todo = [m for m in opts.methods if (index, m) not in done]
+        if not todo:
+            continue
         facts = row.gold_first()[: opts.max_passages] if opts.max_passages else row.facts()
         prompt = packet_prompt(loaded.tokenizer, facts, row.question, fmt)
         harness.prepare(prompt)
-        order = list(opts.methods) if index % 2 == 0 else list(reversed(opts.methods))  # alternate who goes first
+        order = todo if index % 2 == 0 else list(reversed(todo))  # alternate who goes first
+        fresh = []
         for method in order:
             text, ttft, recomputed, flops = harness.run(method, prompt)
-            records.append(
+            fresh.append(
                 {
                     "row": index,
+                    "question": row.question,
                     "method": method,
                     "answer": text,
                     "em": exact_match(text, row.answers),
@@ -190,9 +161,11 @@ def run_packet_eval(
                     "document_tokens": sum(len(d) for d in prompt.documents),
                 }
             )
-    if records_path is not None:
-        Path(records_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(records_path).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        records += fresh
+        if out is not None:  # row by row, so an interrupted run resumes from here
+            with out.open("a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in fresh))
+    records = [r for r in records if r["method"] in opts.methods]
     summary: dict[str, Any] = {}
     for method in opts.methods:
         mine = [r for r in records if r["method"] == method]

@@ -34,6 +34,7 @@ from ..engine.settings import GenerationSettings
 from ..engine.usage import Usage
 from ..errors import InvalidInputError
 from ..knowledge.bound import BoundPack
+from ..packet.composer import PacketComposer
 from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
 from ..segments.pack_store import PackStore
@@ -84,7 +85,13 @@ class KVPackChatModel(BaseChatModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
-    strategy: Literal["exact", "text"] = "exact"
+    strategy: Literal["exact", "text", "packet", "blend"] = Field(
+        default="exact",
+        description="exact: prefix reuse, same output as text; text: plain stuffing; packet/blend: documents "
+        "composed from independently cached packets (approximate, see the usage report)",
+    )
+    packet_store: str | None = Field(default=None, description="packet store directory (default: $KVPACK_PACKETS)")
+    packet_adapter: str | None = Field(default=None, description="packet adapter file (default: the shipped one)")
     remember: bool = Field(default=True, description="keep each prompt's cache for the next step")
     strict_segments: bool = Field(default=False, description="refuse documents cached by another model")
     streaming: bool = Field(default=False, description="invoke() decodes through the streaming path")
@@ -92,6 +99,7 @@ class KVPackChatModel(BaseChatModel):
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
     _pack: BoundPack | None = PrivateAttr(default=None)
+    _packets: dict[int, PacketComposer] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +136,8 @@ class KVPackChatModel(BaseChatModel):
             "kb": self.kb,
             "store": self.store,
             "strategy": self.strategy,
+            "packet_store": self.packet_store,
+            "packet_adapter": self.packet_adapter,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -152,6 +162,16 @@ class KVPackChatModel(BaseChatModel):
         """The weights for this instance (or a per-call `model=` override), loaded once per process."""
         return load_model(override or self.model, device=self.device, dtype=self.dtype)
 
+    def packet_composer(self, loaded: LoadedModel) -> PacketComposer | None:
+        """This instance's packet store and adapter, when set (else the engine's defaults are used)."""
+        if self.packet_store is None and self.packet_adapter is None:
+            return None
+        composer = self._packets.get(id(loaded))
+        if composer is None:
+            composer = PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
+            self._packets[id(loaded)] = composer
+        return composer
+
     # -- requests -------------------------------------------------------------------------------------
 
     def _settings(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> GenerationSettings:
@@ -173,6 +193,7 @@ class KVPackChatModel(BaseChatModel):
         messages: list[BaseMessage],
         stop: list[str] | None,
         kwargs: dict[str, Any],
+        loaded: LoadedModel,
     ) -> tuple[ChatRequest, list[str]]:
         kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own switch, already acted on
         unknown = set(kwargs) - {
@@ -207,6 +228,7 @@ class KVPackChatModel(BaseChatModel):
             remember=self.remember,
             strict_segments=self.strict_segments,
             steering=[*_steering_option(kwargs.get("steering")), *by_role],
+            packets=self.packet_composer(loaded),
         ), [*translated.notes, *steering_notes]
 
     def _metadata(self, reply: ChatReply, model_name: str) -> tuple[UsageMetadata, dict[str, Any]]:
@@ -233,7 +255,7 @@ class KVPackChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         loaded = self.loaded_model(kwargs.get("model"))
-        request, notes = self._request(messages, stop, kwargs)
+        request, notes = self._request(messages, stop, kwargs, loaded)
         reply = chat(shared_engine(loaded), request)
         reply.usage.notes.extend(notes)
         usage, response = self._metadata(reply, loaded.name)
@@ -261,7 +283,7 @@ class KVPackChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         loaded = self.loaded_model(kwargs.get("model"))
-        request, notes = self._request(messages, stop, kwargs)
+        request, notes = self._request(messages, stop, kwargs, loaded)
         for delta in stream_chat(shared_engine(loaded), request):
             if delta.reply is None:
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta.text))

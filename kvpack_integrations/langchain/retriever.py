@@ -18,15 +18,21 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from ..engine.registry import shared_engine
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher
+from ..packet.composer import PacketComposer
+from ..packet.store import adapter_id
+from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.embedder import load_embedder
+from ..runtime.loader import load_model
 from ..segments.handles import HANDLE_KEY
 from ..segments.pack_store import PackStore
 from .messages import join_documents
 
 NO_RESULTS = "No matching documents were found."
 FACT_KEY = "kvpack_fact"  # where a Chroma knowledge-base fact came from (its KV is computed when used)
+PACKET_KEY = "kvpack_packet"  # where a document's packet is stored (composition packet/blend)
 EMPTY_QUERY = "The search query was empty: call the tool again with words to search for."
 
 
@@ -56,6 +62,14 @@ class KVPackRetriever(BaseRetriever):
         ge=0,
         description="BM25 weight in hybrid routing; 0: dense only (backend='chroma')",
     )
+    composition: Literal["exact", "packet", "blend"] = Field(
+        default="exact",
+        description="packet/blend: make sure every returned document has its packet in the packet store "
+        "(built now if `kvpack build --packets` did not), for KVPackChatModel(strategy=the same)",
+    )
+    model: str | None = Field(default=None, description="model the packets are for (composition packet/blend)")
+    packet_store: str | None = Field(default=None, description="packet store directory (default: $KVPACK_PACKETS)")
+    packet_adapter: str | None = Field(default=None, description="packet adapter file (default: the shipped one)")
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -77,10 +91,30 @@ class KVPackRetriever(BaseRetriever):
             self._searcher = PackSearcher(PackStore(self.store), self.kb, load_embedder(self.embedder))
         return self._searcher
 
+    def _packets(self) -> PacketComposer:
+        loaded = load_model(self.model)
+        if self.packet_store is None and self.packet_adapter is None:
+            return shared_engine(loaded).packets  # the chat model's default store and adapter
+        return PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
+
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
     ) -> list[Document]:
-        k = kwargs.pop("k", self.k)
+        docs = self._retrieve(query, kwargs.pop("k", self.k))
+        if self.composition != "exact" and docs:
+            composer = self._packets()
+            method = "packet" if self.composition == "packet" else "rerotated"
+            built = composer.ensure_facts([d.page_content for d in docs], KnowledgeFormat(), method)
+            for d in docs:
+                d.metadata[PACKET_KEY] = {
+                    "composition": self.composition,
+                    "store": str(composer.store),
+                    "adapter": adapter_id(composer.adapter_for(method)),
+                    "built_now": built > 0,
+                }
+        return docs
+
+    def _retrieve(self, query: str, k: int) -> list[Document]:
         if self._base is not None:
             routed = self._base.route(query, k=k, probes=self.probes, lexical_weight=self.lexical_weight)
             return [

@@ -12,11 +12,13 @@ composition and the single pass agree.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidInputError
 from ..knowledge.packs import knowledge_prompt
 from ..prompts.knowledge import KnowledgeFormat
 
@@ -31,15 +33,40 @@ class PacketPrompt:
         """The plain prompt (no soft tokens): what full recompute or text stuffing prefills."""
         return [*self.preamble, *(t for d in self.documents for t in d), *self.tail]
 
+    @classmethod
+    def from_cuts(cls, ids: Sequence[int], cuts: Sequence[int]) -> PacketPrompt:
+        """Split `ids` at `cuts` = [start of the first document, end of each document]."""
+        if len(cuts) < 2 or list(cuts) != sorted(set(cuts)) or cuts[-1] > len(ids):
+            raise InvalidInputError(f"document cuts {list(cuts)} do not split a {len(ids)}-token prompt")
+        return cls(
+            preamble=tuple(ids[: cuts[0]]),
+            documents=tuple(tuple(ids[a:b]) for a, b in itertools.pairwise(cuts)),
+            tail=tuple(ids[cuts[-1] :]),
+        )
+
+
+def check_packet_format(fmt: KnowledgeFormat) -> None:
+    """Packets need an instruction piece: then every document's piece starts with the separator, so a
+    document has the same tokens (and the same packet) wherever it is placed."""
+    if not fmt.instruction:
+        raise InvalidInputError(
+            "packet composition needs a knowledge format with a non-empty instruction: without it the first "
+            "document lacks the separator the others start with, and its tokens depend on its place"
+        )
+
 
 def document_ids(tokenizer: object, fact: str, fmt: KnowledgeFormat) -> tuple[int, ...]:
     """A document's tokens as they are cached on their own: its piece of a one-fact knowledge prompt."""
+    check_packet_format(fmt)
     prompt = knowledge_prompt(tokenizer, [fact], "?", fmt)
     return tuple(prompt.token_ids[prompt.knowledge_cuts[-3] : prompt.knowledge_cuts[-2]])
 
 
 def packet_prompt(tokenizer: object, facts: Sequence[str], question: str, fmt: KnowledgeFormat) -> PacketPrompt:
     """Split the knowledge prompt for `facts` into preamble, per-document tokens (cached alone) and tail."""
+    check_packet_format(fmt)
+    if not facts:
+        raise InvalidInputError("packet composition needs at least one document")
     prompt = knowledge_prompt(tokenizer, facts, question, fmt)
     cuts = prompt.knowledge_cuts  # end of the instruction, end of each fact, start of the user turn
     first, last = cuts[-len(facts) - 2], cuts[-2]

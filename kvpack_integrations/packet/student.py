@@ -21,7 +21,7 @@ class StudentPass:
     inputs_embeds: torch.Tensor  # [1, L, hidden]
     attention_mask: torch.Tensor  # [1, 1, L, L] additive
     position_ids: torch.Tensor  # [1, L]
-    answer_logit_positions: torch.Tensor  # where the logits predicting each answer token sit
+    answer_tokens: int  # the sequence ends with this many answer tokens
 
 
 def student_pass(
@@ -50,21 +50,27 @@ def student_pass(
     parts.append(embed(tail))
     embeds = torch.cat(parts, dim=0)[None]
     total = embeds.shape[1]
-    first_answer = total - len(answer)
     return StudentPass(
         inputs_embeds=embeds,
         attention_mask=block_mask(len(prompt.preamble), blocks, len(tail), dtype).to(embeds.device),
         position_ids=torch.arange(total, device=embeds.device)[None],
-        answer_logit_positions=torch.arange(first_answer - 1, total - 1, device=embeds.device),
+        answer_tokens=len(answer),
     )
 
 
-def student_logits(loaded: LoadedModel, inputs: StudentPass) -> torch.Tensor:
-    """Logits [L, vocab] of the student pass (no cache; gradients flow to the soft tokens)."""
+def student_logits(loaded: LoadedModel, inputs: StudentPass, *, answer_only: bool = False) -> torch.Tensor:
+    """Logits of the student pass (no cache; gradients flow to the soft tokens).
+
+    All positions [L, vocab] by default; with `answer_only`, only the positions that predict the
+    answer tokens [len(answer), vocab]: the vocabulary projection is a fifth of this small model's
+    FLOPs per position, so the trainer skips it everywhere else.
+    """
+    keep = inputs.answer_tokens + 1 if answer_only else 0
     out = loaded.model(
         inputs_embeds=inputs.inputs_embeds,
         attention_mask=inputs.attention_mask,
         position_ids=inputs.position_ids,
         use_cache=False,
+        logits_to_keep=keep,
     )
-    return out.logits[0]
+    return out.logits[0, :-1] if answer_only else out.logits[0]

@@ -24,8 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..composition.cache_ops import check_context_window
-from ..engine.engine import Engine
-from ..engine.settings import GenerationSettings
 from ..errors import InvalidInputError
 from ..evaluation.datasets import QARow
 from ..prompts.knowledge import KnowledgeFormat
@@ -62,27 +60,34 @@ def _facts(row: QARow, limit: int | None) -> list[str]:
 
 
 class _Teacher:
-    """Greedy answers of the plain prompt (cached per example) and the teacher's log-probs on them."""
+    """The frozen model on the plain prompt: its greedy answer and its log-probs at every answer step.
+
+    One prefill and a cached greedy decode give both (the distribution at each step is the one the
+    greedy token was drawn from), so the teacher costs one pass over the prompt, not two. The answer
+    ends at the first end-of-turn token or newline, which is kept: the student learns where to stop.
+    """
 
     def __init__(self, loaded: LoadedModel, max_tokens: int) -> None:
         self.loaded = loaded
-        self.engine = Engine(loaded, max_cached_tokens=0)
-        self.settings = GenerationSettings(max_new_tokens=max_tokens, stop=("\n",))
-        self.answers: dict[int, list[int]] = {}
+        self.max_tokens = max_tokens
 
-    def answer(self, index: int, text_ids: Sequence[int]) -> list[int]:
-        if index not in self.answers:
-            result = self.engine.generate(list(text_ids), self.settings, strategy="text")
-            ids = list(result.token_ids) or [min(self.loaded.eos_token_ids)]
-            self.answers[index] = ids
-        return self.answers[index]
-
-    def log_probs(self, text_ids: Sequence[int], answer: Sequence[int]) -> torch.Tensor:
-        ids = torch.tensor([[*text_ids, *answer]], dtype=torch.long, device=self.loaded.device)
+    def __call__(self, text_ids: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        ids = torch.tensor([list(text_ids)], dtype=torch.long, device=self.loaded.device)
+        answer: list[int] = []
+        log_probs: list[torch.Tensor] = []
         with torch.no_grad():
-            logits = self.loaded.model(input_ids=ids, use_cache=False).logits[0]
-        start = len(text_ids) - 1
-        return torch.log_softmax(logits[start : start + len(answer)].float(), dim=-1)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            for _ in range(self.max_tokens):
+                step = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+                token = int(step.argmax())
+                answer.append(token)
+                log_probs.append(step)
+                if token in self.loaded.eos_token_ids or "\n" in tokenizer.decode([token]):
+                    break
+                nxt = torch.tensor([[token]], dtype=torch.long, device=self.loaded.device)
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        return answer, torch.stack(log_probs)
 
 
 def train_adapter(
@@ -114,7 +119,9 @@ def train_adapter(
     random.Random(opts.seed).shuffle(order)
     if ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False)
-        if saved["fingerprint"] != loaded.fingerprint.to_json() or saved["options"] != asdict(opts):
+        # only the step count may change between runs: a run is extended (or cut short) by resuming it
+        same = {**saved["options"], "steps": opts.steps} == asdict(opts)
+        if saved["fingerprint"] != loaded.fingerprint.to_json() or not same:
             raise InvalidInputError(f"{ckpt} was written for another model or other options: remove it to start over")
         with torch.no_grad():
             header.copy_(saved["header"])
@@ -136,11 +143,10 @@ def train_adapter(
             check_context_window(
                 loaded, len(text_ids) + len(prompt.documents) * (opts.header_tokens + opts.trailer_tokens)
             )
-            answer = teacher.answer(index, text_ids)
-            target = teacher.log_probs(text_ids, answer)
+            answer, target = teacher(text_ids)
             with torch.enable_grad():
                 inputs = student_pass(loaded, prompt, answer, header, trailer)
-                logits = student_logits(loaded, inputs)[inputs.answer_logit_positions].float()
+                logits = student_logits(loaded, inputs, answer_only=True).float()
                 loss = torch.nn.functional.kl_div(
                     torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean"
                 )

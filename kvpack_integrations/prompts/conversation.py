@@ -13,6 +13,7 @@ Framework objects never reach this module: integrations translate their messages
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,9 @@ class ConversationPrompt:
 
     rendered: RenderedPrompt
     knowledge_tokens: int
+    # token counts at the end of the knowledge instruction and at the end of every knowledge piece
+    # (where packet composition cuts the prompt); empty when the pieces cannot be cut on token bounds
+    knowledge_cuts: tuple[int, ...] = ()
     document_spans: tuple[tuple[int, int], ...] = ()
     template_messages: tuple[Mapping[str, Any], ...] = ()
     native_tools: bool = False
@@ -234,6 +238,7 @@ def render_conversation(
     return ConversationPrompt(
         rendered=rendered,
         knowledge_tokens=_knowledge_tokens(rendered, knowledge, fmt),
+        knowledge_cuts=_knowledge_cuts(rendered, knowledge, fmt),
         document_spans=_document_spans(rendered, rest),
         template_messages=tuple(messages),
         native_tools=native_tools,
@@ -248,6 +253,20 @@ def _knowledge_tokens(rendered: RenderedPrompt, knowledge: Sequence[str], fmt: K
     if span is None:
         raise TemplateError("the knowledge text does not appear verbatim in the rendered prompt")
     return rendered.tokens_before(span[1])
+
+
+def _knowledge_cuts(rendered: RenderedPrompt, knowledge: Sequence[str], fmt: KnowledgeFormat) -> tuple[int, ...]:
+    """Token counts at the end of the instruction and of each knowledge piece, when all fall on token bounds."""
+    if not knowledge or not fmt.instruction:
+        return ()
+    content = fmt.system_content(knowledge)
+    span = find_in_rendering(rendered.text, content, 0)
+    if span is None or span[1] - span[0] != len(content):  # the template escaped it: no character map
+        return ()
+    cuts = tuple(rendered.tokens_before(span[0] + end) for end in fmt.boundaries(knowledge))
+    if any(b <= a for a, b in itertools.pairwise(cuts)):
+        return ()
+    return cuts
 
 
 def _document_spans(rendered: RenderedPrompt, turns: Sequence[ChatTurn]) -> tuple[tuple[int, int], ...]:

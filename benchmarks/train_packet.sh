@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Trains the KV Packet adapters for the default model on this CPU (2 cores), resumable: rerun the
+# script after an interruption and each run continues from its checkpoint (ADAPTER.ckpt).
+#   mixture  : HotpotQA train 300 + MuSiQue train 100 + 200 synthetic biographies -> shipped in the
+#              package (kvpack_integrations/packet/adapters/<model fingerprint digest>.safetensors)
+#   hotpotqa : HotpotQA train 300 only -> benchmarks/adapters/hotpotqa.safetensors (cross-domain eval)
+# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHICH=${1:-all}
+DATA=../shared/data
+ADAPTERS=benchmarks/adapters
+mkdir -p "$ADAPTERS" benchmarks/data
+COMMON=(--max-passages 4 --accumulation 4 --lr 1e-2 --checkpoint-every 5 --json)
+[ -f benchmarks/data/biographies_200.jsonl ] || kvpack packet biographies 200 --output benchmarks/data/biographies_200.jsonl
+if [ "$WHICH" = mixture ] || [ "$WHICH" = all ]; then
+  [ -f "$ADAPTERS/mixture.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
+    --data "$DATA/musique_train_100.jsonl" --data benchmarks/data/biographies_200.jsonl \
+    --steps 50 "${COMMON[@]}" --out "$ADAPTERS/mixture.safetensors" | tail -1 > "$ADAPTERS/mixture.json"
+  digest=$(python -c "from kvpack_integrations.runtime.loader import load_model; print(load_model().fingerprint.digest)" 2>/dev/null)
+  cp "$ADAPTERS/mixture.safetensors" "kvpack_integrations/packet/adapters/$digest.safetensors"
+fi
+if [ "$WHICH" = hotpotqa ] || [ "$WHICH" = all ]; then
+  [ -f "$ADAPTERS/hotpotqa.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
+    --steps 30 "${COMMON[@]}" --out "$ADAPTERS/hotpotqa.safetensors" | tail -1 > "$ADAPTERS/hotpotqa.json"
+fi

@@ -1,0 +1,197 @@
+"""Composing a prompt's documents from stored packet caches: one code path for the product and the eval.
+
+A `PacketComposer` owns a packet store (one fingerprinted file per document and adapter) and an
+adapter. For a `PacketPrompt` it takes the preamble from the engine's exact prefix tree, loads every
+document's packet from the store (computing and storing the ones it lacks, so the next query finds
+them), lays them out with keys re-rotated to their offsets, and, for the selective-recompute
+methods, recomputes the chosen document tokens. What it returns is a cache for the appended
+strategies: the prompt's tail is prefilled on top of it.
+
+Methods: `packet` (adapter-wrapped, nothing recomputed), `rerotated` (plain, nothing recomputed),
+`blend` (plain, the ~15% of document tokens whose layer-1 values deviate most recomputed, as in
+CacheBlend), `epic` (plain, the first k tokens of every document recomputed, as in EPIC), `naive`
+(plain, every document left at positions 0..n). All are approximate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ..composition.cache_ops import forward, segments_from_cache
+from ..composition.composed import ComposedCache
+from ..composition.rope import rope_spec
+from ..errors import InvalidInputError
+from ..prompts.knowledge import KnowledgeFormat
+from ..runtime.default_model import kvpack_home
+from ..runtime.loader import LoadedModel
+from .adapter import PacketAdapter, shipped_adapter
+from .compose import PacketCache, cache_packet, compose_packets
+from .layout import PacketPrompt, document_ids
+from .recompute import recompute_positions, value_deviation
+from .store import adapter_id, load_packet, packet_path, save_packet
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+
+PACKET_METHODS = ("packet", "rerotated", "blend", "epic", "naive")
+
+
+def default_packet_dir() -> Path:
+    """`$KVPACK_PACKETS`, else `packets/` under the kvpack home."""
+    return Path(os.environ.get("KVPACK_PACKETS", kvpack_home() / "packets")).expanduser()
+
+
+@dataclass
+class PacketComposition:
+    """A composed cache for the documents (tail still to prefill) and what composing it took."""
+
+    composed: ComposedCache
+    recomputed_tokens: int  # document tokens whose K/V was computed at query time
+    selection_tokens: int  # tokens run through the first layers to choose them (blend)
+    packets_built: int  # documents the store lacked, cached now (and stored)
+
+
+class PacketComposer:
+    """Packet caches of documents in a store, composed into a prompt's cache without recomputing them.
+
+    `adapter`: a `PacketAdapter`, a path to one, or `"shipped"` (the adapter trained for this model and
+    shipped in the package; None if there is none, and then only the plain methods work).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        store: str | Path | None = None,
+        adapter: PacketAdapter | str | Path | None = "shipped",
+        *,
+        blend_ratio: float = 0.15,
+        epic_tokens: int = 8,
+    ) -> None:
+        if not 0 < blend_ratio <= 1:
+            raise InvalidInputError(f"blend_ratio must be in (0, 1], got {blend_ratio}")
+        if epic_tokens < 1:
+            raise InvalidInputError(f"epic_tokens must be >= 1, got {epic_tokens}")
+        self.loaded = loaded
+        self.store = Path(store).expanduser() if store is not None else default_packet_dir()
+        if adapter == "shipped":
+            path = shipped_adapter(loaded)
+            adapter = PacketAdapter.load(path, loaded.fingerprint) if path is not None else None
+        elif isinstance(adapter, (str, Path)):
+            adapter = PacketAdapter.load(adapter, loaded.fingerprint)
+        if adapter is not None:
+            adapter.check_model(loaded)
+        self.adapter: PacketAdapter | None = adapter
+        self.blend_ratio = blend_ratio
+        self.epic_tokens = epic_tokens
+        self.spec = rope_spec(loaded)  # refuses RoPE variants that cannot be re-rotated, up front
+
+    def adapter_for(self, method: str) -> PacketAdapter | None:
+        """The adapter a method wraps documents with (only `packet` uses one)."""
+        if method not in PACKET_METHODS:
+            raise InvalidInputError(f"unknown packet method {method!r}: use one of {', '.join(PACKET_METHODS)}")
+        if method != "packet":
+            return None
+        if self.adapter is None:
+            raise InvalidInputError(
+                f"no packet adapter for {self.loaded.name}: train one with `kvpack packet train` and pass it "
+                "(or use composition='blend', which needs none)"
+            )
+        return self.adapter
+
+    def ensure(self, documents: Sequence[Sequence[int]], method: str = "packet") -> int:
+        """Cache and store every document the store lacks (index time); returns how many were built."""
+        adapter = self.adapter_for(method)
+        built = 0
+        for document in documents:
+            path = packet_path(self.store, document, adapter)
+            if not path.is_file():
+                save_packet(path, cache_packet(self.loaded, adapter, document), self.loaded.fingerprint)
+                built += 1
+        return built
+
+    def ensure_facts(
+        self, facts: Sequence[str], fmt: KnowledgeFormat, method: str = "packet", *, progress: bool = False
+    ) -> int:
+        """Index time: packets for knowledge facts as `fmt` places them in a prompt; returns how many were built."""
+        tokenizer = self.loaded.tokenizer
+        documents = [document_ids(tokenizer, f, fmt) for f in tqdm(facts, desc="packets", disable=not progress)]
+        return self.ensure(documents, method)
+
+    def load(self, documents: Sequence[Sequence[int]], method: str) -> tuple[list[PacketCache], int]:
+        """Every document's packet from the store (built and stored on a miss); (packets, built)."""
+        adapter = self.adapter_for(method)
+        packets, built = [], 0
+        for document in documents:
+            path = packet_path(self.store, document, adapter)
+            if path.is_file():
+                packets.append(load_packet(path, self.loaded.fingerprint, self.loaded.dtype, self.loaded.device))
+                continue
+            packet = cache_packet(self.loaded, adapter, document)
+            save_packet(path, packet, self.loaded.fingerprint)
+            packets.append(packet)
+            built += 1
+        return packets, built
+
+    def compose(self, engine: Engine, prompt: PacketPrompt, method: str = "packet") -> PacketComposition:
+        """A fresh cache for preamble + documents, for `engine.prefill(prompt.tail, composed=...)`."""
+        if not prompt.documents:
+            raise InvalidInputError("packet composition needs at least one document")
+        packets, built = self.load(prompt.documents, method)
+        cache = compose_packets(
+            self.loaded, _preamble_cache(engine, prompt.preamble), packets, self.spec, move=method != "naive"
+        )
+        recomputed, selection = 0, 0
+        if method in ("blend", "epic"):
+            recomputed, selection = self._recompute(cache, prompt, method)
+        note = self._note(method, prompt, recomputed, built)
+        composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=[note])
+        return PacketComposition(composed, recomputed, selection, built)
+
+    def _recompute(self, cache: DynamicCache, prompt: PacketPrompt, method: str) -> tuple[int, int]:
+        ids = [*prompt.preamble, *(t for d in prompt.documents for t in d)]
+        starts, at = [], len(prompt.preamble)
+        for d in prompt.documents:
+            starts.append(at)
+            at += len(d)
+        if method == "epic":
+            chosen = [s + i for s, d in zip(starts, prompt.documents) for i in range(min(self.epic_tokens, len(d)))]
+            recompute_positions(self.loaded, cache, ids, chosen)
+            return len(chosen), 0
+        deviation = value_deviation(self.loaded, cache, ids)
+        doc_positions = torch.arange(len(prompt.preamble), len(ids))
+        k = max(1, round(self.blend_ratio * len(doc_positions)))
+        chosen = doc_positions[deviation[doc_positions].topk(k).indices].tolist()
+        recompute_positions(self.loaded, cache, ids, chosen)
+        return len(chosen), len(ids)
+
+    def _note(self, method: str, prompt: PacketPrompt, recomputed: int, built: int) -> str:
+        n, tokens = len(prompt.documents), sum(len(d) for d in prompt.documents)
+        how = {
+            "packet": f"wrapped in packet adapter {adapter_id(self.adapter)}, keys re-rotated, nothing recomputed",
+            "rerotated": "keys re-rotated, no adapter, nothing recomputed",
+            "blend": f"keys re-rotated, {recomputed} of {tokens} document tokens recomputed (CacheBlend-style)",
+            "epic": f"keys re-rotated, the first {self.epic_tokens} tokens of each recomputed (EPIC-style)",
+            "naive": "concatenated without re-rotation",
+        }[method]
+        stored = f"; {built} of them cached now and stored in {self.store}" if built else ""
+        return f"approximate: {n} documents composed from independently cached packets ({how}){stored}"
+
+
+def _preamble_cache(engine: Engine, preamble: Sequence[int]) -> DynamicCache:
+    """The preamble's K/V from the engine's exact prefix tree, prefilled once (and remembered) on a miss."""
+    ids = list(preamble)
+    composed = engine.compose([*ids, 0])
+    cache, cached = composed.cache, composed.cached_tokens
+    if cached < len(ids):
+        forward(engine.loaded, cache, ids[cached:])
+        for segment in segments_from_cache(engine.loaded, cache, ids, [len(ids)], start=cached):
+            engine.tree.insert(ids[:cached], segment)
+    return cache
