@@ -42,3 +42,14 @@ def test_readme_steering_example_runs(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "['defensive:0.75', 'docstrings:0.5'] False" in out
     assert (tmp_path / "steering" / "defensive.safetensors").is_file()
+
+
+def test_readme_packet_example_runs(tmp_path: Path, capsys) -> None:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "composition=" in b]
+    assert blocks, "README has no KV Packet example"
+    code = blocks[0].replace("~/.cache/kvpack", str(tmp_path))
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert " packet False " in out and "3 documents composed from independently cached packets" in out
+    assert "nothing recomputed" in out and "cached now" not in out  # the retriever stored them first
+    assert len(list((tmp_path / "packets").rglob("*.safetensors"))) == 3

@@ -68,11 +68,11 @@ def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec) -> t
     """Keys [..., seq, head_dim] moved by `delta` positions (an int, or one per position); a new tensor."""
     seq = keys.shape[-2]
     shift = torch.as_tensor(delta, dtype=torch.float64).reshape(-1)
-    if shift.numel() == 1:
-        shift = shift.expand(seq)
-    elif shift.numel() != seq:
+    if shift.numel() not in (1, seq):
         raise CompositionError(f"{shift.numel()} position shifts for {seq} cached positions")
-    angles = shift[:, None] * spec.inv_freq.double()[None, :]  # float64: exact for positions past 2**24
+    # float64: exact for positions past 2**24. One shift for all: one row of angles, broadcast over
+    # every position (and every leading dim, e.g. all layers at once), not one row per position.
+    angles = shift[:, None] * spec.inv_freq.double()[None, :]
     emb = torch.cat((angles, angles), dim=-1)
     cos, sin = emb.cos().float().to(keys.device), emb.sin().float().to(keys.device)
     rotated, rest = keys[..., : spec.rot_dim].float(), keys[..., spec.rot_dim :]

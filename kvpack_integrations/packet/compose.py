@@ -75,19 +75,31 @@ def compose_packets(
 ) -> DynamicCache:
     """A fresh cache: the preamble's K/V, then every packet moved to its offset (keys re-rotated).
 
+    Each packet is re-rotated once for all layers (the rotation depends only on its offset), into one
+    preallocated [layers, kv_heads, positions, head_dim] buffer per keys and values.
     `move=False` leaves each packet's keys at positions 0..m-1 (naive concatenation, an ablation)."""
     head = preamble.get_seq_length()
-    offsets, start = [], head
-    for packet in packets:
-        offsets.append(start)
-        start += packet.length
-    cache = empty_cache(loaded)
-    for layer_index, layer in enumerate(preamble.layers):
+    total = head + sum(p.length for p in packets)
+    first = packets[0].keys[0] if packets else None
+    if first is None:
+        raise CompositionError("no packets to compose")
+    layers = len(preamble.layers) if head else len(packets[0].keys)
+    keys = torch.empty((layers, first.shape[0], total, first.shape[-1]), dtype=first.dtype, device=first.device)
+    values = torch.empty_like(keys)
+    for i, layer in enumerate(preamble.layers if head else ()):
         old_keys, old_values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        keys = [old_keys[0]] if head and old_keys is not None else []
-        values = [old_values[0]] if head and old_values is not None else []
-        for packet, offset in zip(packets, offsets):
-            keys.append(rerotate(packet.keys[layer_index], offset, spec) if move else packet.keys[layer_index])
-            values.append(packet.values[layer_index])
-        cache.update(torch.cat(keys, dim=1)[None].clone(), torch.cat(values, dim=1)[None].clone(), layer_index)
+        if old_keys is None or old_values is None:
+            raise CompositionError(f"{type(layer).__name__} cache layers keep no keys/values: no packets")
+        keys[i, :, :head] = old_keys[0]
+        values[i, :, :head] = old_values[0]
+    start = head
+    for packet in packets:
+        end = start + packet.length
+        stacked = torch.stack(packet.keys)
+        keys[:, :, start:end] = rerotate(stacked, start, spec) if move else stacked
+        values[:, :, start:end] = torch.stack(packet.values)
+        start = end
+    cache = empty_cache(loaded)
+    for i in range(layers):
+        cache.update(keys[i][None], values[i][None], i)
     return cache
