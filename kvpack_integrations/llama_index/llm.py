@@ -1,0 +1,485 @@
+"""`KVPackLLM`: a LlamaIndex function-calling LLM on a local transformers model, knowledge as KV segments.
+
+A thin adapter, like `KVPackChatModel` for LangChain: LlamaIndex messages, nodes, tools and options
+become an engine `ChatRequest`; rendering, prefix reuse, tool-call parsing and guided decoding happen
+in the engine. Weights load lazily, once per process, and every instance on the same weights shares
+one engine (one prefix tree), so an agent's next step prefills only what is new.
+
+Nodes passed with `nodes=` open the system message in the knowledge layout, exactly where a text
+synthesizer with `text_qa_template()` puts `context_str`. When the first node is the first fact of a
+stored pack of this model (nodes in pack order), that pack is made resident (loaded from the store,
+verified), so the knowledge is served from it as far as its tokens match. A node cached by another
+model, or whose pack or segment is gone from its store, is computed on this model with a note, or
+refused under `strict_segments=True`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+    ToolCallBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+
+from ..engine.chat import ChatReply, ChatRequest, stream_chat, tool_parameters
+from ..engine.engine import Engine
+from ..engine.registry import shared_engine
+from ..engine.settings import GenerationSettings
+from ..errors import (
+    CorruptSegmentError,
+    FingerprintMismatchError,
+    InvalidInputError,
+    UnknownKnowledgeBaseError,
+)
+from ..knowledge.bound import BoundPack
+from ..packet.composer import PacketComposer
+from ..prompts.knowledge import KnowledgeFormat
+from ..runtime.default_model import DEFAULT_MODEL_NAME
+from ..runtime.loader import LoadedModel, load_model
+from ..segments.handles import SegmentHandle
+from ..segments.pack_store import PackStore
+from .messages import call_blocks, node_documents, to_turns
+from .steering import ROLE_KEY, role_mapping, steering_list, vectors_for_role
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
+
+_CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_KNOWN_CALL_KWARGS = frozenset(
+    {"tools", "tool_choice", "nodes", "knowledge_format", "strategy", "steering", ROLE_KEY, *_CALL_OPTIONS}
+)
+
+
+def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
+    """LlamaIndex/OpenAI tool_choice spellings -> auto | none | required | a tool name."""
+    if tool_choice is None or tool_choice == "auto":
+        return "auto"
+    if tool_choice is False or tool_choice == "none":
+        return "none"
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if isinstance(tool_choice, Mapping):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if isinstance(name, str):
+            tool_choice = name
+    if isinstance(tool_choice, str) and tool_choice in names:
+        return tool_choice
+    known = ", ".join(names) or "no tools are given"
+    raise InvalidInputError(f"tool_choice {tool_choice!r} is not auto/none/required or a given tool ({known})")
+
+
+def openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """LlamaIndex tools (or OpenAI-style dicts) as OpenAI function specs."""
+    out = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, Mapping):
+            out.append(dict(tool))
+        elif hasattr(tool, "metadata") and hasattr(tool.metadata, "to_openai_tool"):
+            out.append(tool.metadata.to_openai_tool(skip_length_check=True))
+        else:
+            raise InvalidInputError(f"tools[{i}] is a {type(tool).__name__}: pass LlamaIndex tools or OpenAI dicts")
+    return out
+
+
+class KVPackLLM(FunctionCallingLLM):
+    """LlamaIndex LLM over a local transformers model that reuses KV caches instead of re-prefilling.
+
+    `KVPackLLM()` runs the embedded SmolLM2-135M-Instruct. `kb=` binds a stored knowledge pack (its
+    facts open every prompt); `nodes=` on a call adds retrieved nodes after them. With
+    `strategy="exact"` (the default) the output equals text stuffing of the same texts in the same
+    places; `"text"` is plain text stuffing on the same engine; `"packet"`/`"blend"` compose the
+    documents from independently cached packets (approximate, said in the usage report).
+    """
+
+    model: str | None = Field(default=None, description="hub id, model directory or .gguf file; None: the default")
+    device: str = "auto"
+    dtype: str | None = "auto"
+    kb: str | None = Field(default=None, description="name of a stored knowledge pack to bind")
+    store: str | None = Field(default=None, description="pack store directory (default: $KVPACK_STORE)")
+    max_tokens: int = Field(default=256, ge=1, description="new tokens per call (LLMMetadata.num_output)")
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: list[str] | None = None
+    context_window: int | None = Field(default=None, ge=1, description="None: the model's own window")
+    strategy: Literal["exact", "text", "packet", "blend"] = "exact"
+    packet_store: str | None = Field(default=None, description="packet store directory (default: $KVPACK_PACKETS)")
+    packet_adapter: str | None = Field(default=None, description="packet adapter file (default: the shipped one)")
+    remember: bool = Field(default=True, description="keep each prompt's cache for the next step")
+    strict_segments: bool = Field(default=False, description="refuse nodes cached by another model or missing")
+    steering: list[Any] = Field(default_factory=list, exclude=True, description="SteeringVectors for every call")
+    roles: dict[str, Any] = Field(default_factory=dict, exclude=True, description="agent role -> SteeringVector(s)")
+    agent_role: str | None = Field(default=None, description="the role whose vectors this instance applies")
+
+    _pack: BoundPack | None = PrivateAttr(default=None)
+    _packs: dict[tuple[str, str], BoundPack] = PrivateAttr(default_factory=dict)
+    _packets: dict[int, PacketComposer] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, values: Any) -> Any:
+        """A typo must not be ignored silently."""
+        if isinstance(values, dict):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            unknown = set(values) - known
+            if unknown:
+                raise InvalidInputError(f"KVPackLLM got unknown arguments: {', '.join(sorted(unknown))}")
+        return values
+
+    @field_validator("steering", mode="before")
+    @classmethod
+    def _check_steering(cls, value: Any) -> list[Any]:
+        return steering_list(value)
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _check_roles(cls, value: Any) -> dict[str, Any]:
+        return {role: list(vectors) for role, vectors in role_mapping(value).items()}
+
+    @model_validator(mode="after")
+    def _check_kb(self) -> KVPackLLM:
+        if self.kb is not None:
+            pack_store = PackStore(self.store)
+            pack_store.manifest(self.kb)  # a missing pack is named now, not at the first call
+            self._pack = BoundPack(pack_store, self.kb)
+        return self
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "kvpack_llm"
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODEL_NAME
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        """Loads the weights (once per process) to read the model's context window."""
+        return LLMMetadata(
+            context_window=self.context_window or self.loaded_model().context_window,
+            num_output=self.max_tokens,
+            is_chat_model=True,
+            is_function_calling_model=True,
+            model_name=self.model_name,
+            system_role=MessageRole.SYSTEM,
+        )
+
+    def loaded_model(self) -> LoadedModel:
+        """The weights for this instance, loaded once per process."""
+        return load_model(self.model, device=self.device, dtype=self.dtype)
+
+    def for_role(self, role: str) -> KVPackLLM:
+        """A copy that applies `role`'s steering vectors (same weights, engine and prefix tree)."""
+        if not isinstance(role, str) or not role:
+            raise InvalidInputError(f"agent_role must be a non-empty string, got {role!r}")
+        copy = self.model_copy(update={"agent_role": role})
+        copy._pack, copy._packs, copy._packets = self._pack, self._packs, self._packets
+        return copy
+
+    def packet_composer(self, loaded: LoadedModel) -> PacketComposer | None:
+        """This instance's packet store and adapter, when set (else the engine's defaults are used)."""
+        if self.packet_store is None and self.packet_adapter is None:
+            return None
+        composer = self._packets.get(id(loaded))
+        if composer is None:
+            composer = PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
+            self._packets[id(loaded)] = composer
+        return composer
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def _settings(self, kwargs: Mapping[str, Any]) -> GenerationSettings:
+        def option(name: str) -> Any:  # None on a call means "this LLM's setting"
+            value = kwargs.get(name)
+            return getattr(self, name) if value is None else value
+
+        stop = option("stop")
+        return GenerationSettings(
+            max_new_tokens=int(option("max_tokens")),
+            temperature=float(option("temperature")),
+            top_p=float(option("top_p")),
+            top_k=int(option("top_k")),
+            seed=option("seed"),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        )
+
+    def _request(
+        self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any], loaded: LoadedModel
+    ) -> tuple[ChatRequest, list[str], SegmentHandle | None]:
+        """The engine request, translation notes, and the handle of the first node (it may open a stored pack)."""
+        unknown = set(kwargs) - _KNOWN_CALL_KWARGS
+        if unknown:
+            raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
+        translated = to_turns(messages)
+        documents = node_documents(kwargs.get("nodes"))
+        tools = openai_tools(kwargs.get("tools") or [])
+        names = list(tool_parameters(tools))  # refuses schemas the model cannot call, naming the tool
+        fmt = kwargs.get("knowledge_format")
+        if fmt is not None and not isinstance(fmt, KnowledgeFormat):
+            raise InvalidInputError(f"knowledge_format takes a KnowledgeFormat, got {type(fmt).__name__}")
+        role = kwargs.get(ROLE_KEY) or self.agent_role
+        by_role, role_notes = vectors_for_role(role_mapping(self.roles), role)
+        steering = [*self.steering, *steering_list(kwargs.get("steering")), *by_role]
+        request = ChatRequest(
+            turns=translated.turns,
+            knowledge=[d.text for d in documents],
+            knowledge_format=fmt,
+            handles=[*(d.handle for d in documents if d.handle is not None), *translated.handles],
+            pack=self._pack,
+            tools=tools,
+            tool_choice=normalize_tool_choice(kwargs.get("tool_choice"), names),
+            settings=self._settings(kwargs),
+            strategy=kwargs.get("strategy") or self.strategy,
+            remember=self.remember,
+            strict_segments=self.strict_segments,
+            steering=steering,
+            packets=self.packet_composer(loaded),
+        )
+        return request, [*translated.notes, *role_notes], documents[0].handle if documents else None
+
+    def _resident(self, engine: Engine, request: ChatRequest, lead: SegmentHandle | None) -> tuple[list[str], float]:
+        """Check the stored segments the nodes name, and load the pack the first node opens (exact strategy).
+
+        The knowledge opens with the first node, so a stored pack extends the reusable prefix only when
+        that node is its first fact (nodes in pack order, as `order="source"` returns them); that pack
+        is made resident, verified, and the time counts into the call's TTFT. A pack or segment gone
+        from its store is a note (the node's text is computed), or an error under `strict_segments`.
+        Handles from another model are left to the engine (a note, or an error when strict).
+        """
+        if request.strategy != "exact":
+            return [], 0.0
+        notes: list[str] = []
+        t0 = time.perf_counter()
+        for handle in request.handles:
+            if handle.fingerprint != engine.loaded.fingerprint.digest:
+                continue
+            try:
+                bound = self._verified(handle)
+                if handle is lead and handle.fact_index == 0 and request.pack is None:
+                    with engine.lock:  # the prefix tree is shared with other requests
+                        if bound.ensure_resident(engine.loaded, engine.tree):
+                            notes.append(f"pack {handle.pack!r} that the nodes open loaded from {handle.store}")
+            except (UnknownKnowledgeBaseError, CorruptSegmentError, FingerprintMismatchError) as exc:
+                if request.strict_segments:
+                    raise
+                notes.append(f"{exc}; the node's text was computed on this model instead")
+        return list(dict.fromkeys(notes)), (time.perf_counter() - t0) * 1000 if notes else 0.0
+
+    def _verified(self, handle: SegmentHandle) -> BoundPack:
+        """The handle's pack, checked to still hold the handle's segment."""
+        key = (handle.store, handle.pack)
+        bound = self._packs.get(key)
+        if bound is None:
+            bound = self._packs[key] = BoundPack(PackStore(handle.store), handle.pack)
+        manifest = bound.manifest()
+        if handle.segment_id and handle.segment_id not in manifest.segment_ids:
+            raise CorruptSegmentError(
+                f"segment {handle.segment_id} (node {handle.fact_index} of pack {handle.pack!r}) is no longer in "
+                f"{handle.store}: the pack was rebuilt since the node was retrieved"
+            )
+        return bound
+
+    def _run(self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> Generator[ChatResponse, None, None]:
+        """Translate now (bad input fails at the call, not at the first chunk); decode as iterated."""
+        loaded = self.loaded_model()
+        request, notes, lead = self._request(messages, kwargs, loaded)
+        return self._responses(shared_engine(loaded), request, notes, lead)
+
+    def _responses(
+        self, engine: Engine, request: ChatRequest, notes: list[str], lead: SegmentHandle | None
+    ) -> Generator[ChatResponse, None, None]:
+        """Make the opening pack resident, then decode; yields chat responses, the last with usage and calls."""
+        resident_notes, load_ms = self._resident(engine, request, lead)
+        text = ""
+        for delta in stream_chat(engine, request):
+            if delta.reply is None:
+                text += delta.text
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta.text)
+                continue
+            reply = delta.reply
+            reply.usage.notes[:0] = resident_notes
+            reply.usage.notes.extend(notes)
+            if load_ms:  # the packs were loaded for this call: its TTFT counts from before that
+                reply.usage.ttft_ms += load_ms
+                reply.usage.total_ms += load_ms
+            yield self._response(reply, engine.loaded, delta.text)
+
+    def _response(self, reply: ChatReply, loaded: LoadedModel, delta: str) -> ChatResponse:
+        usage = reply.usage
+        blocks: list[Any] = [TextBlock(text=reply.text), *call_blocks(reply.tool_calls)]
+        counts = {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+        }
+        extra: dict[str, Any] = {
+            **counts,
+            "cached_tokens": usage.cached_tokens,
+            "prefilled_tokens": usage.prefilled_tokens,
+        }
+        if reply.invalid_tool_calls:
+            extra["invalid_tool_calls"] = list(reply.invalid_tool_calls)
+        raw = {
+            "model": loaded.name,
+            "finish_reason": reply.finish_reason,
+            "usage": {**counts, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}},
+            "kvpack": usage.to_dict(),
+        }
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks),
+            delta=delta,
+            raw=raw,
+            additional_kwargs=extra,
+        )
+
+    # -- chat and completion --------------------------------------------------------------------------
+
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> ChatResponse:
+        *_, reply = self._run(messages, kwargs)  # text chunks, then the reply with usage and calls
+        return reply
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._run(messages, kwargs)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """The engine is synchronous: it runs in a worker thread, so the event loop stays free."""
+        return await asyncio.to_thread(self._chat, messages, kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return _in_threads(await asyncio.to_thread(self._run, messages, kwargs))  # the first call loads weights
+
+    def _completion_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
+        if formatted:
+            raise InvalidInputError(
+                "KVPackLLM renders prompts with the model's own chat template; pass the prompt unformatted "
+                "(formatted=False)"
+            )
+        system = [ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt)] if self.system_prompt else []
+        return [*system, ChatMessage(role=MessageRole.USER, content=prompt)]
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """`prompt` as one user turn (after the LLM's `system_prompt`, if set), rendered with the template."""
+        return _completion(self._chat(self._completion_messages(prompt, formatted), kwargs))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return (_completion(r) for r in self._run(self._completion_messages(prompt, formatted), kwargs))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        messages = self._completion_messages(prompt, formatted)
+        return _completion(await asyncio.to_thread(self._chat, messages, kwargs))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        messages = self._completion_messages(prompt, formatted)
+
+        responses = _in_threads(await asyncio.to_thread(self._run, messages, kwargs))
+
+        async def gen() -> CompletionResponseAsyncGen:
+            async for response in responses:
+                yield _completion(response)
+
+        return gen()
+
+    # -- tools ----------------------------------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`tool_required` forces a call (written under schema guidance); `tool_choice` may name one tool."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        specs = openai_tools(tools)
+        if tool_choice is None and tool_required:
+            tool_choice = "required"
+        return {"messages": messages, "tools": specs, "tool_choice": tool_choice, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Without parallel calls only the first call is kept."""
+        if not allow_parallel_tool_calls:
+            calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+            for extra in calls[1:]:
+                response.message.blocks.remove(extra)
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The `ToolCallBlock`s of a response as `ToolSelection`s."""
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError(
+                "the model answered without calling a tool; pass tool_required=True (or tool_choice=a tool name) "
+                "to have the call written under schema guidance"
+            )
+        return [
+            ToolSelection(
+                tool_id=b.tool_call_id or b.tool_name,
+                tool_name=b.tool_name,
+                tool_kwargs=b.tool_kwargs if isinstance(b.tool_kwargs, dict) else {},
+            )
+            for b in calls
+        ]
+
+
+def _completion(response: ChatResponse) -> CompletionResponse:
+    return CompletionResponse(
+        text=response.message.content or "",
+        delta=response.delta,
+        raw=response.raw,
+        additional_kwargs=response.additional_kwargs,
+    )
+
+
+async def _in_threads(responses: Generator[ChatResponse, None, None]) -> AsyncGenerator[ChatResponse, None]:
+    """A synchronous generator driven from worker threads, one step at a time."""
+    done = object()
+    while True:
+        item = await asyncio.to_thread(next, responses, done)
+        if item is done:
+            return
+        yield item  # type: ignore[misc]

@@ -1,0 +1,180 @@
+"""`KVPackLlamaRetriever`: a LlamaIndex retriever over a kvpack knowledge base, nodes with segment handles.
+
+Each `NodeWithScore` holds a `TextNode` whose text is the fact (what a text synthesizer would send)
+and whose metadata carries where its KV comes from: `metadata["kvpack"]`, the handle of the stored
+segment (store, pack, fact, segment id, model fingerprint) for `backend="pack"`, or
+`metadata["kvpack_fact"]` (knowledge base, Chroma location, fact id, bank) for `backend="chroma"`,
+whose KV is computed when used. Those keys are excluded from the LLM and embedding views of the
+node, so the text a synthesizer flattens is the fact alone.
+
+`order="source"` returns the hits in their order in the store (pack position; Chroma: fact id)
+instead of best-first: with exact prefix reuse, two queries whose hits overlap then share a longer
+prompt prefix, and hits that open the pack are served from the stored pack itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+from ..engine.registry import shared_engine
+from ..errors import InvalidInputError
+from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
+from ..knowledge.search import PackSearcher, check_k
+from ..packet.composer import PacketComposer
+from ..packet.store import adapter_id
+from ..prompts.knowledge import KnowledgeFormat
+from ..runtime.embedder import load_embedder
+from ..runtime.loader import load_model
+from ..segments.handles import HANDLE_KEY
+from ..segments.pack_store import PackStore
+
+FACT_KEY = "kvpack_fact"  # where a Chroma knowledge-base fact came from (its KV is computed when used)
+PACKET_KEY = "kvpack_packet"  # where a node's packet is stored (composition packet/blend)
+SIMILARITY_KEY = "similarity"
+_KVPACK_KEYS = (HANDLE_KEY, FACT_KEY, PACKET_KEY, SIMILARITY_KEY)
+ORDERS = ("score", "source")
+
+
+class KVPackLlamaRetriever(BaseRetriever):
+    """Similarity search over a stored pack (`backend="pack"`) or a Chroma knowledge base with banks.
+
+    `backend="chroma"` routes through the banks of a `KnowledgeBase` (embedded at `chroma_path`, or a
+    Chroma server at `host`/`port`), `probes` nearest banks per query, hybrid with BM25 unless
+    `lexical_weight=0`. `composition="packet"|"blend"` makes sure every returned node has its packet
+    in the packet store, for `KVPackLLM(strategy=the same)`.
+    """
+
+    def __init__(
+        self,
+        kb: str,
+        *,
+        store: str | None = None,
+        similarity_top_k: int = 4,
+        embedder: str | None = None,
+        backend: Literal["pack", "chroma"] = "pack",
+        chroma_path: str | None = None,
+        host: str | None = None,
+        port: int = 8000,
+        probes: int = 1,
+        lexical_weight: float = DEFAULT_LEXICAL_WEIGHT,
+        order: Literal["score", "source"] = "score",
+        composition: Literal["exact", "packet", "blend"] = "exact",
+        model: str | None = None,
+        packet_store: str | None = None,
+        packet_adapter: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_k(similarity_top_k)
+        if backend not in ("pack", "chroma"):
+            raise InvalidInputError(f"unknown backend {backend!r}: use 'pack' or 'chroma'")
+        if order not in ORDERS:
+            raise InvalidInputError(f"unknown order {order!r}: use one of {', '.join(ORDERS)}")
+        if composition not in ("exact", "packet", "blend"):
+            raise InvalidInputError(f"unknown composition {composition!r}: use exact, packet or blend")
+        super().__init__(**kwargs)
+        self.kb = kb
+        self.store = store
+        self.similarity_top_k = similarity_top_k
+        self.backend = backend
+        self.probes = probes
+        self.lexical_weight = lexical_weight
+        self.order = order
+        self.composition = composition
+        self.model = model
+        self.packet_store = packet_store
+        self.packet_adapter = packet_adapter
+        self._embedder = embedder
+        self._searcher: PackSearcher | None = None
+        self._base: KnowledgeBase | None = None
+        if backend == "chroma":  # an unknown knowledge base or a dead server is named at construction
+            self._base = KnowledgeBase(kb, chroma_path, host=host, port=port, embedder=embedder, create=False)
+        else:
+            PackStore(store).manifest(kb)  # an unknown pack is named at construction
+
+    def _search(self) -> PackSearcher:
+        if self._searcher is None:
+            self._searcher = PackSearcher(PackStore(self.store), self.kb, load_embedder(self._embedder))
+        return self._searcher
+
+    def _packets(self) -> PacketComposer:
+        loaded = load_model(self.model)
+        if self.packet_store is None and self.packet_adapter is None:
+            return shared_engine(loaded).packets  # the LLM's default store and adapter
+        return PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        nodes = self._hits(query_bundle.query_str)
+        if self.order == "source":
+            nodes.sort(key=_source_position)
+        if self.composition != "exact" and nodes:
+            composer = self._packets()
+            method = "packet" if self.composition == "packet" else "rerotated"
+            built = composer.ensure_facts([n.node.get_content() for n in nodes], KnowledgeFormat(), method)
+            for n in nodes:
+                n.node.metadata[PACKET_KEY] = {
+                    "composition": self.composition,
+                    "store": str(composer.store),
+                    "adapter": adapter_id(composer.adapter_for(method)),
+                    "built_now": built > 0,
+                }
+        return nodes
+
+    def _hits(self, query: str) -> list[NodeWithScore]:
+        if self._base is not None:
+            routed = self._base.route(
+                query, k=self.similarity_top_k, probes=self.probes, lexical_weight=self.lexical_weight
+            )
+            return [
+                NodeWithScore(
+                    node=_node(
+                        f.id,
+                        f.text,
+                        {
+                            **f.metadata,
+                            SIMILARITY_KEY: f.similarity,
+                            FACT_KEY: {"kb": self.kb, "store": self._base.where, "id": f.id, "bank": f.bank},
+                        },
+                    ),
+                    score=f.score,
+                )
+                for f in routed
+            ]
+        hits = self._search().search(query, self.similarity_top_k)
+        return [
+            NodeWithScore(
+                node=_node(
+                    h.handle.segment_id or f"{self.kb}-{h.handle.fact_index}", h.text, {HANDLE_KEY: h.handle.to_dict()}
+                ),
+                score=h.score,
+            )
+            for h in hits
+        ]
+
+    async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        """Search runs in a worker thread (embedding is CPU-bound), so the event loop stays free."""
+        return await asyncio.to_thread(self._retrieve, query_bundle)
+
+
+def _node(node_id: str, text: str, metadata: dict[str, Any]) -> TextNode:
+    """A node whose LLM and embedding views are its text alone (no metadata header, packet info added later)."""
+    keys = [*metadata, *(k for k in _KVPACK_KEYS if k not in metadata)]
+    return TextNode(
+        id_=node_id,
+        text=text,
+        metadata=metadata,
+        excluded_llm_metadata_keys=keys,
+        excluded_embed_metadata_keys=keys,
+    )
+
+
+def _source_position(hit: NodeWithScore) -> tuple[str, str, int, str]:
+    """Position in the store: (store, pack, fact index) for pack hits, the fact id for Chroma ones."""
+    metadata = hit.node.metadata
+    handle = metadata.get(HANDLE_KEY)
+    if isinstance(handle, dict):
+        return (str(handle.get("store")), str(handle.get("pack")), int(handle.get("fact_index", 0)), "")
+    return ("", "", 0, hit.node.node_id)

@@ -1,0 +1,238 @@
+"""`KVPackSynthesizer` and `KVPackQueryEngine`: retrieved nodes reach the model as segments, not `context_str`.
+
+LlamaIndex's stock synthesizers flatten the retrieved nodes into one `context_str` string and format it
+into a prompt template, so node identity is lost and every query prefills every chunk again. This
+synthesizer hands the nodes themselves to `KVPackLLM(nodes=...)`: they open the system message in
+the knowledge layout (an instruction, then one node per piece), the query is the user turn, and the
+engine reuses every cached token prefix (a stored pack named by the nodes' handles, earlier prompts).
+
+The prompt layout is fixed and has an exact text twin: `text_qa_template()` is a `ChatPromptTemplate`
+that renders the same prompt from `context_str`, so a stock `RetrieverQueryEngine` (its default
+`compact` synthesizer joins the chunks with a blank line, as the layout does) with that template
+sends the model the same tokens; with `strategy="exact"` the answers are identical under greedy
+decoding. If the nodes do not fit one context window, the engine refuses with `ContextTooLongError`
+(no refine passes: they would break that equivalence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from typing import Any, Literal
+
+from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.base.response.schema import RESPONSE_TYPE
+from llama_index.core.callbacks.base import CallbackManager
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.prompts import ChatPromptTemplate
+from llama_index.core.prompts.mixin import PromptDictType
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.response_synthesizers import BaseSynthesizer
+from llama_index.core.response_synthesizers.base import QueryTextType
+from llama_index.core.schema import NodeWithScore
+from llama_index.core.types import RESPONSE_TEXT_TYPE
+
+from ..errors import InvalidInputError
+from ..prompts.knowledge import KnowledgeFormat
+from .llm import KVPackLLM
+from .retriever import KVPackLlamaRetriever
+from .steering import ROLE_KEY, steering_list
+
+EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's synthesizers answer when the model says nothing
+COMPACT_SEPARATOR = "\n\n"  # how LlamaIndex's compact synthesizer joins chunks into context_str
+_NODES = "_kvpack_nodes"  # carries the nodes from synthesize() to get_response() through response_kwargs
+_PER_QUERY = ("strategy", "steering", ROLE_KEY)
+
+
+def text_qa_template(
+    knowledge_format: KnowledgeFormat | None = None, system_prompt: str | None = None
+) -> ChatPromptTemplate:
+    """The prompt `KVPackSynthesizer` renders, as a template a stock text synthesizer fills with context_str.
+
+    System message: the knowledge instruction, the context, then `system_prompt`; user message: the query.
+    Use it with `response_mode="compact"` (the default), whose chunk separator is the layout's.
+    """
+    fmt = knowledge_format or KnowledgeFormat()
+    if fmt.separator != COMPACT_SEPARATOR:
+        raise InvalidInputError(
+            f"a knowledge format with separator {fmt.separator!r} has no stock text twin: LlamaIndex's compact "
+            f"synthesizer joins chunks with {COMPACT_SEPARATOR!r}"
+        )
+    parts = [p for p in (fmt.instruction, "{context_str}", system_prompt) if p]
+    return ChatPromptTemplate(
+        message_templates=[
+            ChatMessage(role=MessageRole.SYSTEM, content=fmt.separator.join(parts)),
+            ChatMessage(role=MessageRole.USER, content="{query_str}"),
+        ]
+    )
+
+
+class KVPackSynthesizer(BaseSynthesizer):
+    """Answers from the retrieved nodes delivered to `KVPackLLM` as KV segments.
+
+    `strategy` (`exact` | `text` | `packet` | `blend`), `steering` vectors and an `agent_role` are
+    fixed per synthesizer (so per query engine) and may be overridden per call through
+    `synthesize(..., strategy=..., steering=..., agent_role=...)`.
+    """
+
+    def __init__(
+        self,
+        llm: KVPackLLM | None = None,
+        *,
+        knowledge_format: KnowledgeFormat | None = None,
+        system_prompt: str | None = None,
+        strategy: str | None = None,
+        steering: Any = None,
+        agent_role: str | None = None,
+        streaming: bool = False,
+        callback_manager: CallbackManager | None = None,
+    ) -> None:
+        llm = KVPackLLM() if llm is None else llm
+        if not isinstance(llm, KVPackLLM):
+            raise InvalidInputError(
+                f"KVPackSynthesizer hands nodes to the model as KV segments, which needs a KVPackLLM, not "
+                f"{type(llm).__name__}; for a text model use a stock synthesizer with text_qa_template()"
+            )
+        super().__init__(llm=llm, callback_manager=callback_manager, streaming=streaming)
+        self._kvpack_llm = llm
+        self.knowledge_format = knowledge_format or KnowledgeFormat()
+        self.system_prompt = system_prompt
+        self.options: dict[str, Any] = {"strategy": strategy, "steering": steering_list(steering), ROLE_KEY: agent_role}
+
+    def _get_prompts(self) -> PromptDictType:
+        """The equivalent text template (read-only: the layout is set by knowledge_format and system_prompt)."""
+        return {"text_qa_template": self.text_qa_template()}
+
+    def _update_prompts(self, prompts: PromptDictType) -> None:
+        raise InvalidInputError(
+            "KVPackSynthesizer's prompt layout is fixed (knowledge, then the query); set knowledge_format= and "
+            "system_prompt= instead of templates"
+        )
+
+    def text_qa_template(self) -> ChatPromptTemplate:
+        """The template a stock text synthesizer needs to send the model exactly this synthesizer's prompt."""
+        return text_qa_template(self.knowledge_format, self.system_prompt)
+
+    def _messages(self, query_str: str) -> list[ChatMessage]:
+        system = [ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt)] if self.system_prompt else []
+        return [*system, ChatMessage(role=MessageRole.USER, content=query_str)]
+
+    def _call(self, text_chunks: Sequence[str], kwargs: dict[str, Any]) -> dict[str, Any]:
+        nodes = kwargs.pop(_NODES, None)
+        options = {**self.options, **{k: kwargs.pop(k) for k in _PER_QUERY if k in kwargs}}
+        if kwargs:
+            raise InvalidInputError(f"unknown synthesizer options: {', '.join(sorted(kwargs))}")
+        return {
+            "nodes": list(nodes) if nodes is not None else list(text_chunks),
+            "knowledge_format": self.knowledge_format,
+            **options,
+        }
+
+    def synthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        """The base flow (events, empty results, response objects), with the nodes themselves passed on."""
+        return super().synthesize(query, nodes, additional_source_nodes, **{**response_kwargs, _NODES: nodes})
+
+    async def asynthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        return await super().asynthesize(query, nodes, additional_source_nodes, **{**response_kwargs, _NODES: nodes})
+
+    def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> RESPONSE_TEXT_TYPE:
+        """Without nodes (called directly) the text chunks are the documents."""
+        call = self._call(text_chunks, response_kwargs)
+        if self._streaming:
+            return _deltas(self._kvpack_llm.stream_chat(self._messages(query_str), **call))
+        response = self._kvpack_llm.chat(self._messages(query_str), **call)
+        return response.message.content or EMPTY_RESPONSE
+
+    async def aget_response(
+        self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any
+    ) -> RESPONSE_TEXT_TYPE:
+        call = self._call(text_chunks, response_kwargs)
+        if self._streaming:
+            stream = await self._kvpack_llm.astream_chat(self._messages(query_str), **call)
+
+            async def gen() -> Any:
+                async for response in stream:
+                    if response.delta:
+                        yield response.delta
+
+            return gen()
+        response = await self._kvpack_llm.achat(self._messages(query_str), **call)
+        return response.message.content or EMPTY_RESPONSE
+
+
+def _deltas(responses: Any) -> Generator[str, None, None]:
+    for response in responses:
+        if response.delta:
+            yield response.delta
+
+
+class KVPackQueryEngine(RetrieverQueryEngine):
+    """`RetrieverQueryEngine` with a `KVPackSynthesizer`: retrieval, postprocessors, then nodes as segments.
+
+    `strategy`, `steering` and `agent_role` select how this engine's answers are composed and steered.
+    """
+
+    def __init__(
+        self,
+        retriever: BaseRetriever,
+        llm: KVPackLLM | None = None,
+        *,
+        node_postprocessors: list[BaseNodePostprocessor] | None = None,
+        callback_manager: CallbackManager | None = None,
+        knowledge_format: KnowledgeFormat | None = None,
+        system_prompt: str | None = None,
+        strategy: str | None = None,
+        steering: Any = None,
+        agent_role: str | None = None,
+        streaming: bool = False,
+    ) -> None:
+        synthesizer = KVPackSynthesizer(
+            llm,
+            knowledge_format=knowledge_format,
+            system_prompt=system_prompt,
+            strategy=strategy,
+            steering=steering,
+            agent_role=agent_role,
+            streaming=streaming,
+            callback_manager=callback_manager,
+        )
+        super().__init__(retriever, synthesizer, node_postprocessors, callback_manager)
+
+    @property
+    def synthesizer(self) -> KVPackSynthesizer:
+        assert isinstance(self._response_synthesizer, KVPackSynthesizer)
+        return self._response_synthesizer
+
+    @classmethod
+    def from_kb(
+        cls,
+        kb: str,
+        *,
+        store: str | None = None,
+        llm: KVPackLLM | None = None,
+        similarity_top_k: int = 4,
+        order: Literal["score", "source"] = "source",
+        retriever_options: dict[str, Any] | None = None,
+        **engine_options: Any,
+    ) -> KVPackQueryEngine:
+        """A `KVPackLlamaRetriever` over `kb` (hits in store order by default) feeding this engine."""
+        retriever = KVPackLlamaRetriever(
+            kb,
+            store=store,
+            similarity_top_k=similarity_top_k,
+            order=order,
+            **(retriever_options or {}),
+        )
+        return cls(retriever, llm, **engine_options)

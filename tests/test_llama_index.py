@@ -1,0 +1,541 @@
+"""The LlamaIndex integration on tiny models: translation, metadata, chat/stream/async, nodes as segments
+equal to a stock text `RetrieverQueryEngine`, tools and structured output, the planned agent, steering by
+role, the retriever (pack and Chroma) and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock, ToolCallBlock
+from llama_index.core.memory import Memory
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
+from llama_index.core.tools import FunctionTool
+from pydantic import BaseModel
+
+from kvpack_integrations import build_pack, load_model
+from kvpack_integrations.composition import RadixTree
+from kvpack_integrations.engine.chat import prepare
+from kvpack_integrations.engine.registry import shared_engine
+from kvpack_integrations.errors import (
+    CorruptSegmentError,
+    FingerprintMismatchError,
+    InvalidInputError,
+    UnknownKnowledgeBaseError,
+)
+from kvpack_integrations.knowledge.knowledge_base import KnowledgeBase
+from kvpack_integrations.llama_index import (
+    KVPackLlamaRetriever,
+    KVPackLLM,
+    KVPackQueryEngine,
+    KVPackSynthesizer,
+    record_usage,
+    text_qa_template,
+)
+from kvpack_integrations.llama_index.agent import EMPTY_QUERY, KVRetrievalTool, retrieval_agent
+from kvpack_integrations.llama_index.messages import node_documents, to_turns
+from kvpack_integrations.llama_index.retriever import FACT_KEY
+from kvpack_integrations.prompts.conversation import ChatTurn, render_conversation
+from kvpack_integrations.prompts.knowledge import KnowledgeFormat
+from kvpack_integrations.segments.handles import HANDLE_KEY, SegmentHandle
+from kvpack_integrations.segments.pack_store import PackStore
+from kvpack_integrations.steering import build_steering_vector
+
+from .conftest import FACTS, QUESTION
+from .support.tiny_models import save_model_dir
+
+MAX = 12
+MORE_FACTS = [*FACTS, "Kelmark is a town on the coast of Ondria.", "Ilsa Varno founded Norhaven Labs in 2011."]
+FORMAL = [("Certainly, I would be delighted to assist.", "yeah sure"), ("Kindly allow me to explain.", "ok so")]
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def pack_store(tmp_path_factory: pytest.TempPathFactory, model_root) -> PackStore:
+    """A pack of MORE_FACTS for the llama and qwen2 tiny models (one store per family)."""
+    root = tmp_path_factory.mktemp("stores")
+    for family in ("llama", "qwen2", "gemma", "mistral"):
+        loaded = load_model(save_model_dir(family, model_root))
+        build_pack(loaded, RadixTree(loaded.fingerprint), PackStore(root / family), "kb", MORE_FACTS)
+    return PackStore(root)
+
+
+def _store(pack_store: PackStore, family: str) -> str:
+    return str(pack_store.root / family)
+
+
+def _llm(model_root, family: str = "llama", **kwargs) -> KVPackLLM:
+    return KVPackLLM(model=save_model_dir(family, model_root), max_tokens=kwargs.pop("max_tokens", MAX), **kwargs)
+
+
+def _kvpack(response) -> dict:
+    return response.raw["kvpack"]
+
+
+# -- translation ---------------------------------------------------------------------------------------
+
+
+def test_messages_translate_to_turns() -> None:
+    call = ToolCallBlock(tool_call_id="c1", tool_name="search", tool_kwargs={"query": "battery"})
+    openai_style = {"id": "c2", "type": "function", "function": {"name": "search", "arguments": '{"query": "drone"}'}}
+    messages = [
+        ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
+        ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="Who makes"), TextBlock(text="the battery?")]),
+        ChatMessage(role=MessageRole.ASSISTANT, blocks=[TextBlock(text=""), call]),
+        ChatMessage(
+            role=MessageRole.TOOL,
+            blocks=[TextBlock(text=FACTS[2]), TextBlock(text=FACTS[1])],
+            additional_kwargs={"tool_call_id": "c1"},
+        ),
+        ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs={"tool_calls": [openai_style]}),
+        ChatMessage(role="chatbot", content="Quill Energy."),
+    ]
+    turns = to_turns(messages).turns
+    assert [t.role for t in turns] == ["system", "user", "assistant", "tool", "assistant", "assistant"]
+    assert turns[1].content == "Who makes\nthe battery?" == messages[1].content
+    assert turns[2].tool_calls[0].name == "search" and turns[2].tool_calls[0].arguments == {"query": "battery"}
+    assert turns[3].content == messages[3].content and turns[3].documents == (FACTS[2], FACTS[1])
+    assert turns[3].tool_call_id == "c1"
+    assert turns[4].tool_calls[0].arguments == {"query": "drone"} and turns[4].tool_calls[0].id == "c2"
+    with pytest.raises(InvalidInputError, match="'image' are not supported"):
+        to_turns([ChatMessage(role="user", blocks=[ImageBlock(url="http://example.com/x.png")])])
+    bad_args = ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_name="search", tool_kwargs="{not json")])
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        to_turns([bad_args])
+    with pytest.raises(InvalidInputError, match="expected a llama_index ChatMessage"):
+        to_turns(["hello"])  # type: ignore[list-item]
+
+
+def test_nodes_translate_to_texts_and_handles() -> None:
+    handle = SegmentHandle("/s", "kb", 2, "seg2", "abc", "m")
+    hidden = TextNode(
+        text=f"  {FACTS[2]}  ",
+        metadata={HANDLE_KEY: handle.to_dict(), "page": 3},
+        excluded_llm_metadata_keys=[HANDLE_KEY],
+    )
+    documents = node_documents([NodeWithScore(node=hidden, score=0.5), TextNode(text=" "), "plain text"])
+    assert [d.text for d in documents] == [hidden.get_content(metadata_mode=MetadataMode.LLM).strip(), "plain text"]
+    assert documents[0].text.startswith("page: 3") and documents[0].text.endswith(FACTS[2])  # visible metadata kept
+    assert [d.handle for d in documents] == [handle, None]
+    with pytest.raises(InvalidInputError, match=r"nodes\[0\].*handle lacks"):
+        node_documents([TextNode(text="x", metadata={HANDLE_KEY: {"pack": "kb"}})])
+    with pytest.raises(InvalidInputError, match=r"nodes\[0\] is a int"):
+        node_documents([3])
+
+
+# -- the LLM ---------------------------------------------------------------------------------------------
+
+
+def test_metadata_and_options(model_root) -> None:
+    llm = _llm(model_root)
+    meta = llm.metadata
+    assert meta.context_window == 2048 and meta.num_output == MAX  # the tiny models' max_position_embeddings
+    assert meta.is_chat_model and meta.is_function_calling_model
+    assert meta.model_name == llm.model and meta.system_role == MessageRole.SYSTEM
+    assert _llm(model_root, context_window=512).metadata.context_window == 512
+    assert KVPackLLM().metadata.model_name == "SmolLM2-135M-Instruct"  # no weights needed for the name
+    with pytest.raises(InvalidInputError, match="unknown arguments: temprature"):
+        KVPackLLM(temprature=0.5)
+    with pytest.raises(InvalidInputError, match="unknown call options: foo"):
+        llm.chat([ChatMessage(role="user", content=QUESTION)], foo=1)
+    with pytest.raises(InvalidInputError, match="pass the prompt unformatted"):
+        llm.complete("Hi", formatted=True)
+    with pytest.raises(UnknownKnowledgeBaseError, match="missing"):
+        KVPackLLM(kb="missing", store="/nonexistent-kvpack-store")
+
+
+async def test_chat_complete_stream_and_async_agree(model_root) -> None:
+    llm = _llm(model_root, "qwen2")
+    messages = [ChatMessage(role="user", content=QUESTION)]
+    reply = llm.chat(messages)
+    assert reply.raw["usage"]["prompt_tokens"] == _kvpack(reply)["input_tokens"] > 0
+    assert reply.raw["usage"]["completion_tokens"] == _kvpack(reply)["output_tokens"] > 0
+    assert reply.additional_kwargs["prompt_tokens"] == _kvpack(reply)["input_tokens"]
+    assert reply.raw["model"] == llm.loaded_model().name and reply.raw["finish_reason"] in ("stop", "length")
+    chunks = list(llm.stream_chat(messages))
+    assert "".join(c.delta or "" for c in chunks) == chunks[-1].message.content == reply.message.content
+    assert len(chunks) > 2 and "kvpack" in chunks[-1].raw
+    assert (await llm.achat(messages)).message.content == reply.message.content
+    streamed = [c async for c in await llm.astream_chat(messages)]
+    assert streamed[-1].message.content == reply.message.content
+    # completion: the prompt is one user turn, so it equals the chat reply
+    assert llm.complete(QUESTION).text == reply.message.content == (await llm.acomplete(QUESTION)).text
+    assert "".join(c.delta or "" for c in llm.stream_complete(QUESTION)) == reply.message.content
+    assert [c.text async for c in await llm.astream_complete(QUESTION)][-1] == reply.message.content
+    # the second identical call reuses the whole remembered prompt but its last token
+    again = llm.chat(messages)
+    assert _kvpack(again)["cached_tokens"] == _kvpack(again)["input_tokens"] - 1
+    assert again.additional_kwargs["cached_tokens"] == _kvpack(again)["cached_tokens"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "mistral"])
+def test_nodes_as_segments_equal_text_stuffing(model_root, family: str) -> None:
+    llm = _llm(model_root, family)
+    question = [ChatMessage(role="user", content=QUESTION)]
+    system = KnowledgeFormat().system_content(FACTS)
+    text = llm.chat([ChatMessage(role="system", content=system), *question], strategy="text")
+    kv = llm.chat(question, nodes=[TextNode(text=f) for f in FACTS])
+    again = llm.chat(question, nodes=FACTS)
+    assert kv.message.content == text.message.content == again.message.content
+    assert _kvpack(text)["input_tokens"] == _kvpack(kv)["input_tokens"]
+    assert _kvpack(again)["cached_tokens"] == _kvpack(again)["input_tokens"] - 1
+    assert _kvpack(again)["strategy"] == "exact" and _kvpack(again)["exact"] is True
+
+
+# -- the query engine ------------------------------------------------------------------------------------
+
+
+def _prompt_ids(llm: KVPackLLM, messages, **kwargs) -> list[int]:
+    """The token ids KVPackLLM renders for a call (what the model is sent)."""
+    loaded = llm.loaded_model()
+    request, _, _ = llm._request(messages, kwargs, loaded)
+    engine = shared_engine(loaded)
+    with engine.lock:
+        return prepare(engine, request)[0].token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "mistral"])
+def test_query_engine_equals_a_stock_text_query_engine(model_root, pack_store, family: str) -> None:
+    store = _store(pack_store, family)
+    retriever = KVPackLlamaRetriever("kb", store=store, similarity_top_k=3, order="source")
+    ours = KVPackQueryEngine(retriever, _llm(model_root, family), system_prompt="Answer briefly.")
+    text_llm = _llm(model_root, family, strategy="text", remember=False)
+    template = ours.synthesizer.text_qa_template()
+    stock = RetrieverQueryEngine.from_args(retriever, llm=text_llm, text_qa_template=template)
+    questions = [QUESTION, "Where is Norhaven Labs?", "How long does the Aurora X2 fly?"]
+    with record_usage() as usage:
+        for q in questions:
+            text_answer, kv_answer = stock.query(q), ours.query(q)
+            assert kv_answer.response == text_answer.response
+            assert [n.node.node_id for n in kv_answer.source_nodes] == [
+                n.node.node_id for n in text_answer.source_nodes
+            ]
+    text_reports, kv_reports = usage.reports[0::2], usage.reports[1::2]
+    assert [r["strategy"] for r in text_reports] == ["text"] * 3 and [r["strategy"] for r in kv_reports] == [
+        "exact"
+    ] * 3
+    assert [r["input_tokens"] for r in text_reports] == [r["input_tokens"] for r in kv_reports]
+    assert sum(r["prefilled_tokens"] for r in kv_reports) < sum(r["prefilled_tokens"] for r in text_reports)
+    # token for token: the stock engine's messages render to exactly our prompt
+    q = questions[0]
+    nodes = retriever.retrieve(q)
+    stock_messages = template.format_messages(
+        context_str="\n\n".join(n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes), query_str=q
+    )
+    ours_ids = _prompt_ids(ours.synthesizer._kvpack_llm, ours.synthesizer._messages(q), nodes=nodes)
+    assert _prompt_ids(text_llm, stock_messages) == ours_ids
+    # every fact retrieved, in pack order: the stored pack opens the prompt and is served from the store
+    everything = KVPackLlamaRetriever("kb", store=store, similarity_top_k=len(MORE_FACTS), order="source")
+    shared_engine(text_llm.loaded_model()).tree.clear()
+    with record_usage() as usage:
+        answer = KVPackQueryEngine(everything, ours.synthesizer._kvpack_llm).query(q).response
+        assert (
+            answer
+            == RetrieverQueryEngine.from_args(everything, llm=text_llm, text_qa_template=text_qa_template())
+            .query(q)
+            .response
+        )
+    kv_report = usage.reports[0]
+    assert any("loaded from" in n for n in kv_report["notes"])
+    knowledge_end = render_conversation(
+        text_llm.loaded_model().tokenizer, [ChatTurn("user", q)], knowledge=MORE_FACTS
+    ).knowledge_tokens
+    assert kv_report["cached_tokens"] >= knowledge_end
+
+
+async def test_query_engine_async_streaming_and_repeat_reuse(model_root, pack_store) -> None:
+    store = _store(pack_store, "llama")
+    llm = _llm(model_root)
+    retriever = KVPackLlamaRetriever("kb", store=store, similarity_top_k=2, order="source")
+    plain = KVPackQueryEngine(retriever, llm)
+    streaming = KVPackQueryEngine(retriever, llm, streaming=True)
+    with record_usage() as usage:
+        answer = plain.query(QUESTION)
+        stock_class = RetrieverQueryEngine(retriever, response_synthesizer=KVPackSynthesizer(llm))  # usable as is
+        assert stock_class.query(QUESTION).response == answer.response
+        assert (await plain.aquery(QUESTION)).response == answer.response
+        assert "".join(streaming.query(QUESTION).response_gen) == answer.response
+        stream = await streaming.aquery(QUESTION)
+        assert "".join([t async for t in stream.async_response_gen()]) == answer.response
+    first, *repeats = usage.reports
+    assert all(r["cached_tokens"] == r["input_tokens"] - 1 for r in repeats)  # the whole prompt came from cache
+    assert first["input_tokens"] == repeats[0]["input_tokens"]
+
+
+def test_stock_compact_template_and_synthesizer_rules(model_root) -> None:
+    template = text_qa_template(system_prompt="Be brief.")
+    system, user = template.format_messages(context_str="A\n\nB", query_str="Q?")
+    assert system.content == f"{KnowledgeFormat().instruction}\n\nA\n\nB\n\nBe brief." and user.content == "Q?"
+    with pytest.raises(InvalidInputError, match="no stock text twin"):
+        text_qa_template(KnowledgeFormat(separator="\n"))
+    from llama_index.core.llms import MockLLM
+
+    with pytest.raises(InvalidInputError, match="needs a KVPackLLM, not MockLLM"):
+        KVPackSynthesizer(MockLLM())
+    synthesizer = KVPackSynthesizer(_llm(model_root))
+    with pytest.raises(InvalidInputError, match="layout is fixed"):
+        synthesizer.update_prompts({"text_qa_template": template})
+    assert synthesizer.synthesize(QUESTION, []).response == "Empty Response"  # nothing retrieved: no call
+    with pytest.raises(InvalidInputError, match="unknown synthesizer options: colour"):
+        synthesizer.synthesize(QUESTION, [NodeWithScore(node=TextNode(text=FACTS[0]))], colour="red")
+    # called directly with text chunks, the chunks are the documents
+    direct = synthesizer.get_response(QUESTION, FACTS)
+    assert direct == _llm(model_root).chat([ChatMessage(role="user", content=QUESTION)], nodes=FACTS).message.content
+
+
+# -- bad segments ------------------------------------------------------------------------------------------
+
+
+def _node(text: str, handle: SegmentHandle) -> NodeWithScore:
+    return NodeWithScore(
+        node=TextNode(text=text, metadata={HANDLE_KEY: handle.to_dict()}, excluded_llm_metadata_keys=[HANDLE_KEY])
+    )
+
+
+def test_nodes_from_another_model_or_a_missing_store(model_root, pack_store, tmp_path) -> None:
+    llm, strict = _llm(model_root), _llm(model_root, strict_segments=True)
+    question = [ChatMessage(role="user", content=QUESTION)]
+    expected = llm.chat(question, nodes=FACTS[:2], strategy="text").message.content
+    foreign = [
+        _node(f, SegmentHandle("/elsewhere", "kb", i, "seg", "0123456789abcdef", "other-model"))
+        for i, f in enumerate(FACTS[:2])
+    ]
+    reply = llm.chat(question, nodes=foreign)
+    assert reply.message.content == expected
+    assert any("other-model" in n and "computed on this model" in n for n in _kvpack(reply)["notes"])
+    with pytest.raises(FingerprintMismatchError, match="other-model"):
+        strict.chat(question, nodes=foreign)
+    # a pack deleted from its store after retrieval: recomputed with a note, or refused when strict
+    copy = tmp_path / "store"
+    shutil.copytree(_store(pack_store, "llama"), copy)
+    retriever = KVPackLlamaRetriever("kb", store=str(copy), similarity_top_k=2)
+    nodes = retriever.retrieve(QUESTION)
+    PackStore(copy).delete("kb")
+    gone = llm.chat(question, nodes=nodes)
+    assert (
+        gone.message.content
+        == llm.chat(question, nodes=[n.node.get_content() for n in nodes], strategy="text").message.content
+    )
+    assert any("no knowledge base named 'kb'" in n and "computed on this model" in n for n in _kvpack(gone)["notes"])
+    with pytest.raises(UnknownKnowledgeBaseError, match="'kb'"):
+        strict.chat(question, nodes=nodes)
+    # a pack rebuilt with other facts: the nodes' segments are gone from it
+    loaded = llm.loaded_model()
+    build_pack(loaded, RadixTree(loaded.fingerprint), PackStore(copy), "kb", ["Something else entirely."])
+    rebuilt = llm.chat(question, nodes=nodes)
+    assert any("no longer in" in n and "rebuilt" in n for n in _kvpack(rebuilt)["notes"])
+    with pytest.raises(CorruptSegmentError, match="rebuilt"):
+        strict.chat(question, nodes=nodes)
+
+
+# -- tools and structured output -------------------------------------------------------------------------
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def lookup(city: str) -> str:
+    """Look up a city."""
+    return f"{city} is a city."
+
+
+class Drone(BaseModel):
+    name: str
+    flight_minutes: int
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_forced_tool_calls_and_structured_output(model_root, family: str) -> None:
+    llm = _llm(model_root, family, max_tokens=200)
+    tools = [FunctionTool.from_defaults(add), FunctionTool.from_defaults(lookup)]
+    response = llm.chat_with_tools(tools, user_msg="What is 2 + 3?", tool_required=True)
+    calls = llm.get_tool_calls_from_response(response)
+    assert len(calls) == 1 and calls[0].tool_name in ("add", "lookup") and len(calls[0].tool_id) == 9
+    if calls[0].tool_name == "add":
+        assert isinstance(calls[0].tool_kwargs["a"], int) and isinstance(calls[0].tool_kwargs["b"], int)
+    assert response.raw["finish_reason"] == "tool_calls"
+    named = llm.chat_with_tools(tools, user_msg="Where?", tool_choice="lookup")
+    assert llm.get_tool_calls_from_response(named)[0].tool_name == "lookup"
+    out = llm.predict_and_call(tools, user_msg="Where?", tool_choice="lookup")  # the tool really runs
+    assert out.response.endswith("is a city.") and out.sources[0].tool_name == "lookup"
+    drone = llm.structured_predict(Drone, text_qa_template(), context_str=FACTS[1], query_str="Describe the drone.")
+    assert isinstance(drone, Drone) and isinstance(drone.flight_minutes, int)
+    # the next step, with the call and its result in the history, reuses the whole earlier prompt
+    history = [ChatMessage(role="user", content="Where?"), named.message]
+    history.append(ChatMessage(role="tool", content="Ondria.", additional_kwargs={"tool_call_id": calls[0].tool_id}))
+    follow = llm.chat(history, tools=tools, tool_choice="none")
+    assert _kvpack(follow)["cached_tokens"] >= _kvpack(named)["input_tokens"]
+    with pytest.raises(ValueError, match="without calling a tool"):
+        llm.get_tool_calls_from_response(follow)
+    with pytest.raises(InvalidInputError, match="tool_choice 'nope'"):
+        llm.chat_with_tools(tools, user_msg="x", tool_choice="nope")
+
+
+# -- the agent -------------------------------------------------------------------------------------------
+
+
+async def _run_agent(llm: KVPackLLM, store: str, streaming: bool) -> tuple[list, list[dict]]:
+    """The messages the agent stored (role, text, calls) and the usage report of each model call."""
+    retriever = KVPackLlamaRetriever("kb", store=store, similarity_top_k=1)
+    agent = retrieval_agent(llm, retriever, retrievals=2, streaming=streaming, system_prompt="Search, then answer.")
+    memory = Memory.from_defaults(session_id=f"test-{streaming}")
+    with record_usage() as usage:
+        await agent.run(user_msg=QUESTION, memory=memory)
+    messages = await memory.aget_all()
+    steps = [
+        (m.role.value, m.content, [(b.tool_name, b.tool_kwargs) for b in m.blocks if isinstance(b, ToolCallBlock)])
+        for m in messages
+    ]
+    return steps, usage.reports
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+async def test_agent_equals_text_stuffing_and_prefills_only_new_tokens(model_root, pack_store, family: str) -> None:
+    store = _store(pack_store, family)
+    kv_steps, kv = await _run_agent(_llm(model_root, family, max_tokens=40), store, streaming=False)
+    text_steps, text = await _run_agent(_llm(model_root, family, max_tokens=40, strategy="text"), store, streaming=True)
+    assert kv_steps == text_steps
+    assert [role for role, _, _ in kv_steps] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert [len(calls) for role, _, calls in kv_steps if role == "assistant"] == [1, 1, 0]  # 2 retrievals, answer
+    assert kv_steps[2][1] in MORE_FACTS or kv_steps[2][1] == EMPTY_QUERY  # the tool turn: the retrieved fact
+    assert len(kv) == len(text) == 3
+    for previous, step in itertools.pairwise(kv):
+        assert step["cached_tokens"] >= previous["input_tokens"]  # the whole earlier prompt reused
+    assert sum(r["prefilled_tokens"] for r in kv) < sum(r["prefilled_tokens"] for r in text) / 2
+
+
+def test_retrieval_tool_and_agent_validation(model_root, pack_store) -> None:
+    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=2)
+    tool = KVRetrievalTool(retriever)
+    output = tool.call(query="Who makes the battery?")
+    assert [b.text for b in output.blocks] == [n.node.text for n in output.raw_output]
+    assert output.content == "\n".join(n.node.text for n in output.raw_output)
+    assert tool.call(query="  ").content == EMPTY_QUERY
+    assert tool.metadata.to_openai_tool()["function"]["parameters"]["required"] == ["query"]
+    with pytest.raises(InvalidInputError, match="at least one tool"):
+        retrieval_agent(_llm(model_root), [])
+    with pytest.raises(InvalidInputError, match="retrievals must be"):
+        retrieval_agent(_llm(model_root), retriever, retrievals=-1)
+
+
+# -- steering --------------------------------------------------------------------------------------------
+
+
+def test_steering_per_llm_call_role_and_query_engine(model_root, pack_store) -> None:
+    llm = _llm(model_root, max_tokens=8)
+    formal = build_steering_vector(llm.loaded_model(), FORMAL, layers="all", alpha=0.5, name="formal", progress=False)
+    question = [ChatMessage(role="user", content="Describe the drone.")]
+    plain = llm.chat(question)
+    direct = llm.chat(question, steering=formal)
+    assert _kvpack(plain)["steering"] == [] and _kvpack(direct)["steering"] == ["formal:0.5"]
+    assert _kvpack(direct)["exact"] is False and direct.message.content != plain.message.content
+    roles = KVPackLLM(model=llm.model, max_tokens=8, roles={"writer": formal, "critic": []})
+    writer = roles.for_role("writer")
+    assert writer.chat(question).message.content == direct.message.content
+    assert roles.chat(question, agent_role="writer").message.content == direct.message.content
+    assert (
+        KVPackLLM(model=llm.model, max_tokens=8, steering=[formal]).chat(question).message.content
+        == direct.message.content
+    )
+    critic = roles.for_role("critic").chat(question)
+    assert critic.message.content == plain.message.content
+    assert any("role 'critic' has no steering vector" in n for n in _kvpack(critic)["notes"])
+    # steering selected per query engine; the unsteered engine shares the weights and the prefix tree
+    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=2)
+    with record_usage() as usage:
+        KVPackQueryEngine(retriever, llm, steering=[formal]).query(QUESTION)
+        KVPackQueryEngine(retriever, roles, agent_role="writer").query(QUESTION)
+        KVPackQueryEngine(retriever, llm).query(QUESTION)
+    assert [r["steering"] for r in usage.reports] == [["formal:0.5"], ["formal:0.5"], []]
+    with pytest.raises(InvalidInputError, match="SteeringVector"):
+        KVPackLLM(steering=["formal"])
+    with pytest.raises(InvalidInputError, match="role names"):
+        KVPackLLM(roles={"": formal})
+    with pytest.raises(InvalidInputError, match="agent_role must be"):
+        llm.for_role("")
+
+
+# -- the retriever ---------------------------------------------------------------------------------------
+
+
+def test_pack_retriever_nodes_carry_handles(pack_store) -> None:
+    store = _store(pack_store, "llama")
+    retriever = KVPackLlamaRetriever("kb", store=store, similarity_top_k=3)
+    hits = retriever.retrieve("Who makes the Tessel-9 battery?")
+    assert len(hits) == 3 and hits[0].node.get_content() == FACTS[2]
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    manifest = PackStore(store).manifest("kb")
+    handle = SegmentHandle.from_dict(hits[0].node.metadata[HANDLE_KEY])
+    assert handle.pack == "kb" and handle.fact_index == 2 and handle.fingerprint == manifest.fingerprint.digest
+    assert handle.segment_id in manifest.segment_ids and hits[0].node.node_id == handle.segment_id
+    assert hits[0].node.get_content(metadata_mode=MetadataMode.LLM) == FACTS[2]  # no metadata header
+    ordered = KVPackLlamaRetriever("kb", store=store, similarity_top_k=3, order="source").retrieve(
+        "Who makes the Tessel-9 battery?"
+    )
+    assert sorted(h.node.node_id for h in ordered) == sorted(h.node.node_id for h in hits)
+    indexes = [SegmentHandle.from_dict(h.node.metadata[HANDLE_KEY]).fact_index for h in ordered]
+    assert indexes == sorted(indexes)
+    with pytest.raises(UnknownKnowledgeBaseError, match="nope"):
+        KVPackLlamaRetriever("nope", store=store)
+    with pytest.raises(InvalidInputError, match="query is empty"):
+        retriever.retrieve("  ")
+    with pytest.raises(InvalidInputError, match="k must be a positive integer"):
+        KVPackLlamaRetriever("kb", store=store, similarity_top_k=0)
+    with pytest.raises(InvalidInputError, match="unknown order"):
+        KVPackLlamaRetriever("kb", store=store, order="random")  # type: ignore[arg-type]
+
+
+async def test_chroma_retriever_feeds_the_query_engine(model_root, tmp_path) -> None:
+    KnowledgeBase("facts", tmp_path / "kb").add(MORE_FACTS, progress=False)
+    retriever = KVPackLlamaRetriever("facts", backend="chroma", chroma_path=str(tmp_path / "kb"), similarity_top_k=2)
+    hits = await retriever.aretrieve("Who makes the Tessel-9 battery?")
+    assert hits[0].node.get_content(metadata_mode=MetadataMode.LLM) == FACTS[2]
+    assert hits[0].node.metadata[FACT_KEY]["kb"] == "facts" and "similarity" in hits[0].node.metadata
+    llm = _llm(model_root)
+    stock = RetrieverQueryEngine.from_args(
+        retriever, llm=_llm(model_root, strategy="text"), text_qa_template=text_qa_template()
+    )
+    assert KVPackQueryEngine(retriever, llm).query(QUESTION).response == stock.query(QUESTION).response
+    with pytest.raises(UnknownKnowledgeBaseError, match="other"):
+        KVPackLlamaRetriever("other", backend="chroma", chroma_path=str(tmp_path / "kb"))
+
+
+def test_packet_strategy_through_the_query_engine(model_root, pack_store, tmp_path) -> None:
+    from kvpack_integrations.llama_index.retriever import PACKET_KEY
+    from kvpack_integrations.packet.adapter import PacketAdapter
+
+    path = save_model_dir("llama", model_root)
+    adapter = str(PacketAdapter.initial(load_model(path), 2, 2).save(tmp_path / "adapter.safetensors"))
+    packets = str(tmp_path / "packets")
+    retriever = KVPackLlamaRetriever(
+        "kb",
+        store=_store(pack_store, "llama"),
+        similarity_top_k=2,
+        composition="packet",
+        model=path,
+        packet_store=packets,
+        packet_adapter=adapter,
+    )
+    hits = retriever.retrieve(QUESTION)
+    assert (
+        hits[0].node.metadata[PACKET_KEY]["composition"] == "packet" and hits[0].node.metadata[PACKET_KEY]["built_now"]
+    )
+    assert PACKET_KEY not in hits[0].node.get_content(metadata_mode=MetadataMode.LLM)
+    llm = KVPackLLM(max_tokens=6, packet_store=packets, packet_adapter=adapter, model=path)
+    with record_usage() as usage:
+        KVPackQueryEngine(retriever, llm, strategy="packet").query(QUESTION)
+        KVPackQueryEngine(retriever, llm).query(QUESTION)
+    packet, exact = usage.reports
+    assert packet["strategy"] == "packet" and packet["exact"] is False
+    assert any("nothing recomputed" in n for n in packet["notes"]) and not any(
+        "cached now" in n for n in packet["notes"]
+    )
+    assert exact["strategy"] == "exact" and exact["exact"] is True
