@@ -27,7 +27,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not default_model"
 
 lint: install
-	$(BIN)/ruff check kvpack_integrations tests benchmarks
+	$(BIN)/ruff check kvpack_integrations tests benchmarks notebooks
 	$(BIN)/ruff format --check kvpack_integrations tests benchmarks
 	$(BIN)/mypy
 

@@ -95,6 +95,29 @@ def test_bound_knowledge_base_is_served_from_the_store(model_root, store) -> Non
     assert again.usage_metadata["input_token_details"]["cache_read"] >= pack_tokens
 
 
+def test_documents_in_pack_order_open_their_stored_pack(model_root, store) -> None:
+    """Retrieved documents that start with a pack's first fact are served from the stored pack."""
+    from kvpack_integrations.engine.registry import shared_engine
+    from kvpack_integrations.langchain import KVPackRetriever
+
+    directory = save_model_dir("llama", model_root)
+    loaded = load_model(directory)
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "opened", FACTS)
+    retriever = KVPackRetriever(kb="opened", store=str(store.root), k=len(FACTS))
+    docs = sorted(retriever.invoke(QUESTION), key=lambda d: d.metadata[HANDLE_KEY]["fact_index"])
+    chat = KVPackChatModel(model=directory, max_tokens=MAX)
+    shared_engine(loaded).tree.clear()
+    reply = chat.invoke(QUESTION, documents=docs)
+    assert reply.content == chat.invoke(QUESTION, documents=FACTS, strategy="text").content
+    assert any("that the documents open loaded from" in n for n in reply.response_metadata["kvpack"]["notes"])
+    assert reply.usage_metadata["input_token_details"]["cache_read"] >= store.manifest("opened").token_count
+    # out of pack order nothing is loaded (the texts are the same, the prefix is not)
+    shared_engine(loaded).tree.clear()
+    shuffled = chat.invoke(QUESTION, documents=docs[::-1])
+    assert not any("loaded from" in n for n in shuffled.response_metadata["kvpack"]["notes"])
+    assert shuffled.usage_metadata["input_token_details"]["cache_read"] < store.manifest("opened").token_count
+
+
 def test_unknown_knowledge_base_is_named_at_construction(store) -> None:
     with pytest.raises(UnknownKnowledgeBaseError, match="no knowledge base named 'missing'"):
         KVPackChatModel(kb="missing", store=str(store.root))
@@ -150,7 +173,7 @@ def test_forced_tool_calls_are_valid_on_random_weights(model_root, family: str) 
 
 def test_tool_choice_and_schema_errors(model_root) -> None:
     chat = _chat(model_root)
-    with pytest.raises(InvalidInputError, match="not auto/none/any/required or a bound tool"):
+    with pytest.raises(InvalidInputError, match="not auto/none/any/required or a given tool"):
         chat.bind_tools([add], tool_choice="multiply")
     bad = {"type": "function", "function": {"name": "remote", "parameters": {"$ref": "https://x/schema.json"}}}
     with pytest.raises(InvalidInputError, match="tool 'remote' cannot be called"):

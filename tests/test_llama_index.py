@@ -194,7 +194,7 @@ def test_nodes_as_segments_equal_text_stuffing(model_root, family: str) -> None:
 def _prompt_ids(llm: KVPackLLM, messages, **kwargs) -> list[int]:
     """The token ids KVPackLLM renders for a call (what the model is sent)."""
     loaded = llm.loaded_model()
-    request, _, _ = llm._request(messages, kwargs, loaded)
+    request, _ = llm._request(messages, kwargs, loaded)
     engine = shared_engine(loaded)
     with engine.lock:
         return prepare(engine, request)[0].token_ids
@@ -461,6 +461,28 @@ def test_steering_per_llm_call_role_and_query_engine(model_root, pack_store) -> 
         KVPackLLM(roles={"": formal})
     with pytest.raises(InvalidInputError, match="agent_role must be"):
         llm.for_role("")
+
+
+async def test_two_agent_roles_share_one_model_one_knowledge_base_and_the_prefix(model_root, pack_store) -> None:
+    """A researcher (unsteered) retrieves and answers; a writer (steered) continues the same conversation."""
+    llm = _llm(model_root, max_tokens=10)
+    formal = build_steering_vector(llm.loaded_model(), FORMAL, layers="all", alpha=0.5, name="formal", progress=False)
+    team = KVPackLLM(model=llm.model, max_tokens=10, roles={"writer": formal})
+    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=1)
+    researcher = retrieval_agent(team.for_role("researcher"), retriever, retrievals=1, name="researcher")
+    writer = retrieval_agent(team.for_role("writer"), retriever, retrievals=0, name="writer")
+    memory = Memory.from_defaults(session_id="two-roles")
+    with record_usage() as usage:
+        await researcher.run(user_msg=QUESTION, memory=memory)
+        await writer.run(user_msg="Say it again, formally.", memory=memory)
+    reports = usage.reports
+    assert [r["steering"] for r in reports] == [[], [], ["formal:0.5"]]  # retrieval, answer; the writer's answer
+    assert [r["exact"] for r in reports] == [True, True, False]
+    assert any("role 'researcher' has no steering vector" in n for n in reports[0]["notes"])
+    # the writer's prompt extends the researcher's conversation: its whole last prompt comes from cache
+    assert reports[2]["cached_tokens"] >= reports[1]["input_tokens"]
+    roles = [m.role.value for m in await memory.aget_all()]
+    assert roles == ["user", "assistant", "tool", "assistant", "user", "assistant"]
 
 
 # -- the retriever ---------------------------------------------------------------------------------------

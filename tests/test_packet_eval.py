@@ -11,6 +11,7 @@ from kvpack_integrations.composition.cache_ops import empty_cache, forward
 from kvpack_integrations.composition.rope import rope_spec
 from kvpack_integrations.errors import CompositionError, InvalidInputError
 from kvpack_integrations.evaluation.datasets import Passage, QARow
+from kvpack_integrations.evaluation.metrics import text_f1
 from kvpack_integrations.evaluation.packet_eval import METHODS, PacketEvalOptions, run_packet_eval
 from kvpack_integrations.packet import PacketAdapter
 from kvpack_integrations.packet.compose import cache_packet, compose_packets
@@ -82,6 +83,10 @@ def test_every_method_in_one_harness(tmp_path) -> None:
     )
     assert not m["full"]["approximate"] and all(m[k]["approximate"] for k in METHODS if k != "full")
     assert m["full"]["f1_vs_full"] in (1.0, None) and m["packet"]["adapter"] == ""
+    assert m["full"]["agreement_f1"] == m["full"]["same_as_full"] == 1.0
+    by_row = {(r["row"], r["method"]): r["answer"] for r in rows}
+    naive_same = sum(by_row[(i, "naive")] == by_row[(i, "full")] for i in range(2)) / 2
+    assert m["naive"]["same_as_full"] == naive_same and 0 <= m["naive"]["agreement_f1"] <= 1
     with pytest.raises(InvalidInputError, match="unknown methods"):
         run_packet_eval(loaded, _rows(), adapter, PacketEvalOptions(methods=("magic",)), progress=False)
     with pytest.raises(InvalidInputError, match="no adapter"):
@@ -101,3 +106,9 @@ def test_an_interrupted_eval_resumes_from_its_records(tmp_path) -> None:
     other = [QARow("Another question?", ("x",), _rows()[0].passages)]
     with pytest.raises(InvalidInputError, match="records of other data"):
         run_packet_eval(loaded, other, None, opts, records_path=records, progress=False)
+
+
+def test_agreement_f1_compares_whole_answers() -> None:
+    assert text_f1("The band formed in New York.", "the band formed in new york") == 1.0
+    assert text_f1("", "") == 1.0 and text_f1("Paris", "") == 0.0 and text_f1("x y", "z") == 0.0
+    assert text_f1("Paris is big\nmore", "Paris is small") == 2 * (2 / 4) * (2 / 3) / (2 / 4 + 2 / 3)

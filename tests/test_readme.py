@@ -53,3 +53,16 @@ def test_readme_packet_example_runs(tmp_path: Path, capsys) -> None:
     assert " packet False " in out and "3 documents composed from independently cached packets" in out
     assert "nothing recomputed" in out and "cached now" not in out  # the retriever stored them first
     assert len(list((tmp_path / "packets").rglob("*.safetensors"))) == 3
+
+
+def test_readme_llama_index_example_runs(tmp_path: Path, capsys) -> None:
+    found = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = [b for b in found if "KVPackQueryEngine(" in b]
+    assert blocks, "README has no LlamaIndex example"
+    code = blocks[0].replace("~/.cache/kvpack", str(tmp_path))
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("True [('exact', ") and "('text', " in lines[0]  # same answer, both arms ran
+    kv_prefill, text_prefill = (int(x) for x in re.findall(r"'(?:exact|text)', (\d+)", lines[0]))
+    assert kv_prefill < text_prefill / 3  # the stored pack was loaded, not prefilled
+    assert lines[1] == "energy"

@@ -22,11 +22,12 @@ from ..packet.layout import PacketPrompt
 from ..prompts.conversation import ChatTurn, ConversationPrompt, render_conversation
 from ..prompts.knowledge import KnowledgeFormat
 from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from ..segments.handles import SegmentHandle, check_handle
+from ..segments.handles import SegmentHandle
 from ..steering.vector import SteeringVector
 from .engine import Engine, Prefilled
 from .json_decoding import GuidedDecoder, check_schema, decode_json
 from .settings import GenerationSettings
+from .stored_handles import check_stored_handles
 from .tool_calls import ParsedToolCall, new_call_id, parse_tool_calls
 from .usage import Usage
 
@@ -125,11 +126,14 @@ def _validate(request: ChatRequest, params: Mapping[str, Mapping[str, Any]]) -> 
 def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, list[str], float]:
     """Render the request and make sure a bound pack is resident; returns (prompt, notes, start time)."""
     t0 = time.perf_counter()
-    notes = [
-        n
-        for n in (check_handle(h, engine.loaded.fingerprint, strict=request.strict_segments) for h in request.handles)
-        if n
-    ]
+    notes = check_stored_handles(
+        engine,
+        request.handles,
+        request.knowledge,
+        strict=request.strict_segments,
+        verify=request.strategy == "exact",  # stored segments matter where caches are reused as they are
+        open_pack=request.pack is None,
+    )
     knowledge = list(request.knowledge)
     fmt = request.knowledge_format
     if request.pack is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 
+from ..packet.composer import PacketComposer
 from ..runtime.loader import LoadedModel
 from .engine import Engine
 
@@ -25,3 +26,24 @@ def shared_engine(loaded: LoadedModel) -> Engine:
             engine = Engine(loaded)
             _ENGINES[loaded.model] = engine
         return engine
+
+
+_COMPOSERS: weakref.WeakKeyDictionary[object, dict[tuple[str | None, str | None], PacketComposer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_packet_composer(loaded: LoadedModel, store: str | None, adapter: str | None) -> PacketComposer:
+    """The packet composer for a packet store and adapter (both None: the engine's own), one per process.
+
+    Integration objects (chat models, LLMs, retrievers) name their packets by paths; the adapter is
+    loaded and checked against the model once, not at every call.
+    """
+    if store is None and adapter is None:
+        return shared_engine(loaded).packets
+    with _GUARD:
+        composers = _COMPOSERS.setdefault(loaded.model, {})
+        composer = composers.get((store, adapter))
+        if composer is None:
+            composer = composers[(store, adapter)] = PacketComposer(loaded, store, adapter or "shipped")
+        return composer

@@ -42,7 +42,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.loader import LoadedModel
 from .datasets import QARow
 from .machine import machine_info
-from .metrics import exact_match, f1_score
+from .metrics import exact_match, f1_score, text_f1
 
 METHODS = ("full", "rerotated", "packet", "blend", "epic", "naive")
 APPROXIMATE = {"rerotated", "packet", "blend", "epic", "naive"}
@@ -180,9 +180,13 @@ def run_packet_eval(
         }
     full = summary.get("full")
     if full is not None:
-        for s in summary.values():
+        full_answers = {r["row"]: r["answer"] for r in records if r["method"] == "full"}
+        for method, s in summary.items():
             s["f1_vs_full"] = s["f1"] / full["f1"] if full["f1"] else None
             s["ttft_full_over_method"] = full["ttft_ms"] / s["ttft_ms"] if s["ttft_ms"] else None
+            pairs = [(r["answer"], full_answers[r["row"]]) for r in records if r["method"] == method]
+            s["agreement_f1"] = statistics.fmean(text_f1(a, b) for a, b in pairs)  # answer vs full's answer
+            s["same_as_full"] = statistics.fmean(float(a == b) for a, b in pairs)
     return {
         "data": data_name,
         "n": len(rows),

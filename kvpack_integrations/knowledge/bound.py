@@ -24,6 +24,13 @@ class BoundPack:
     _manifest: PackManifest | None = field(default=None, repr=False)
     _ids: list[int] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def open(cls, store: str | None, name: str) -> BoundPack:
+        """The pack `name` in `store` (default: $KVPACK_STORE); a missing pack is named now, not at the first call."""
+        pack_store = PackStore(store)
+        pack_store.manifest(name)
+        return cls(pack_store, name)
+
     def manifest(self) -> PackManifest:
         """The pack's current manifest (raises `UnknownKnowledgeBaseError` naming the store if it is gone)."""
         manifest = self.store.current_manifest(self.name)

@@ -29,15 +29,15 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..engine.chat import FREE_FORM_JSON, ChatReply, ChatRequest, chat, stream_chat, tool_parameters
-from ..engine.registry import shared_engine
+from ..engine.registry import shared_engine, shared_packet_composer
 from ..engine.settings import GenerationSettings
+from ..engine.tool_choice import normalize_tool_choice
 from ..engine.usage import Usage
 from ..errors import InvalidInputError
 from ..knowledge.bound import BoundPack
 from ..packet.composer import PacketComposer
 from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
-from ..segments.pack_store import PackStore
 from ..steering.vector import SteeringVector
 from .messages import call_documents, to_turns
 from .steering_callback import ROLE_KEY, steering_for_run
@@ -45,24 +45,6 @@ from .steering_callback import ROLE_KEY, steering_for_run
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 _STRUCTURED_METHODS = ("json_schema", "function_calling", "json_mode")
 _REMOTE_ONLY = frozenset({"timeout", "max_retries", "api_key", "base_url"})  # accepted, meaningless locally
-
-
-def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
-    """LangChain's tool_choice spellings -> auto | none | required | a tool name."""
-    if tool_choice is None or tool_choice == "auto":
-        return "auto"
-    if tool_choice is False or tool_choice == "none":
-        return "none"
-    if tool_choice is True or tool_choice in ("any", "required"):
-        return "required"
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        if isinstance(name, str):
-            tool_choice = name
-    if isinstance(tool_choice, str) and tool_choice in names:
-        return tool_choice
-    known = ", ".join(names) or "none are bound"
-    raise InvalidInputError(f"tool_choice {tool_choice!r} is not auto/none/any/required or a bound tool ({known})")
 
 
 class KVPackChatModel(BaseChatModel):
@@ -99,7 +81,6 @@ class KVPackChatModel(BaseChatModel):
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
     _pack: BoundPack | None = PrivateAttr(default=None)
-    _packets: dict[int, PacketComposer] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -116,9 +97,7 @@ class KVPackChatModel(BaseChatModel):
     @model_validator(mode="after")
     def _check_kb(self) -> KVPackChatModel:
         if self.kb is not None:
-            pack_store = PackStore(self.store)
-            pack_store.manifest(self.kb)  # a missing pack is named now, not at the first call
-            self._pack = BoundPack(pack_store, self.kb)
+            self._pack = BoundPack.open(self.store, self.kb)
         return self
 
     @property
@@ -162,15 +141,9 @@ class KVPackChatModel(BaseChatModel):
         """The weights for this instance (or a per-call `model=` override), loaded once per process."""
         return load_model(override or self.model, device=self.device, dtype=self.dtype)
 
-    def packet_composer(self, loaded: LoadedModel) -> PacketComposer | None:
-        """This instance's packet store and adapter, when set (else the engine's defaults are used)."""
-        if self.packet_store is None and self.packet_adapter is None:
-            return None
-        composer = self._packets.get(id(loaded))
-        if composer is None:
-            composer = PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
-            self._packets[id(loaded)] = composer
-        return composer
+    def packet_composer(self, loaded: LoadedModel) -> PacketComposer:
+        """This instance's packet store and adapter (the engine's defaults when neither is set)."""
+        return shared_packet_composer(loaded, self.packet_store, self.packet_adapter)
 
     # -- requests -------------------------------------------------------------------------------------
 

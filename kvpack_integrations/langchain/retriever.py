@@ -18,7 +18,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from ..engine.registry import shared_engine
+from ..engine.registry import shared_packet_composer
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher
 from ..packet.composer import PacketComposer
@@ -92,10 +92,7 @@ class KVPackRetriever(BaseRetriever):
         return self._searcher
 
     def _packets(self) -> PacketComposer:
-        loaded = load_model(self.model)
-        if self.packet_store is None and self.packet_adapter is None:
-            return shared_engine(loaded).packets  # the chat model's default store and adapter
-        return PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
+        return shared_packet_composer(load_model(self.model), self.packet_store, self.packet_adapter)
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any

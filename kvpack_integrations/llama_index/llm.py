@@ -7,7 +7,7 @@ one engine (one prefix tree), so an agent's next step prefills only what is new.
 
 Nodes passed with `nodes=` open the system message in the knowledge layout, exactly where a text
 synthesizer with `text_qa_template()` puts `context_str`. When the first node is the first fact of a
-stored pack of this model (nodes in pack order), that pack is made resident (loaded from the store,
+stored pack of this model (nodes in pack order), the engine makes that pack resident (loaded from the store,
 verified), so the knowledge is served from it as far as its tokens match. A node cached by another
 model, or whose pack or segment is gone from its store, is computed on this model with a note, or
 refused under `strict_segments=True`.
@@ -16,7 +16,6 @@ refused under `strict_segments=True`.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,21 +39,17 @@ from llama_index.core.llms.llm import ToolSelection
 
 from ..engine.chat import ChatReply, ChatRequest, stream_chat, tool_parameters
 from ..engine.engine import Engine
-from ..engine.registry import shared_engine
+from ..engine.registry import shared_engine, shared_packet_composer
 from ..engine.settings import GenerationSettings
+from ..engine.tool_choice import normalize_tool_choice
 from ..errors import (
-    CorruptSegmentError,
-    FingerprintMismatchError,
     InvalidInputError,
-    UnknownKnowledgeBaseError,
 )
 from ..knowledge.bound import BoundPack
 from ..packet.composer import PacketComposer
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
-from ..segments.handles import SegmentHandle
-from ..segments.pack_store import PackStore
 from .messages import call_blocks, node_documents, to_turns
 from .steering import ROLE_KEY, role_mapping, steering_list, vectors_for_role
 
@@ -65,24 +60,6 @@ _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 _KNOWN_CALL_KWARGS = frozenset(
     {"tools", "tool_choice", "nodes", "knowledge_format", "strategy", "steering", ROLE_KEY, *_CALL_OPTIONS}
 )
-
-
-def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
-    """LlamaIndex/OpenAI tool_choice spellings -> auto | none | required | a tool name."""
-    if tool_choice is None or tool_choice == "auto":
-        return "auto"
-    if tool_choice is False or tool_choice == "none":
-        return "none"
-    if tool_choice is True or tool_choice in ("any", "required"):
-        return "required"
-    if isinstance(tool_choice, Mapping):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        if isinstance(name, str):
-            tool_choice = name
-    if isinstance(tool_choice, str) and tool_choice in names:
-        return tool_choice
-    known = ", ".join(names) or "no tools are given"
-    raise InvalidInputError(f"tool_choice {tool_choice!r} is not auto/none/required or a given tool ({known})")
 
 
 def openai_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
@@ -130,8 +107,6 @@ class KVPackLLM(FunctionCallingLLM):
     agent_role: str | None = Field(default=None, description="the role whose vectors this instance applies")
 
     _pack: BoundPack | None = PrivateAttr(default=None)
-    _packs: dict[tuple[str, str], BoundPack] = PrivateAttr(default_factory=dict)
-    _packets: dict[int, PacketComposer] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -157,9 +132,7 @@ class KVPackLLM(FunctionCallingLLM):
     @model_validator(mode="after")
     def _check_kb(self) -> KVPackLLM:
         if self.kb is not None:
-            pack_store = PackStore(self.store)
-            pack_store.manifest(self.kb)  # a missing pack is named now, not at the first call
-            self._pack = BoundPack(pack_store, self.kb)
+            self._pack = BoundPack.open(self.store, self.kb)
         return self
 
     @classmethod
@@ -191,18 +164,12 @@ class KVPackLLM(FunctionCallingLLM):
         if not isinstance(role, str) or not role:
             raise InvalidInputError(f"agent_role must be a non-empty string, got {role!r}")
         copy = self.model_copy(update={"agent_role": role})
-        copy._pack, copy._packs, copy._packets = self._pack, self._packs, self._packets
+        copy._pack = self._pack
         return copy
 
-    def packet_composer(self, loaded: LoadedModel) -> PacketComposer | None:
-        """This instance's packet store and adapter, when set (else the engine's defaults are used)."""
-        if self.packet_store is None and self.packet_adapter is None:
-            return None
-        composer = self._packets.get(id(loaded))
-        if composer is None:
-            composer = PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
-            self._packets[id(loaded)] = composer
-        return composer
+    def packet_composer(self, loaded: LoadedModel) -> PacketComposer:
+        """This instance's packet store and adapter (the engine's defaults when neither is set)."""
+        return shared_packet_composer(loaded, self.packet_store, self.packet_adapter)
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -223,8 +190,8 @@ class KVPackLLM(FunctionCallingLLM):
 
     def _request(
         self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any], loaded: LoadedModel
-    ) -> tuple[ChatRequest, list[str], SegmentHandle | None]:
-        """The engine request, translation notes, and the handle of the first node (it may open a stored pack)."""
+    ) -> tuple[ChatRequest, list[str]]:
+        """The engine request and the translation notes."""
         unknown = set(kwargs) - _KNOWN_CALL_KWARGS
         if unknown:
             raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
@@ -253,74 +220,24 @@ class KVPackLLM(FunctionCallingLLM):
             steering=steering,
             packets=self.packet_composer(loaded),
         )
-        return request, [*translated.notes, *role_notes], documents[0].handle if documents else None
-
-    def _resident(self, engine: Engine, request: ChatRequest, lead: SegmentHandle | None) -> tuple[list[str], float]:
-        """Check the stored segments the nodes name, and load the pack the first node opens (exact strategy).
-
-        The knowledge opens with the first node, so a stored pack extends the reusable prefix only when
-        that node is its first fact (nodes in pack order, as `order="source"` returns them); that pack
-        is made resident, verified, and the time counts into the call's TTFT. A pack or segment gone
-        from its store is a note (the node's text is computed), or an error under `strict_segments`.
-        Handles from another model are left to the engine (a note, or an error when strict).
-        """
-        if request.strategy != "exact":
-            return [], 0.0
-        notes: list[str] = []
-        t0 = time.perf_counter()
-        for handle in request.handles:
-            if handle.fingerprint != engine.loaded.fingerprint.digest:
-                continue
-            try:
-                bound = self._verified(handle)
-                if handle is lead and handle.fact_index == 0 and request.pack is None:
-                    with engine.lock:  # the prefix tree is shared with other requests
-                        if bound.ensure_resident(engine.loaded, engine.tree):
-                            notes.append(f"pack {handle.pack!r} that the nodes open loaded from {handle.store}")
-            except (UnknownKnowledgeBaseError, CorruptSegmentError, FingerprintMismatchError) as exc:
-                if request.strict_segments:
-                    raise
-                notes.append(f"{exc}; the node's text was computed on this model instead")
-        return list(dict.fromkeys(notes)), (time.perf_counter() - t0) * 1000 if notes else 0.0
-
-    def _verified(self, handle: SegmentHandle) -> BoundPack:
-        """The handle's pack, checked to still hold the handle's segment."""
-        key = (handle.store, handle.pack)
-        bound = self._packs.get(key)
-        if bound is None:
-            bound = self._packs[key] = BoundPack(PackStore(handle.store), handle.pack)
-        manifest = bound.manifest()
-        if handle.segment_id and handle.segment_id not in manifest.segment_ids:
-            raise CorruptSegmentError(
-                f"segment {handle.segment_id} (node {handle.fact_index} of pack {handle.pack!r}) is no longer in "
-                f"{handle.store}: the pack was rebuilt since the node was retrieved"
-            )
-        return bound
+        return request, [*translated.notes, *role_notes]
 
     def _run(self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> Generator[ChatResponse, None, None]:
         """Translate now (bad input fails at the call, not at the first chunk); decode as iterated."""
         loaded = self.loaded_model()
-        request, notes, lead = self._request(messages, kwargs, loaded)
-        return self._responses(shared_engine(loaded), request, notes, lead)
+        request, notes = self._request(messages, kwargs, loaded)
+        return self._responses(shared_engine(loaded), request, notes)
 
-    def _responses(
-        self, engine: Engine, request: ChatRequest, notes: list[str], lead: SegmentHandle | None
-    ) -> Generator[ChatResponse, None, None]:
-        """Make the opening pack resident, then decode; yields chat responses, the last with usage and calls."""
-        resident_notes, load_ms = self._resident(engine, request, lead)
+    def _responses(self, engine: Engine, request: ChatRequest, notes: list[str]) -> Generator[ChatResponse, None, None]:
+        """Chat responses as the engine decodes, the last with usage and tool calls."""
         text = ""
         for delta in stream_chat(engine, request):
             if delta.reply is None:
                 text += delta.text
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta.text)
                 continue
-            reply = delta.reply
-            reply.usage.notes[:0] = resident_notes
-            reply.usage.notes.extend(notes)
-            if load_ms:  # the packs were loaded for this call: its TTFT counts from before that
-                reply.usage.ttft_ms += load_ms
-                reply.usage.total_ms += load_ms
-            yield self._response(reply, engine.loaded, delta.text)
+            delta.reply.usage.notes.extend(notes)
+            yield self._response(delta.reply, engine.loaded, delta.text)
 
     def _response(self, reply: ChatReply, loaded: LoadedModel, delta: str) -> ChatResponse:
         usage = reply.usage

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
-from ..engine.registry import shared_engine
+from ..engine.registry import shared_packet_composer
 from ..errors import InvalidInputError
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher, check_k
@@ -101,10 +101,7 @@ class KVPackLlamaRetriever(BaseRetriever):
         return self._searcher
 
     def _packets(self) -> PacketComposer:
-        loaded = load_model(self.model)
-        if self.packet_store is None and self.packet_adapter is None:
-            return shared_engine(loaded).packets  # the LLM's default store and adapter
-        return PacketComposer(loaded, self.packet_store, self.packet_adapter or "shipped")
+        return shared_packet_composer(load_model(self.model), self.packet_store, self.packet_adapter)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         nodes = self._hits(query_bundle.query_str)
