@@ -332,6 +332,31 @@ def test_nodes_from_another_model_or_a_missing_store(model_root, pack_store, tmp
     assert any("no longer in" in n and "rebuilt" in n for n in _kvpack(rebuilt)["notes"])
     with pytest.raises(CorruptSegmentError, match="rebuilt"):
         strict.chat(question, nodes=nodes)
+    # under strict_segments the check holds for every strategy, not only where caches are reused
+    with pytest.raises(CorruptSegmentError, match="rebuilt"):
+        strict.chat(question, nodes=nodes, strategy="text")
+    assert not any("rebuilt" in n for n in _kvpack(llm.chat(question, nodes=nodes, strategy="text"))["notes"])
+
+
+def test_nodes_in_pack_order_open_the_pack_only_in_its_own_format(model_root, pack_store) -> None:
+    """The stored pack is loaded when the nodes open the prompt in its layout, and not otherwise."""
+    llm = _llm(model_root)
+    engine = shared_engine(llm.loaded_model())
+    nodes = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=len(MORE_FACTS)).retrieve(
+        QUESTION
+    )
+    nodes = sorted(nodes, key=lambda n: n.node.metadata[HANDLE_KEY]["fact_index"])
+    pack_tokens = PackStore(_store(pack_store, "llama")).manifest("kb").token_count
+    question = [ChatMessage(role="user", content=QUESTION)]
+    engine.tree.clear()
+    opened = _kvpack(llm.chat(question, nodes=nodes))
+    assert any("that the documents open loaded from" in n for n in opened["notes"])
+    assert opened["cached_tokens"] >= pack_tokens
+    # another layout shares no knowledge tokens with the pack: loading it would only fill the tree
+    engine.tree.clear()
+    other = _kvpack(llm.chat(question, nodes=nodes, knowledge_format=KnowledgeFormat(instruction="Facts you may use:")))
+    assert not any("loaded from" in n for n in other["notes"])
+    assert other["cached_tokens"] == 0  # the tree was empty and nothing was loaded into it
 
 
 # -- tools and structured output -------------------------------------------------------------------------
@@ -521,6 +546,13 @@ async def test_chroma_retriever_feeds_the_query_engine(model_root, tmp_path) -> 
     hits = await retriever.aretrieve("Who makes the Tessel-9 battery?")
     assert hits[0].node.get_content(metadata_mode=MetadataMode.LLM) == FACTS[2]
     assert hits[0].node.metadata[FACT_KEY]["kb"] == "facts" and "similarity" in hits[0].node.metadata
+    # in source order the hits follow the facts' insertion order, whatever their ids
+    in_order = KVPackLlamaRetriever(
+        "facts", backend="chroma", chroma_path=str(tmp_path / "kb"), similarity_top_k=4, order="source"
+    ).retrieve("Who makes the Tessel-9 battery and where is Norhaven Labs?")
+    positions = [h.node.metadata[FACT_KEY]["position"] for h in in_order]
+    assert positions == sorted(positions) and len(set(positions)) == 4
+    assert [h.node.get_content() for h in in_order] == [MORE_FACTS[p] for p in positions]
     llm = _llm(model_root)
     stock = RetrieverQueryEngine.from_args(
         retriever, llm=_llm(model_root, strategy="text"), text_qa_template=text_qa_template()

@@ -230,3 +230,26 @@ def test_call_ids_are_nine_distinct_alphanumerics() -> None:
     _, calls, _ = parse_tool_calls('[{"name": "noop"}, {"name": "noop"}]', TOOLS)
     assert len(calls) == 2 and calls[0].id != calls[1].id
     assert all(isinstance(c, ParsedToolCall) and re.fullmatch(r"[A-Za-z0-9]{9}", c.id) for c in calls)
+
+
+def test_tool_choice_spellings_and_refusals() -> None:
+    from kvpack_integrations.engine.tool_choice import normalize_tool_choice
+    from kvpack_integrations.errors import InvalidInputError
+
+    names = ["search", "add"]
+    assert [normalize_tool_choice(c, names) for c in (None, "auto", False, "none", True, "any", "required")] == [
+        "auto",
+        "auto",
+        "none",
+        "none",
+        "required",
+        "required",
+        "required",
+    ]
+    assert normalize_tool_choice({"type": "function", "function": {"name": "add"}}, names) == "add"
+    assert normalize_tool_choice({"name": "search"}, names) == "search"
+    for bad in ("lookup", {"function": "search"}, {"function": {"name": "lookup"}}, 3):
+        with pytest.raises(InvalidInputError, match="not auto/none/any/required or a given tool"):
+            normalize_tool_choice(bad, names)
+    with pytest.raises(InvalidInputError, match="no tools are given"):
+        normalize_tool_choice("search", [])

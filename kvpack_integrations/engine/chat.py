@@ -131,8 +131,10 @@ def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, l
         request.handles,
         request.knowledge,
         strict=request.strict_segments,
-        verify=request.strategy == "exact",  # stored segments matter where caches are reused as they are
-        open_pack=request.pack is None,
+        # stored segments matter where caches are reused as they are; under strict, for every strategy
+        verify=request.strategy == "exact" or request.strict_segments,
+        open_pack=request.pack is None and request.strategy == "exact",
+        knowledge_format=request.knowledge_format,
     )
     knowledge = list(request.knowledge)
     fmt = request.knowledge_format

@@ -12,11 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from ..errors import CorruptSegmentError, FingerprintMismatchError, UnknownKnowledgeBaseError
+from ..errors import CorruptSegmentError, FingerprintMismatchError, InvalidInputError, UnknownKnowledgeBaseError
 from ..knowledge.bound import BoundPack
+from ..prompts.knowledge import KnowledgeFormat
 from ..segments.handles import SegmentHandle, check_handle
 from ..segments.pack_store import PackStore
 from .engine import Engine
+
+# a stored segment that cannot serve the document: gone, rebuilt, damaged, another model, a --raw pack
+_UNUSABLE = (UnknownKnowledgeBaseError, CorruptSegmentError, FingerprintMismatchError, InvalidInputError, OSError)
 
 
 @lru_cache(maxsize=256)
@@ -45,14 +49,17 @@ def check_stored_handles(
     strict: bool,
     verify: bool,
     open_pack: bool,
+    knowledge_format: KnowledgeFormat | None = None,
 ) -> list[str]:
     """Notes on the handles (another model, a segment gone); errors instead under `strict`.
 
     Without `verify` only the model is checked (the text is computed anyway). With `open_pack`, a
-    handle to fact 0 of a pack whose first fact is the first knowledge document makes that pack
-    resident in the engine's tree (the caller holds the engine's lock and its timing covers the
-    load, as it does for a bound pack).
+    handle to fact 0 of a pack whose first fact is the first knowledge document, laid out in the
+    request's knowledge format, makes that pack resident in the engine's tree (the caller holds the
+    engine's lock and its timing covers the load, as it does for a bound pack). A pack in another
+    format would share no tokens with the prompt, so it is not loaded.
     """
+    fmt = knowledge_format or KnowledgeFormat()
     notes: list[str] = []
     for handle in handles:
         note = check_handle(handle, engine.loaded.fingerprint, strict=strict)
@@ -61,14 +68,16 @@ def check_stored_handles(
             continue
         try:
             bound = _verified(handle)
+            manifest = bound.manifest()
             opens = open_pack and handle.fact_index == 0 and bool(knowledge)
             if (
                 opens
-                and list(bound.manifest().facts[:1]) == [knowledge[0]]
+                and list(manifest.facts[:1]) == [knowledge[0]]
+                and manifest.knowledge_format == fmt
                 and bound.ensure_resident(engine.loaded, engine.tree)
             ):
                 notes.append(f"pack {handle.pack!r} that the documents open loaded from {handle.store}")
-        except (UnknownKnowledgeBaseError, CorruptSegmentError, FingerprintMismatchError) as exc:
+        except _UNUSABLE as exc:
             if strict:
                 raise
             notes.append(f"{exc}; the document's text was computed on this model instead")

@@ -18,7 +18,8 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
     if tool_choice is True or tool_choice in ("any", "required"):
         return "required"
     if isinstance(tool_choice, Mapping):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else tool_choice.get("name")
         if isinstance(name, str):
             tool_choice = name
     if isinstance(tool_choice, str) and tool_choice in names:

@@ -1,4 +1,5 @@
-"""SQuAD-style answer scoring (normalised exact match and token F1) on the answer's first line."""
+"""SQuAD-style answer scoring (normalised exact match and token F1 on the answer's first line), and
+token F1 between two whole texts (how far an approximate method's answer agrees with the exact one)."""
 
 from __future__ import annotations
 

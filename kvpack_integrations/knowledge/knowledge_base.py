@@ -55,6 +55,7 @@ class RoutedFact:
     similarity: float  # cosine similarity to the query
     bank: int
     metadata: Mapping[str, Any]
+    position: int  # insertion order in the knowledge base (what "in source order" means for facts)
 
 
 def default_kb_dir() -> Path:
@@ -416,6 +417,7 @@ class KnowledgeBase:
                 similarity=sim,
                 bank=int(meta["bank"]),
                 metadata={k2: v for k2, v in meta.items() if k2 not in _RESERVED},
+                position=int(meta["kvpack_order"]),
             )
             for score, sim, fid, doc, meta in ranked[:k]
         ]

@@ -9,8 +9,8 @@ Nodes passed with `nodes=` open the system message in the knowledge layout, exac
 synthesizer with `text_qa_template()` puts `context_str`. When the first node is the first fact of a
 stored pack of this model (nodes in pack order), the engine makes that pack resident (loaded from the store,
 verified), so the knowledge is served from it as far as its tokens match. A node cached by another
-model, or whose pack or segment is gone from its store, is computed on this model with a note, or
-refused under `strict_segments=True`.
+model, or whose pack or segment is gone from its store (checked for the exact strategy), is computed on
+this model with a note, or refused under `strict_segments=True` (checked for every strategy).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ segment (store, pack, fact, segment id, model fingerprint) for `backend="pack"`,
 whose KV is computed when used. Those keys are excluded from the LLM and embedding views of the
 node, so the text a synthesizer flattens is the fact alone.
 
-`order="source"` returns the hits in their order in the store (pack position; Chroma: fact id)
+`order="source"` returns the hits in their order in the store (pack position; Chroma: insertion order)
 instead of best-first: with exact prefix reuse, two queries whose hits overlap then share a longer
 prompt prefix, and hits that open the pack are served from the stored pack itself.
 """
@@ -133,7 +133,13 @@ class KVPackLlamaRetriever(BaseRetriever):
                         {
                             **f.metadata,
                             SIMILARITY_KEY: f.similarity,
-                            FACT_KEY: {"kb": self.kb, "store": self._base.where, "id": f.id, "bank": f.bank},
+                            FACT_KEY: {
+                                "kb": self.kb,
+                                "store": self._base.where,
+                                "id": f.id,
+                                "bank": f.bank,
+                                "position": f.position,
+                            },
                         },
                     ),
                     score=f.score,
@@ -168,10 +174,11 @@ def _node(node_id: str, text: str, metadata: dict[str, Any]) -> TextNode:
     )
 
 
-def _source_position(hit: NodeWithScore) -> tuple[str, str, int, str]:
-    """Position in the store: (store, pack, fact index) for pack hits, the fact id for Chroma ones."""
+def _source_position(hit: NodeWithScore) -> tuple[str, str, int]:
+    """Position in the store: (store, pack, fact index) for pack hits, the insertion order for Chroma ones."""
     metadata = hit.node.metadata
     handle = metadata.get(HANDLE_KEY)
     if isinstance(handle, dict):
-        return (str(handle.get("store")), str(handle.get("pack")), int(handle.get("fact_index", 0)), "")
-    return ("", "", 0, hit.node.node_id)
+        return (str(handle.get("store")), str(handle.get("pack")), int(handle.get("fact_index", 0)))
+    fact = metadata.get(FACT_KEY) or {}
+    return (str(fact.get("store", "")), str(fact.get("kb", "")), int(fact.get("position", 0)))

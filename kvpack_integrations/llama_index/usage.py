@@ -42,7 +42,10 @@ class KVPackUsageRecorder(BaseEventHandler):
 
 @contextmanager
 def record_usage() -> Iterator[KVPackUsageRecorder]:
-    """Collect the usage reports of the LLM calls made inside the `with` block."""
+    """Collect the usage reports of every `KVPackLLM` call that ends while the `with` block is open.
+
+    It listens on LlamaIndex's root dispatcher, so calls from other threads in that time count too.
+    """
     recorder = KVPackUsageRecorder()
     root = instrument.get_dispatcher()
     root.add_event_handler(recorder)
