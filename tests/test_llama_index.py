@@ -96,7 +96,7 @@ def test_messages_translate_to_turns() -> None:
         ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs={"tool_calls": [openai_style]}),
         ChatMessage(role="chatbot", content="Quill Energy."),
     ]
-    turns = to_turns(messages).turns
+    turns = to_turns(messages)
     assert [t.role for t in turns] == ["system", "user", "assistant", "tool", "assistant", "assistant"]
     assert turns[1].content == "Who makes\nthe battery?" == messages[1].content
     assert turns[2].tool_calls[0].name == "search" and turns[2].tool_calls[0].arguments == {"query": "battery"}

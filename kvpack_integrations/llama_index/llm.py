@@ -195,7 +195,7 @@ class KVPackLLM(FunctionCallingLLM):
         unknown = set(kwargs) - _KNOWN_CALL_KWARGS
         if unknown:
             raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
-        translated = to_turns(messages)
+        turns = to_turns(messages)
         documents = node_documents(kwargs.get("nodes"))
         tools = openai_tools(kwargs.get("tools") or [])
         names = list(tool_parameters(tools))  # refuses schemas the model cannot call, naming the tool
@@ -206,10 +206,10 @@ class KVPackLLM(FunctionCallingLLM):
         by_role, role_notes = vectors_for_role(role_mapping(self.roles), role)
         steering = [*self.steering, *steering_list(kwargs.get("steering")), *by_role]
         request = ChatRequest(
-            turns=translated.turns,
+            turns=turns,
             knowledge=[d.text for d in documents],
             knowledge_format=fmt,
-            handles=[*(d.handle for d in documents if d.handle is not None), *translated.handles],
+            handles=[d.handle for d in documents if d.handle is not None],
             pack=self._pack,
             tools=tools,
             tool_choice=normalize_tool_choice(kwargs.get("tool_choice"), names),
@@ -220,7 +220,7 @@ class KVPackLLM(FunctionCallingLLM):
             steering=steering,
             packets=self.packet_composer(loaded),
         )
-        return request, [*translated.notes, *role_notes]
+        return request, role_notes
 
     def _run(self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any]) -> Generator[ChatResponse, None, None]:
         """Translate now (bad input fails at the call, not at the first chunk); decode as iterated."""

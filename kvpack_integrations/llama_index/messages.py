@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -41,13 +41,6 @@ _ROLES = {
     "function": "tool",
 }
 _SKIPPED = (ThinkingBlock, CachePoint, CacheControl)  # not part of the visible text
-
-
-@dataclass
-class Translated:
-    turns: list[ChatTurn]
-    handles: list[SegmentHandle] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 def _role(message: ChatMessage) -> str:
@@ -110,9 +103,13 @@ def _tool_turn(message: ChatMessage, where: str) -> ChatTurn:
     )
 
 
-def to_turns(messages: Sequence[ChatMessage]) -> Translated:
-    """Translate a LlamaIndex message list into engine turns."""
-    out = Translated(turns=[])
+def to_turns(messages: Sequence[ChatMessage]) -> list[ChatTurn]:
+    """Translate a LlamaIndex message list into engine turns.
+
+    Tool results are text here: unlike LangChain's `ToolMessage` artifacts, a LlamaIndex tool message
+    carries no segment handles, so knowledge reaches the model as segments through `nodes=`.
+    """
+    turns: list[ChatTurn] = []
     for i, message in enumerate(messages):
         if not isinstance(message, ChatMessage):
             raise InvalidInputError(f"message {i}: expected a llama_index ChatMessage, got {type(message).__name__}")
@@ -121,13 +118,13 @@ def to_turns(messages: Sequence[ChatMessage]) -> Translated:
         if role is None:
             raise InvalidInputError(f"{where}: unsupported message role")
         if role == "tool":
-            out.turns.append(_tool_turn(message, where))
+            turns.append(_tool_turn(message, where))
         elif role == "assistant":
             text = "\n".join(text_blocks(message, where))
-            out.turns.append(ChatTurn("assistant", text, tool_calls=tool_calls_of(message, where)))
+            turns.append(ChatTurn("assistant", text, tool_calls=tool_calls_of(message, where)))
         else:
-            out.turns.append(ChatTurn(role, "\n".join(text_blocks(message, where))))
-    return out
+            turns.append(ChatTurn(role, "\n".join(text_blocks(message, where))))
+    return turns
 
 
 def handle_of(node: BaseNode) -> SegmentHandle | None:
