@@ -593,3 +593,27 @@ def test_packet_strategy_through_the_query_engine(model_root, pack_store, tmp_pa
         "cached now" in n for n in packet["notes"]
     )
     assert exact["strategy"] == "exact" and exact["exact"] is True
+
+
+def test_packets_stored_at_retrieval_follow_the_knowledge_format(model_root, pack_store, tmp_path) -> None:
+    """Packets depend on how the format lays documents out: built in the LLM's format, they are reused."""
+    from kvpack_integrations.packet.adapter import PacketAdapter
+
+    path = save_model_dir("llama", model_root)
+    adapter = str(PacketAdapter.initial(load_model(path), 2, 2).save(tmp_path / "adapter.safetensors"))
+    fmt = KnowledgeFormat(instruction="Facts you may use:", separator="\n")
+    question = [ChatMessage(role="user", content=QUESTION)]
+    for retrieval_format, cached_now in ((None, True), (fmt, False)):
+        options = {"model": path, "packet_store": str(tmp_path / f"packets-{cached_now}"), "packet_adapter": adapter}
+        retriever = KVPackLlamaRetriever(
+            "kb",
+            store=_store(pack_store, "llama"),
+            similarity_top_k=2,
+            composition="packet",
+            knowledge_format=retrieval_format,
+            **options,
+        )
+        nodes = retriever.retrieve(QUESTION)
+        llm = KVPackLLM(max_tokens=4, strategy="packet", **options)
+        notes = _kvpack(llm.chat(question, nodes=nodes, knowledge_format=fmt))["notes"]
+        assert any("cached now" in n for n in notes) is cached_now, notes

@@ -22,7 +22,6 @@ from ..engine.registry import shared_packet_composer
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher
 from ..packet.composer import PacketComposer
-from ..packet.store import adapter_id
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.embedder import load_embedder
 from ..runtime.loader import load_model
@@ -70,6 +69,9 @@ class KVPackRetriever(BaseRetriever):
     model: str | None = Field(default=None, description="model the packets are for (composition packet/blend)")
     packet_store: str | None = Field(default=None, description="packet store directory (default: $KVPACK_PACKETS)")
     packet_adapter: str | None = Field(default=None, description="packet adapter file (default: the shipped one)")
+    knowledge_format: KnowledgeFormat | None = Field(
+        default=None, description="the layout the chat model renders documents in (packets depend on it)"
+    )
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -99,16 +101,10 @@ class KVPackRetriever(BaseRetriever):
     ) -> list[Document]:
         docs = self._retrieve(query, kwargs.pop("k", self.k))
         if self.composition != "exact" and docs:
-            composer = self._packets()
-            method = "packet" if self.composition == "packet" else "rerotated"
-            built = composer.ensure_facts([d.page_content for d in docs], KnowledgeFormat(), method)
+            texts = [d.page_content for d in docs]
+            record = self._packets().store_retrieved(texts, self.composition, self.knowledge_format)
             for d in docs:
-                d.metadata[PACKET_KEY] = {
-                    "composition": self.composition,
-                    "store": str(composer.store),
-                    "adapter": adapter_id(composer.adapter_for(method)),
-                    "built_now": built > 0,
-                }
+                d.metadata[PACKET_KEY] = dict(record)
         return docs
 
     def _retrieve(self, query: str, k: int) -> list[Document]:

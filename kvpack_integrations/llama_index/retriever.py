@@ -25,7 +25,6 @@ from ..errors import InvalidInputError
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher, check_k
 from ..packet.composer import PacketComposer
-from ..packet.store import adapter_id
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.embedder import load_embedder
 from ..runtime.loader import load_model
@@ -45,7 +44,7 @@ class KVPackLlamaRetriever(BaseRetriever):
     `backend="chroma"` routes through the banks of a `KnowledgeBase` (embedded at `chroma_path`, or a
     Chroma server at `host`/`port`), `probes` nearest banks per query, hybrid with BM25 unless
     `lexical_weight=0`. `composition="packet"|"blend"` makes sure every returned node has its packet
-    in the packet store, for `KVPackLLM(strategy=the same)`.
+    in the packet store, for `KVPackLLM(strategy=the same)` with the same `knowledge_format`.
     """
 
     def __init__(
@@ -66,6 +65,7 @@ class KVPackLlamaRetriever(BaseRetriever):
         model: str | None = None,
         packet_store: str | None = None,
         packet_adapter: str | None = None,
+        knowledge_format: KnowledgeFormat | None = None,
         **kwargs: Any,
     ) -> None:
         check_k(similarity_top_k)
@@ -87,6 +87,7 @@ class KVPackLlamaRetriever(BaseRetriever):
         self.model = model
         self.packet_store = packet_store
         self.packet_adapter = packet_adapter
+        self.knowledge_format = knowledge_format
         self._embedder = embedder
         self._searcher: PackSearcher | None = None
         self._base: KnowledgeBase | None = None
@@ -108,16 +109,10 @@ class KVPackLlamaRetriever(BaseRetriever):
         if self.order == "source":
             nodes.sort(key=_source_position)
         if self.composition != "exact" and nodes:
-            composer = self._packets()
-            method = "packet" if self.composition == "packet" else "rerotated"
-            built = composer.ensure_facts([n.node.get_content() for n in nodes], KnowledgeFormat(), method)
+            texts = [n.node.get_content() for n in nodes]
+            record = self._packets().store_retrieved(texts, self.composition, self.knowledge_format)
             for n in nodes:
-                n.node.metadata[PACKET_KEY] = {
-                    "composition": self.composition,
-                    "store": str(composer.store),
-                    "adapter": adapter_id(composer.adapter_for(method)),
-                    "built_now": built > 0,
-                }
+                n.node.metadata[PACKET_KEY] = dict(record)
         return nodes
 
     def _hits(self, query: str) -> list[NodeWithScore]:

@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -124,6 +124,22 @@ class PacketComposer:
         tokenizer = self.loaded.tokenizer
         documents = [document_ids(tokenizer, f, fmt) for f in tqdm(facts, desc="packets", disable=not progress)]
         return self.ensure(documents, method)
+
+    def store_retrieved(
+        self, texts: Sequence[str], composition: str, fmt: KnowledgeFormat | None = None
+    ) -> dict[str, Any]:
+        """Retrieval time: the packets a `packet` or `blend` request will compose these texts from.
+
+        Packets are keyed by the documents' tokens in the prompt, which depend on the knowledge format:
+        they are built in `fmt` (default: the default layout), so the chat model must use the same one.
+        Returns the record a retriever puts on each hit (where they are, which adapter, built now?).
+        """
+        if composition not in ("packet", "blend"):
+            raise InvalidInputError(f"unknown packet composition {composition!r}: use packet or blend")
+        method = "packet" if composition == "packet" else "rerotated"
+        built = self.ensure_facts(texts, fmt or KnowledgeFormat(), method)
+        adapter = adapter_id(self.adapter_for(method))
+        return {"composition": composition, "store": str(self.store), "adapter": adapter, "built_now": built > 0}
 
     def load(self, documents: Sequence[Sequence[int]], method: str) -> tuple[list[PacketCache], int]:
         """Every document's packet from the store (built and stored on a miss); (packets, built)."""
