@@ -617,3 +617,20 @@ def test_packets_stored_at_retrieval_follow_the_knowledge_format(model_root, pac
         llm = KVPackLLM(max_tokens=4, strategy="packet", **options)
         notes = _kvpack(llm.chat(question, nodes=nodes, knowledge_format=fmt))["notes"]
         assert any("cached now" in n for n in notes) is cached_now, notes
+
+
+def test_query_engine_from_kb_gives_the_retriever_the_llms_model(model_root, pack_store) -> None:
+    llm = _llm(model_root, packet_store="/tmp/kvpack-test-packets-unused")
+    engine = KVPackQueryEngine.from_kb("kb", store=_store(pack_store, "llama"), llm=llm, similarity_top_k=3)
+    retriever = engine.retriever
+    assert isinstance(retriever, KVPackLlamaRetriever) and retriever.order == "source"
+    assert (retriever.model, retriever.device, retriever.dtype) == (llm.model, llm.device, llm.dtype)
+    assert retriever.packet_store == llm.packet_store
+    by_hand = KVPackQueryEngine(
+        KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=3, order="source"), llm
+    )
+    assert engine.query(QUESTION).response == by_hand.query(QUESTION).response
+    override = KVPackQueryEngine.from_kb(
+        "kb", store=_store(pack_store, "llama"), llm=llm, retriever_options={"packet_store": None}
+    )
+    assert override.retriever.packet_store is None

@@ -69,6 +69,8 @@ class KVPackRetriever(BaseRetriever):
     model: str | None = Field(default=None, description="model the packets are for (composition packet/blend)")
     packet_store: str | None = Field(default=None, description="packet store directory (default: $KVPACK_PACKETS)")
     packet_adapter: str | None = Field(default=None, description="packet adapter file (default: the shipped one)")
+    device: str = Field(default="auto", description="device of the model the packets are for")
+    dtype: str | None = Field(default="auto", description="dtype of the model the packets are for")
     knowledge_format: KnowledgeFormat | None = Field(
         default=None, description="the layout the chat model renders documents in (packets depend on it)"
     )
@@ -94,7 +96,8 @@ class KVPackRetriever(BaseRetriever):
         return self._searcher
 
     def _packets(self) -> PacketComposer:
-        return shared_packet_composer(load_model(self.model), self.packet_store, self.packet_adapter)
+        loaded = load_model(self.model, device=self.device, dtype=self.dtype)  # the chat model's weights, once
+        return shared_packet_composer(loaded, self.packet_store, self.packet_adapter)
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any

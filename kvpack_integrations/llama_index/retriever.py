@@ -66,6 +66,8 @@ class KVPackLlamaRetriever(BaseRetriever):
         packet_store: str | None = None,
         packet_adapter: str | None = None,
         knowledge_format: KnowledgeFormat | None = None,
+        device: str = "auto",
+        dtype: str | None = "auto",
         **kwargs: Any,
     ) -> None:
         check_k(similarity_top_k)
@@ -88,6 +90,7 @@ class KVPackLlamaRetriever(BaseRetriever):
         self.packet_store = packet_store
         self.packet_adapter = packet_adapter
         self.knowledge_format = knowledge_format
+        self.device, self.dtype = device, dtype
         self._embedder = embedder
         self._searcher: PackSearcher | None = None
         self._base: KnowledgeBase | None = None
@@ -102,7 +105,8 @@ class KVPackLlamaRetriever(BaseRetriever):
         return self._searcher
 
     def _packets(self) -> PacketComposer:
-        return shared_packet_composer(load_model(self.model), self.packet_store, self.packet_adapter)
+        loaded = load_model(self.model, device=self.device, dtype=self.dtype)  # the LLM's weights, once
+        return shared_packet_composer(loaded, self.packet_store, self.packet_adapter)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         nodes = self._hits(query_bundle.query_str)

@@ -227,12 +227,20 @@ class KVPackQueryEngine(RetrieverQueryEngine):
         retriever_options: dict[str, Any] | None = None,
         **engine_options: Any,
     ) -> KVPackQueryEngine:
-        """A `KVPackLlamaRetriever` over `kb` (hits in store order by default) feeding this engine."""
-        retriever = KVPackLlamaRetriever(
-            kb,
-            store=store,
-            similarity_top_k=similarity_top_k,
-            order=order,
-            **(retriever_options or {}),
-        )
+        """A `KVPackLlamaRetriever` over `kb` (hits in store order by default) feeding this engine.
+
+        The retriever gets the LLM's model, device, dtype and packet settings unless
+        `retriever_options` says otherwise, so packets it stores are the ones the LLM composes.
+        """
+        options: dict[str, Any] = {}
+        if llm is not None:
+            options = {
+                "model": llm.model,
+                "device": llm.device,
+                "dtype": llm.dtype,
+                "packet_store": llm.packet_store,
+                "packet_adapter": llm.packet_adapter,
+            }
+        options.update(retriever_options or {})
+        retriever = KVPackLlamaRetriever(kb, store=store, similarity_top_k=similarity_top_k, order=order, **options)
         return cls(retriever, llm, **engine_options)
