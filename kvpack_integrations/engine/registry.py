@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from pathlib import Path
 
 from ..packet.composer import PacketComposer
 from ..runtime.loader import LoadedModel
@@ -41,9 +42,15 @@ def shared_packet_composer(loaded: LoadedModel, store: str | None, adapter: str 
     """
     if store is None and adapter is None:
         return shared_engine(loaded).packets
+    store, adapter = _resolved(store), adapter if adapter in (None, "shipped") else _resolved(adapter)
     with _GUARD:
         composers = _COMPOSERS.setdefault(loaded.model, {})
         composer = composers.get((store, adapter))
         if composer is None:
             composer = composers[(store, adapter)] = PacketComposer(loaded, store, adapter or "shipped")
         return composer
+
+
+def _resolved(path: str | None) -> str | None:
+    """One spelling per file (`~/p`, `./p` and `/home/u/p` are the same store)."""
+    return None if path is None else str(Path(path).expanduser().resolve())
