@@ -18,6 +18,7 @@ python benchmarks/hotpotqa_facts.py ../shared/data/hotpotqa_dev_300.jsonl "$DATA
 run() { local name=$1; shift; [ -f "$OUT/$name.json" ] || kvpack eval routing "$@" --json --output "$OUT/$name.json" | tail -1; }
 
 S5=(--facts "$DATA/synthetic_5000.jsonl")
+S100=(--facts "$DATA/synthetic_100000.jsonl")
 run routing_synthetic_5000 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 200
 run routing_synthetic_5000_dense "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 1000 --lexical-weight 0 --routing-only
 run routing_synthetic_5000_dense_probes4 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 1000 --lexical-weight 0 \
@@ -34,7 +35,7 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/api/v2/heartbeat" > /dev/null && break; sleep 1; done
 run routing_synthetic_5000_server "${S5[@]}" --host 127.0.0.1 --port "$PORT" --limit 100
+run routing_synthetic_100000_server "${S100[@]}" --host 127.0.0.1 --port "$PORT" --dims 128 --limit 100
 
-S100=(--facts "$DATA/synthetic_100000.jsonl")
 run routing_synthetic_100000_dims128 "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --dims 128 --limit 100
 run routing_synthetic_100000_dims128_routing "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --limit 1000 --routing-only
