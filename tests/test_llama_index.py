@@ -78,6 +78,23 @@ def _kvpack(response) -> dict:
     return response.raw["kvpack"]
 
 
+def _packet_options(model_root, tmp_path, packets: str = "packets") -> dict[str, str]:
+    """The tiny Llama, an untrained 2 + 2 adapter for it and a packet store: what a packet LLM and retriever share."""
+    from kvpack_integrations.packet.adapter import PacketAdapter
+
+    path = save_model_dir("llama", model_root)
+    adapter = tmp_path / "adapter.safetensors"
+    if not adapter.is_file():
+        PacketAdapter.initial(load_model(path), 2, 2).save(adapter)
+    return {"model": path, "packet_store": str(tmp_path / packets), "packet_adapter": str(adapter)}
+
+
+def _packet_retriever(pack_store: PackStore, options: dict[str, str], **kwargs) -> KVPackLlamaRetriever:
+    return KVPackLlamaRetriever(
+        "kb", store=_store(pack_store, "llama"), similarity_top_k=2, composition="packet", **options, **kwargs
+    )
+
+
 # -- translation ---------------------------------------------------------------------------------------
 
 
@@ -564,26 +581,15 @@ async def test_chroma_retriever_feeds_the_query_engine(model_root, tmp_path) -> 
 
 def test_packet_strategy_through_the_query_engine(model_root, pack_store, tmp_path) -> None:
     from kvpack_integrations.llama_index.retriever import PACKET_KEY
-    from kvpack_integrations.packet.adapter import PacketAdapter
 
-    path = save_model_dir("llama", model_root)
-    adapter = str(PacketAdapter.initial(load_model(path), 2, 2).save(tmp_path / "adapter.safetensors"))
-    packets = str(tmp_path / "packets")
-    retriever = KVPackLlamaRetriever(
-        "kb",
-        store=_store(pack_store, "llama"),
-        similarity_top_k=2,
-        composition="packet",
-        model=path,
-        packet_store=packets,
-        packet_adapter=adapter,
-    )
+    options = _packet_options(model_root, tmp_path)
+    retriever = _packet_retriever(pack_store, options)
     hits = retriever.retrieve(QUESTION)
     assert (
         hits[0].node.metadata[PACKET_KEY]["composition"] == "packet" and hits[0].node.metadata[PACKET_KEY]["built_now"]
     )
     assert PACKET_KEY not in hits[0].node.get_content(metadata_mode=MetadataMode.LLM)
-    llm = KVPackLLM(max_tokens=6, packet_store=packets, packet_adapter=adapter, model=path)
+    llm = KVPackLLM(max_tokens=6, **options)
     with record_usage() as usage:
         KVPackQueryEngine(retriever, llm, strategy="packet").query(QUESTION)
         KVPackQueryEngine(retriever, llm).query(QUESTION)
@@ -597,23 +603,11 @@ def test_packet_strategy_through_the_query_engine(model_root, pack_store, tmp_pa
 
 def test_packets_stored_at_retrieval_follow_the_knowledge_format(model_root, pack_store, tmp_path) -> None:
     """Packets depend on how the format lays documents out: built in the LLM's format, they are reused."""
-    from kvpack_integrations.packet.adapter import PacketAdapter
-
-    path = save_model_dir("llama", model_root)
-    adapter = str(PacketAdapter.initial(load_model(path), 2, 2).save(tmp_path / "adapter.safetensors"))
     fmt = KnowledgeFormat(instruction="Facts you may use:", separator="\n")
     question = [ChatMessage(role="user", content=QUESTION)]
     for retrieval_format, cached_now in ((None, True), (fmt, False)):
-        options = {"model": path, "packet_store": str(tmp_path / f"packets-{cached_now}"), "packet_adapter": adapter}
-        retriever = KVPackLlamaRetriever(
-            "kb",
-            store=_store(pack_store, "llama"),
-            similarity_top_k=2,
-            composition="packet",
-            knowledge_format=retrieval_format,
-            **options,
-        )
-        nodes = retriever.retrieve(QUESTION)
+        options = _packet_options(model_root, tmp_path, packets=f"packets-{cached_now}")
+        nodes = _packet_retriever(pack_store, options, knowledge_format=retrieval_format).retrieve(QUESTION)
         llm = KVPackLLM(max_tokens=4, strategy="packet", **options)
         notes = _kvpack(llm.chat(question, nodes=nodes, knowledge_format=fmt))["notes"]
         assert any("cached now" in n for n in notes) is cached_now, notes

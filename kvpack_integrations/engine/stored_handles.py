@@ -16,7 +16,7 @@ from ..errors import CorruptSegmentError, FingerprintMismatchError, InvalidInput
 from ..knowledge.bound import BoundPack
 from ..prompts.knowledge import KnowledgeFormat
 from ..segments.handles import SegmentHandle, check_handle
-from ..segments.pack_store import PackStore
+from ..segments.pack_store import PackManifest, PackStore
 from .engine import Engine
 
 # a stored segment that cannot serve the document: gone, rebuilt, damaged, another model, a --raw pack
@@ -29,8 +29,8 @@ def _bound(store: str, pack: str) -> BoundPack:
     return BoundPack(PackStore(store), pack)
 
 
-def _verified(handle: SegmentHandle) -> BoundPack:
-    """The handle's pack, checked to still hold the handle's segment."""
+def _verified(handle: SegmentHandle) -> tuple[BoundPack, PackManifest]:
+    """The handle's pack and its current manifest, checked to still hold the handle's segment."""
     bound = _bound(handle.store, handle.pack)
     manifest = bound.manifest()
     if handle.segment_id and handle.segment_id not in manifest.segment_ids:
@@ -38,7 +38,7 @@ def _verified(handle: SegmentHandle) -> BoundPack:
             f"segment {handle.segment_id} (document {handle.fact_index} of pack {handle.pack!r}) is no longer in "
             f"{handle.store}: the pack was rebuilt since the document was retrieved"
         )
-    return bound
+    return bound, manifest
 
 
 def check_stored_handles(
@@ -67,8 +67,7 @@ def check_stored_handles(
             notes += [note] if note else []
             continue
         try:
-            bound = _verified(handle)
-            manifest = bound.manifest()
+            bound, manifest = _verified(handle)
             opens = open_pack and handle.fact_index == 0 and bool(knowledge)
             if (
                 opens
