@@ -336,11 +336,18 @@ def test_eval_steering_on_a_tiny_model(capsys, tmp_path, model_dir) -> None:
     args = ["eval", "steering", "--data", str(_rows(tmp_path)), "--limit", "2", "--tasks", "2", "--alphas", "0.5,1"]
     code, s = run(capsys, *args, "--max-new-tokens", "6", "--records", str(records), "--model", model_dir, "--json")
     assert code == 0 and s["n_tasks"] == 2 and min(s["n_pairs"].values()) >= 20
-    assert [r["alpha"] for r in s["sweep"]] == [0.5, 1.0] and set(s["layer_scores"]) == {"early", "mid", "late", "all"}
+    assert [(r["layers"], r["alpha"]) for r in s["sweep"]] == [("mid", 0.5), ("mid", 1.0), ("late", 0.5), ("late", 1.0)]
+    assert set(s["layer_scores"]) == {"early", "mid", "late", "all"} and s["coherence_threshold"] == 0.95
+    best = s["best_coherent"]
+    if best is not None:  # a random tiny model rarely writes parsable code, but when it does the point is complete
+        assert best["coherence"] >= 0.95 and best["over_baseline"] == best["score"] - s["baseline_score"]
     assert [r["alpha"] for r in s["dual_channel"]] == [0.0, 0.2, 0.5, 0.7, 1.0, 1.5] and s["dual_channel_rows"] == 2
     assert -1.0 <= s["composition"]["cos"] <= 1.0 and 0.0 <= s["baseline_score"] <= 1.0
     arms = {json.loads(line)["arm"] for line in records.read_text().splitlines()}
-    assert {"baseline", "text_prompt", "sweep_0.5", "layers_all", "defensive+docstrings", "dual_1.5"} <= arms
+    assert {"baseline", "text_prompt", "sweep_mid_0.5", "sweep_late_1", "layers_all", "defensive+docstrings"} <= arms
+    assert "dual_1.5" in arms and "layers_mid" not in arms  # the mid and late thirds come from the sweep
+    code, err = run(capsys, *args, "--layers", "mid,middle", "--model", model_dir, "--json")
+    assert code == 2 and "'mid,middle'" in err["error"] and "early" in err["error"]
 
 
 def test_build_with_packets_and_ask_in_packet_modes(capsys, tmp_path, model_dir, facts_file) -> None:

@@ -11,6 +11,8 @@ from kvpack_integrations.evaluation.steering import (
     docstring_score,
     formality_score,
     load_tasks,
+    paired,
+    sign_test,
 )
 from kvpack_integrations.steering import load_pairs
 
@@ -49,4 +51,13 @@ def test_shipped_pairs_and_tasks() -> None:
             assert all(coherent_code(p) and coherent_code(n) for p, n in pairs)
         else:
             assert sum(direction.score(p) for p, _ in pairs) > sum(direction.score(n) for _, n in pairs)
-    assert len(load_tasks()) >= 15
+    tasks = load_tasks()
+    assert len(tasks) >= 40 and len(set(tasks)) == len(tasks)
+
+
+def test_sign_test_against_the_baseline() -> None:
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert abs(sign_test(5, 0) - 2 / 32) < 1e-12  # both tails of Binomial(5, 1/2)
+    assert sign_test(0, 5) == sign_test(5, 0) and sign_test(9, 1) < 0.05 < sign_test(4, 1)
+    outcome = paired([GUARDED, GUARDED, PLAIN], [PLAIN, GUARDED, GUARDED], defensive_score)
+    assert outcome == {"gained": 1, "lost": 1, "sign_test_p": 1.0}

@@ -18,6 +18,7 @@ from ..evaluation.steering import SteeringEvalOptions, run_steering
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..runtime.default_model import kvpack_home
+from ..steering.vector import LAYER_NAMES
 from .common import add_common_args, emit, loaded_model, pack_store
 
 
@@ -69,8 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=100, help="dual-channel rows")
     p.add_argument("--tasks", type=int, default=None, help="use only the first N code tasks")
     p.add_argument("--alphas", default="0.25,0.5,0.75,1,1.5,2", help="comma-separated sweep alphas")
-    p.add_argument("--layers", default="mid", help="layers of the alpha sweep")
-    p.add_argument("--max-new-tokens", type=int, default=160, help="per code reply")
+    p.add_argument("--layers", default="mid,late", help="comma-separated layer ranges of the alpha sweep")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per code reply")
     p.add_argument("--dual-max-new-tokens", type=int, default=16, help="per dual-channel answer")
     p.add_argument("--records", type=Path, default=None, help="write every reply here (JSONL)")
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
@@ -155,9 +156,13 @@ def run_steering_cmd(args: argparse.Namespace) -> int:
         alphas = tuple(float(a) for a in args.alphas.split(","))
     except ValueError:
         raise InvalidInputError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    sweep_layers = tuple(name.strip() for name in args.layers.split(",") if name.strip())
+    unknown = [name for name in sweep_layers if name not in LAYER_NAMES]
+    if unknown or not sweep_layers:
+        raise InvalidInputError(f"--layers takes names from {', '.join(LAYER_NAMES)}, got {args.layers!r}")
     opts = SteeringEvalOptions(
         alphas=alphas,
-        layers=args.layers,
+        sweep_layers=sweep_layers,
         task_limit=args.tasks,
         max_new_tokens=args.max_new_tokens,
         dual_max_new_tokens=args.dual_max_new_tokens,
@@ -172,6 +177,13 @@ def run_steering_cmd(args: argparse.Namespace) -> int:
         *(
             f"  alpha {r['alpha']:<5g} {r['layers']}: score {r['score']:.2f}, coherence {r['coherence']:.2f}"
             for r in s["sweep"]
+        ),
+        (
+            f"  best at coherence >= {s['coherence_threshold']:g}: {best['layers']} alpha {best['alpha']:g}, "
+            f"score {best['score']:.2f} (+{best['over_baseline']:.2f}), coherence {best['coherence']:.2f}, "
+            f"tasks gained {best['gained']} / lost {best['lost']}, sign test p = {best['sign_test_p']:.3f}"
+            if (best := s["best_coherent"])
+            else f"  no sweep point reaches coherence {s['coherence_threshold']:g}"
         ),
         "  layers at alpha "
         + f"{s['layer_alpha']:g}: "

@@ -2,13 +2,15 @@
 
 Directions and data ship in `kvpack_integrations/demo/steering/` (written for this project by
 `benchmarks/steering_pairs.py`): `defensive` (input validation in Python functions), `docstrings`,
-`formal` (register), 22 contrastive pairs each, and 18 code-writing tasks. Scores are computed, not
+`formal` (register), 22 contrastive pairs each, and 40 code-writing tasks. Scores are computed, not
 judged: a style score per output (a regular expression or the parsed code) and coherence = the reply's
 code block parses as Python and defines a function. Arms, all greedy:
 
 - baseline (unsteered), text prompt (the style asked for in words: the upper reference);
-- alpha sweep of `defensive` on the mid layers;
-- layer thirds (early, mid, late, all) at the best coherent alpha of the sweep;
+- alpha sweep of `defensive` on each swept layer range (default the mid and the late third);
+- the best coherent point: the highest score at coherence >= 0.95, with a paired sign test against
+  the baseline on the same tasks (a steering effect on 40 tasks needs it to mean anything);
+- layer thirds (early, mid, late, all) at that point's alpha;
 - composition: `defensive` + `docstrings`, their per-layer cosine, each alone and the sum;
 - dual channel: HotpotQA gold passages as knowledge in the same cache, `formal` at alphas from 0 to
   1.5: EM/F1 against the style score of the answers.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -110,10 +113,10 @@ DIRECTIONS = {
 @dataclass
 class SteeringEvalOptions:
     alphas: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-    layers: str = "mid"
+    sweep_layers: Sequence[str] = ("mid", "late")
     dual_alphas: Sequence[float] = (0.0, 0.2, 0.5, 0.7, 1.0, 1.5)
     task_limit: int | None = None
-    max_new_tokens: int = 160
+    max_new_tokens: int = 256  # long enough that validated code is not cut off (a cut reply does not parse)
     dual_max_new_tokens: int = 16
 
 
@@ -157,6 +160,22 @@ def _scored(replies: Sequence[str], score: Callable[[str], float]) -> dict[str, 
     return {"score": _mean([score(r) for r in replies]), "coherence": _mean([coherent_code(r) for r in replies])}
 
 
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test on paired outcomes: P(a split at least this uneven | no effect)."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(steered: Sequence[str], baseline: Sequence[str], score: Callable[[str], float]) -> dict[str, float]:
+    """Per task: does the steered reply show the style where the baseline's did not (gained), or the reverse."""
+    gained = sum(score(s) > score(b) for s, b in zip(steered, baseline))
+    lost = sum(score(s) < score(b) for s, b in zip(steered, baseline))
+    return {"gained": gained, "lost": lost, "sign_test_p": sign_test(gained, lost)}
+
+
 def run_steering(
     loaded: LoadedModel,
     qa_rows: Sequence[QARow],
@@ -169,36 +188,41 @@ def run_steering(
     """Every arm of the steering tables; returns the summary (replies go to `records_path`)."""
     opts = opts or SteeringEvalOptions()
     tasks = list(tasks) if tasks is not None else load_tasks(limit=opts.task_limit)
+    if not opts.sweep_layers:
+        raise InvalidInputError("the alpha sweep needs at least one layer range (e.g. mid)")
     vectors = {
-        name: build_steering_vector(
-            loaded, load_pairs(DEMO / d.pairs), layers=opts.layers, name=name, progress=progress
-        )
+        name: build_steering_vector(loaded, load_pairs(DEMO / d.pairs), layers="mid", name=name, progress=progress)
         for name, d in DIRECTIONS.items()
     }
     defensive, docstrings = DIRECTIONS["defensive"], DIRECTIONS["docstrings"]
     run = _Runner(loaded, tasks, opts.max_new_tokens)
     baseline = run.arm("baseline")
     text = run.arm("text_prompt", suffix=defensive.instruction)
-    sweep = []
-    for alpha in tqdm(opts.alphas, desc="alpha sweep", disable=not progress):
-        replies = run.arm(f"sweep_{alpha:g}", [vectors["defensive"].with_alpha(alpha)])
-        sweep.append({"alpha": alpha, "layers": opts.layers, **_scored(replies, defensive.score)})
+    sweep: list[dict[str, Any]] = []
+    replies_of: dict[tuple[str, float], list[str]] = {}
+    for layer_range in opts.sweep_layers:
+        for alpha in tqdm(opts.alphas, desc=f"alpha sweep ({layer_range})", disable=not progress):
+            vector = vectors["defensive"].with_layers(layer_range).with_alpha(alpha)
+            replies = replies_of[layer_range, alpha] = run.arm(f"sweep_{layer_range}_{alpha:g}", [vector])
+            sweep.append({"alpha": alpha, "layers": layer_range, **_scored(replies, defensive.score)})
     coherent = [s for s in sweep if s["coherence"] >= COHERENT]
     best = max(coherent, key=lambda s: (s["score"], -s["alpha"])) if coherent else min(sweep, key=lambda s: s["alpha"])
-    alpha = float(best["alpha"])
+    alpha, best_layers = float(best["alpha"]), str(best["layers"])
     layers: dict[str, dict[str, float]] = {}
     for name in LAYER_NAMES:
-        if name == opts.layers:
-            layers[name] = {k: best[k] for k in ("score", "coherence")}
+        if (name, alpha) in replies_of:
+            layers[name] = _scored(replies_of[name, alpha], defensive.score)
             continue
         replies = run.arm(f"layers_{name}", [vectors["defensive"].with_layers(name).with_alpha(alpha)])
         layers[name] = _scored(replies, defensive.score)
-    a, b = vectors["defensive"].with_alpha(alpha), vectors["docstrings"].with_alpha(alpha)
+    a = vectors["defensive"].with_layers(best_layers).with_alpha(alpha)
+    b = vectors["docstrings"].with_layers(best_layers).with_alpha(alpha)
     only_b = run.arm("docstrings_alone", [b])
     both = run.arm("defensive+docstrings", [a + b])
     cos = a.cosine(b)[list(a.layers)]
     composition = {
         "alpha": alpha,
+        "layers": best_layers,
         "cos": float(cos.mean()),
         "cos_per_layer": [round(float(c), 4) for c in cos],
         "score_a": best["score"],
@@ -225,7 +249,16 @@ def run_steering(
         "text_prompt_score": prompted["score"],
         "text_prompt_coherence": prompted["coherence"],
         "sweep": sweep,
-        "best_coherent": best if coherent else None,
+        "coherence_threshold": COHERENT,
+        "best_coherent": (
+            {
+                **best,
+                "over_baseline": best["score"] - base["score"],
+                **paired(replies_of[best_layers, alpha], baseline, defensive.score),
+            }
+            if coherent
+            else None
+        ),
         "layer_alpha": alpha,
         "layer_scores": {k: v["score"] for k, v in layers.items()},
         "layer_coherence": {k: v["coherence"] for k, v in layers.items()},
