@@ -157,9 +157,20 @@ def steering(path: Path) -> str:
             f"| layer third | {s['layer_alpha']:g} | {name} ({layers[0]}-{layers[-1]}) | {score:.2f} "
             f"| {s['layer_coherence'][name]:.2f} |"
         )
+    best = s.get("best_coherent")
+    threshold = s.get("coherence_threshold", 0.95)
+    verdict = (
+        f"\n\nBest point at coherence >= {threshold:g}: {best['layers']} layers, alpha {best['alpha']:g}, score "
+        f"{best['score']:.2f} against the baseline's {s['baseline_score']:.2f} (+{best['over_baseline']:.2f}), "
+        f"coherence {best['coherence']:.2f}; per task {best['gained']} gained and {best['lost']} lost the pattern, "
+        f"paired sign test p = {best['sign_test_p']:.3f}."
+        if best and "gained" in best
+        else f"\n\nNo sweep point reaches coherence {threshold:g}."
+    )
     c = s["composition"]
     comp = (
-        f"\n\nComposition at alpha {c['alpha']:g} (mid layers): cos(defensive, docstrings) = {c['cos']:.3f}; "
+        f"\n\nComposition at alpha {c['alpha']:g} ({c.get('layers', 'mid')} layers): "
+        f"cos(defensive, docstrings) = {c['cos']:.3f}; "
         f"defensive alone {c['score_a']:.2f}, docstrings alone {c['score_b']:.2f} (baseline {c['baseline_b']:.2f}); "
         f"sum: defensive {c['score_ab']['defensive']:.2f}, docstrings {c['score_ab']['docstrings']:.2f}, "
         f"coherence {c['coherence_ab']:.2f}."
@@ -171,7 +182,7 @@ def steering(path: Path) -> str:
         "|---|---|---|---|",
     ]
     dual += [f"| {r['alpha']:g} | {r['em']:.3f} | {r['f1']:.3f} | {r['style_score']:.2f} |" for r in s["dual_channel"]]
-    return head + "\n".join(sweep) + comp + "\n".join(dual)
+    return head + "\n".join(sweep) + verdict + comp + "\n".join(dual)
 
 
 def packet(paths: list[Path]) -> str:

@@ -260,14 +260,15 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     common = ["--facts", str(facts), "--kb-dir", str(tmp_path / "kb"), "--model", model_dir, "--json"]
     code, s = run(capsys, "eval", "routing", *common, "--limit", "4", "--max-new-tokens", "4")
     assert code == 0
-    assert s["n_facts"] == 60 and s["n_banks"] == 3 and s["n_questions"] == 4
+    assert s["n_facts"] == 60 and s["n_banks"] == 3 and s["n_questions"] == 4 and s["dtype"] == "float32"
     for key in ("routing_accuracy", "answer_accuracy", "oracle_answer_accuracy"):
         assert 0.0 <= s[key] <= 1.0
     assert s["bytes_per_fact"] > 0 and s["build_facts_per_s"] > 0 and s["p95_overhead_ms"] >= s["p50_overhead_ms"]
     # dense only, every bank probed: flat search, and the KB (reused, not rebuilt) holds every fact
     dense = ["--routing-only", "--probes", "3", "--lexical-weight", "0"]
-    code, flat = run(capsys, "eval", "routing", *common, *dense)
+    code, flat = run(capsys, "eval", "routing", *common, *dense, "--dtype", "bfloat16")
     assert code == 0 and flat["build_facts_per_s"] is None and flat["answer_accuracy"] is None
+    assert flat["dtype"] == "bfloat16"
     assert flat["routing"].startswith("dense") and flat["routing_accuracy"] >= 0.7  # MiniLM on invented names
     code, hybrid = run(capsys, "eval", "routing", *common, "--routing-only")  # one probe, BM25 on
     assert hybrid["routing"].startswith("hybrid") and hybrid["routing_accuracy"] == 1.0 and hybrid["n_questions"] == 60

@@ -27,6 +27,7 @@ from ..errors import InvalidInputError
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.packs import knowledge_prompt
 from ..prompts.knowledge import KnowledgeFormat
+from ..runtime.device import dtype_name
 from ..runtime.loader import LoadedModel
 from .machine import machine_info
 
@@ -135,6 +136,7 @@ def run_routing(
         "store": kb.where,
         "embedder": kb.embedder.name,
         "model": loaded.name,
+        "dtype": dtype_name(loaded.dtype),  # the lazy KV build is one forward at this precision
         "routing_accuracy": routed_ok / n,
         "answer_fact_in_top_k": in_top_k / n,
         "answer_accuracy": answered / n if answers else None,
