@@ -147,22 +147,22 @@ def steering(path: Path) -> str:
         f"({s['n_pairs']['defensive']} pairs); {_machine(s['machine'])}.\n\n"
     )
     sweep = ["| arm | alpha | layers | score | coherence |", "|---|---|---|---|---|"]
-    sweep.append(f"| baseline | 0 | - | {s['baseline_score']:.2f} | {s['baseline_coherence']:.2f} |")
-    sweep.append(f"| text prompt | - | - | {s['text_prompt_score']:.2f} | {s['text_prompt_coherence']:.2f} |")
+    sweep.append(f"| baseline | 0 | - | {s['baseline_score']:.3f} | {s['baseline_coherence']:.3f} |")
+    sweep.append(f"| text prompt | - | - | {s['text_prompt_score']:.3f} | {s['text_prompt_coherence']:.3f} |")
     for r in s["sweep"]:
-        sweep.append(f"| steered | {r['alpha']:g} | {r['layers']} | {r['score']:.2f} | {r['coherence']:.2f} |")
+        sweep.append(f"| steered | {r['alpha']:g} | {r['layers']} | {r['score']:.3f} | {r['coherence']:.3f} |")
     for name, score in s["layer_scores"].items():
         layers = s["layers"][name]
         sweep.append(
-            f"| layer third | {s['layer_alpha']:g} | {name} ({layers[0]}-{layers[-1]}) | {score:.2f} "
-            f"| {s['layer_coherence'][name]:.2f} |"
+            f"| layer third | {s['layer_alpha']:g} | {name} ({layers[0]}-{layers[-1]}) | {score:.3f} "
+            f"| {s['layer_coherence'][name]:.3f} |"
         )
     best = s.get("best_coherent")
     threshold = s.get("coherence_threshold", 0.95)
     verdict = (
         f"\n\nBest point at coherence >= {threshold:g}: {best['layers']} layers, alpha {best['alpha']:g}, score "
-        f"{best['score']:.2f} against the baseline's {s['baseline_score']:.2f} (+{best['over_baseline']:.2f}), "
-        f"coherence {best['coherence']:.2f}; per task {best['gained']} gained and {best['lost']} lost the pattern, "
+        f"{best['score']:.3f} against the baseline's {s['baseline_score']:.3f} (+{best['over_baseline']:.3f}), "
+        f"coherence {best['coherence']:.3f}; per task {best['gained']} gained and {best['lost']} lost the pattern, "
         f"paired sign test p = {best['sign_test_p']:.3f}."
         if best and "gained" in best
         else f"\n\nNo sweep point reaches coherence {threshold:g}."
@@ -173,7 +173,7 @@ def steering(path: Path) -> str:
         f"cos(defensive, docstrings) = {c['cos']:.3f}; "
         f"defensive alone {c['score_a']:.2f}, docstrings alone {c['score_b']:.2f} (baseline {c['baseline_b']:.2f}); "
         f"sum: defensive {c['score_ab']['defensive']:.2f}, docstrings {c['score_ab']['docstrings']:.2f}, "
-        f"coherence {c['coherence_ab']:.2f}."
+        f"coherence {c['coherence_ab']:.3f}."
     )
     dual = [
         f"\n\nDual channel ({s['dual_channel_rows']} rows of `{s.get('dual_channel_data', 'hotpotqa_dev_300.jsonl')}`, "

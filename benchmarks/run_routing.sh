@@ -23,6 +23,9 @@ run routing_synthetic_5000 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 200
 run routing_synthetic_5000_dense "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 1000 --lexical-weight 0 --routing-only
 run routing_synthetic_5000_dense_probes4 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 1000 --lexical-weight 0 \
   --probes 4 --routing-only
+# the lazy KV build at each precision, side by side on one knowledge base (the model in bf16 on a CPU with AVX512-BF16)
+run routing_synthetic_5000_float32 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 100 --dtype float32
+run routing_synthetic_5000_bfloat16 "${S5[@]}" --kb-dir "$STORES/kb-5000" --limit 100 --dtype bfloat16
 run routing_synthetic_5000_dims128 "${S5[@]}" --kb-dir "$STORES/kb-5000-d128" --dims 128 --limit 1000 --routing-only
 
 HQ=(--facts "$DATA/hotpotqa_dev_facts.jsonl" --kb-dir "$STORES/kb-hotpotqa")
