@@ -157,19 +157,18 @@ def steering(path: Path) -> str:
             f"| layer third | {s['layer_alpha']:g} | {name} ({layers[0]}-{layers[-1]}) | {score:.3f} "
             f"| {s['layer_coherence'][name]:.3f} |"
         )
-    best = s.get("best_coherent")
-    threshold = s.get("coherence_threshold", 0.95)
+    best, threshold = s["best_coherent"], s["coherence_threshold"]
     verdict = (
         f"\n\nBest point at coherence >= {threshold:g}: {best['layers']} layers, alpha {best['alpha']:g}, score "
         f"{best['score']:.3f} against the baseline's {s['baseline_score']:.3f} (+{best['over_baseline']:.3f}), "
         f"coherence {best['coherence']:.3f}; per task {best['gained']} gained and {best['lost']} lost the pattern, "
         f"paired sign test p = {best['sign_test_p']:.3f}."
-        if best and "gained" in best
+        if best
         else f"\n\nNo sweep point reaches coherence {threshold:g}."
     )
     c = s["composition"]
     comp = (
-        f"\n\nComposition at alpha {c['alpha']:g} ({c.get('layers', 'mid')} layers): "
+        f"\n\nComposition at alpha {c['alpha']:g} ({c['layers']} layers): "
         f"cos(defensive, docstrings) = {c['cos']:.3f}; "
         f"defensive alone {c['score_a']:.2f}, docstrings alone {c['score_b']:.2f} (baseline {c['baseline_b']:.2f}); "
         f"sum: defensive {c['score_ab']['defensive']:.2f}, docstrings {c['score_ab']['docstrings']:.2f}, "

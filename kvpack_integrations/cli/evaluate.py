@@ -18,7 +18,6 @@ from ..evaluation.steering import SteeringEvalOptions, run_steering
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..runtime.default_model import kvpack_home
-from ..steering.vector import LAYER_NAMES
 from .common import add_common_args, emit, loaded_model, pack_store
 
 
@@ -156,13 +155,9 @@ def run_steering_cmd(args: argparse.Namespace) -> int:
         alphas = tuple(float(a) for a in args.alphas.split(","))
     except ValueError:
         raise InvalidInputError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
-    sweep_layers = tuple(name.strip() for name in args.layers.split(",") if name.strip())
-    unknown = [name for name in sweep_layers if name not in LAYER_NAMES]
-    if unknown or not sweep_layers:
-        raise InvalidInputError(f"--layers takes names from {', '.join(LAYER_NAMES)}, got {args.layers!r}")
     opts = SteeringEvalOptions(
         alphas=alphas,
-        sweep_layers=sweep_layers,
+        sweep_layers=tuple(name.strip() for name in args.layers.split(",") if name.strip()),
         task_limit=args.tasks,
         max_new_tokens=args.max_new_tokens,
         dual_max_new_tokens=args.dual_max_new_tokens,

@@ -119,6 +119,13 @@ class SteeringEvalOptions:
     max_new_tokens: int = 256  # long enough that validated code is not cut off (a cut reply does not parse)
     dual_max_new_tokens: int = 16
 
+    def __post_init__(self) -> None:
+        """A bad layer name is refused here, before any model work (the layer table needs named thirds)."""
+        if not self.sweep_layers or any(name not in LAYER_NAMES for name in self.sweep_layers):
+            raise InvalidInputError(
+                f"the alpha sweep takes layer names from {', '.join(LAYER_NAMES)}, got {','.join(self.sweep_layers)!r}"
+            )
+
 
 def load_tasks(path: str | Path | None = None, limit: int | None = None) -> list[str]:
     path = Path(path) if path is not None else DEMO / "code_tasks.jsonl"
@@ -188,8 +195,6 @@ def run_steering(
     """Every arm of the steering tables; returns the summary (replies go to `records_path`)."""
     opts = opts or SteeringEvalOptions()
     tasks = list(tasks) if tasks is not None else load_tasks(limit=opts.task_limit)
-    if not opts.sweep_layers:
-        raise InvalidInputError("the alpha sweep needs at least one layer range (e.g. mid)")
     vectors = {
         name: build_steering_vector(loaded, load_pairs(DEMO / d.pairs), layers="mid", name=name, progress=progress)
         for name, d in DIRECTIONS.items()
