@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Value-space steering on the default model: `kvpack eval steering` (alpha sweep on the mid and the late
 # third, layer thirds, composition on 40 code tasks; dual channel on 100 HotpotQA dev rows at six
-# alphas). ~80 min on 2 CPU cores run alone. Skipped when the result exists (delete it to rerun).
+# alphas). ~80 min on 2 CPU cores run alone, resumable from its records (every reply is logged as it is
+# made; other options start over). Skipped when the result exists (delete it to rerun).
 # Usage: bash benchmarks/run_steering.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

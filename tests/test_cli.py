@@ -351,6 +351,34 @@ def test_eval_steering_on_a_tiny_model(capsys, tmp_path, model_dir) -> None:
     assert code == 2 and "'mid,middle'" in err["error"] and "early" in err["error"]
 
 
+def test_eval_steering_resumes_an_interrupted_run_from_its_records(capsys, tmp_path, model_dir, monkeypatch) -> None:
+    from kvpack_integrations.engine.engine import Engine
+
+    records = tmp_path / "steer.jsonl"
+    args = ["eval", "steering", "--data", str(_rows(tmp_path)), "--limit", "2", "--tasks", "2", "--alphas", "1"]
+    args += ["--layers", "late", "--max-new-tokens", "4", "--records", str(records), "--model", model_dir, "--json"]
+    code, whole = run(capsys, *args)
+    lines = records.read_text().splitlines()
+    assert code == 0 and len(lines) == 2 * 2 + 2 + 3 * 2 + 2 * 2 + 6 * 2  # replies as they were made
+    # a run killed mid-way: half the replies logged, the next one cut short while it was written
+    half = len(lines) // 2
+    records.write_text("\n".join(lines[:half]) + "\n" + lines[half][:25])
+    made = []
+    real = Engine.generate
+
+    def counted(self, *a, **k):
+        made.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "generate", counted)
+    code, resumed = run(capsys, *args)
+    assert code == 0 and len(made) == len(lines) - half  # only the replies that were not logged
+    assert {k: v for k, v in resumed.items() if k != "machine"} == {k: v for k, v in whole.items() if k != "machine"}
+    made.clear()
+    code, _ = run(capsys, *[a if a != "4" else "5" for a in args])  # other options: nothing is reused
+    assert code == 0 and len(made) == len(lines)
+
+
 def test_build_with_packets_and_ask_in_packet_modes(capsys, tmp_path, model_dir, facts_file) -> None:
     from kvpack_integrations.packet import PacketAdapter
     from kvpack_integrations.runtime.loader import load_model

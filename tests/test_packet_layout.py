@@ -100,3 +100,28 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch) ->
     split, split_state = trainer.train_adapter(loaded, rows, tmp_path / "split.safetensors", opts, progress=False)
     assert split_state.step == 6 and split_state.losses == pytest.approx(whole_state.losses, rel=1e-5)
     torch.testing.assert_close(split.header, whole.header)
+
+
+def test_training_continues_from_a_trained_adapter(tmp_path) -> None:
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet.trainer import TrainOptions, train_adapter
+
+    loaded = make_model("llama")
+    rows = [QARow(QUESTION, ("Quill Energy",), tuple(Passage(f"T{i}", f, i == 2) for i, f in enumerate(FACTS[:3])))]
+    opts = TrainOptions(steps=8, accumulation=1, lr=0.05, header_tokens=2, trailer_tokens=2, checkpoint_every=4)
+    _, first_state = train_adapter(loaded, rows, tmp_path / "first.safetensors", opts, progress=False)
+    init = TrainOptions(**{**opts.__dict__, "steps": 2, "init": str(tmp_path / "first.safetensors")})
+    tuned, tuned_state = train_adapter(loaded, rows, tmp_path / "tuned.safetensors", init, progress=False)
+    # it starts where the first run ended, not from random soft tokens, and counts both runs' steps
+    # (random soft tokens would start at first_state.losses[0] again)
+    assert tuned_state.losses[0] < min(first_state.losses)
+    assert tuned.trained_steps == 10
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        missing = TrainOptions(init=str(tmp_path / "nope.safetensors"))
+        train_adapter(loaded, rows, tmp_path / "x.safetensors", missing, progress=False)
+    wider = TrainOptions(**{**init.__dict__, "header_tokens": 3})
+    with pytest.raises(InvalidInputError, match="2 header and 2 trailer tokens"):
+        train_adapter(loaded, rows, tmp_path / "y.safetensors", wider, progress=False)
+    with pytest.raises(FingerprintMismatchError):
+        train_adapter(make_model("qwen2"), rows, tmp_path / "z.safetensors", init, progress=False)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-answer-tokens", type=int, default=16, help="teacher answer tokens distilled per example")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None, help="a trained adapter to continue from (fine-tuning)")
     add_common_args(p)
     p.set_defaults(run=run_train)
     p = packet.add_parser("biographies", help="write synthetic biography QA rows for training")
@@ -49,6 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
         max_answer_tokens=args.max_answer_tokens,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        init=str(args.init) if args.init is not None else None,
     )
     loaded = loaded_model(args)
     adapter, state = train_adapter(loaded, rows, args.out, opts)

@@ -14,17 +14,21 @@ code block parses as Python and defines a function. Arms, all greedy:
 - composition: `defensive` + `docstrings`, their per-layer cosine, each alone and the sum;
 - dual channel: HotpotQA gold passages as knowledge in the same cache, `formal` at alphas from 0 to
   1.5: EM/F1 against the style score of the answers.
+
+Every reply is appended to the records file as it is made, so an interrupted run (about 1,500
+greedy generations on the default model) resumes where it stopped, with the same result.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,7 @@ from ..steering.vector import LAYER_NAMES, SteeringVector
 from .datasets import QARow
 from .machine import machine_info
 from .metrics import exact_match, f1_score
+from .records import RecordLog
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "steering"
 COHERENT = 0.95
@@ -138,25 +143,67 @@ def load_tasks(path: str | Path | None = None, limit: int | None = None) -> list
 
 
 class _Runner:
-    """Greedy generations over the tasks, one arm at a time, with every reply kept for the records."""
+    """Greedy generations over the tasks, one arm at a time, each reply logged as it is made.
 
-    def __init__(self, loaded: LoadedModel, tasks: Sequence[str], max_new_tokens: int) -> None:
+    Replies are numbered in the order the run makes them (the arms' order is fixed by the options and
+    the replies before them), so a resumed run takes reply i from the log when its arm and prompt match.
+    """
+
+    def __init__(self, loaded: LoadedModel, tasks: Sequence[str], max_new_tokens: int, log: RecordLog) -> None:
         self.loaded = loaded
         self.engine = Engine(loaded)
         self.tasks = tasks
         # the reply's code block closes with a fence: stop there instead of letting the model ramble on
         self.settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=("\n```\n",))
-        self.records: list[dict[str, Any]] = []
+        self.log = log
+        self.made = 0
+
+    def reply(
+        self,
+        arm: str,
+        prompt: tuple[str, str],
+        ids: Sequence[int],
+        steering: Sequence[SteeringVector],
+        engine: Engine | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> str:
+        """Reply number `made` to `prompt` = (its key, its text): from the log when an earlier run got that
+        far, else generated (by `engine`/`settings`, default the code tasks' ones) and logged."""
+        row, self.made = self.made, self.made + 1
+        key, text = prompt
+        logged = self.log.records.get(row)
+        if logged is not None and logged.get("arm") == arm and logged.get(key) == text:
+            return str(logged["reply"])
+        engine, settings = engine or self.engine, settings or self.settings
+        reply = engine.generate(ids, settings, steering=steering).text
+        self.log.add(row, {"arm": arm, key: text, "reply": reply})
+        return reply
 
     def arm(self, arm: str, steering: Sequence[SteeringVector] = (), suffix: str = "") -> list[str]:
         replies = []
         for task in tqdm(self.tasks, desc=arm, unit="task", leave=False):
             prompt = f"{task} {suffix}".strip()
             ids = render_messages(self.loaded.tokenizer, [{"role": "user", "content": prompt}]).token_ids
-            reply = self.engine.generate(ids, self.settings, steering=steering).text
-            replies.append(reply)
-            self.records.append({"arm": arm, "task": prompt, "reply": reply})
+            replies.append(self.reply(arm, ("task", prompt), ids, steering))
         return replies
+
+
+def _run_config(loaded: LoadedModel, opts: SteeringEvalOptions, tasks: Sequence[str], rows: Sequence[QARow]) -> Any:
+    """What the replies depend on: a log written under another configuration is not reused."""
+
+    def digest(texts: Sequence[str]) -> str:
+        return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
+
+    config = {
+        "eval": "steering",
+        "fingerprint": loaded.fingerprint.digest,
+        "device": str(loaded.device),
+        "options": asdict(opts),
+        "tasks": digest(tasks),
+        "pairs": digest([(DEMO / d.pairs).read_text(encoding="utf-8") for d in DIRECTIONS.values()]),
+        "dual_rows": digest([r.question for r in rows]),
+    }
+    return json.loads(json.dumps(config))  # tuples as lists: equal to the config read back from the log
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -200,7 +247,9 @@ def run_steering(
         for name, d in DIRECTIONS.items()
     }
     defensive, docstrings = DIRECTIONS["defensive"], DIRECTIONS["docstrings"]
-    run = _Runner(loaded, tasks, opts.max_new_tokens)
+    run = _Runner(
+        loaded, tasks, opts.max_new_tokens, RecordLog(records_path, _run_config(loaded, opts, tasks, qa_rows))
+    )
     baseline = run.arm("baseline")
     text = run.arm("text_prompt", suffix=defensive.instruction)
     sweep: list[dict[str, Any]] = []
@@ -239,10 +288,7 @@ def run_steering(
         "baseline_b": _mean([docstrings.score(r) for r in baseline]),
         "coherence_ab": _mean([coherent_code(r) for r in both]),
     }
-    dual = _dual_channel(loaded, qa_rows, vectors["formal"], opts, run.records, progress)
-    if records_path is not None:
-        Path(records_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(records_path).write_text("".join(json.dumps(r) + "\n" for r in run.records), encoding="utf-8")
+    dual = _dual_channel(loaded, qa_rows, vectors["formal"], opts, run, progress)
     base, prompted = _scored(baseline, defensive.score), _scored(text, defensive.score)
     return {
         "model": loaded.name,
@@ -285,7 +331,7 @@ def _dual_channel(
     rows: Sequence[QARow],
     formal: SteeringVector,
     opts: SteeringEvalOptions,
-    records: list[dict[str, Any]],
+    run: _Runner,
     progress: bool,
 ) -> list[dict[str, float]]:
     """Knowledge and steering in one cache: gold passages as the knowledge, `formal` at each alpha."""
@@ -297,10 +343,11 @@ def _dual_channel(
         em, f1, style = [], [], []
         steering = [formal.with_alpha(alpha)] if alpha else []
         for row, prompt in zip(rows, prompts):
-            reply = engine.generate(prompt.token_ids, settings, steering=steering).text
+            reply = run.reply(
+                f"dual_{alpha:g}", ("question", row.question), prompt.token_ids, steering, engine, settings
+            )
             em.append(exact_match(reply, row.answers))
             f1.append(f1_score(reply, row.answers))
             style.append(formality_score(reply))
-            records.append({"arm": f"dual_{alpha:g}", "question": row.question, "reply": reply})
         out.append({"alpha": alpha, "em": _mean(em), "f1": _mean(f1), "style_score": _mean(style)})
     return out

@@ -44,6 +44,7 @@ class TrainOptions:
     max_answer_tokens: int = 16
     checkpoint_every: int = 10
     seed: int = 0
+    init: str | None = None  # a trained adapter to continue from (fine-tuning), instead of random soft tokens
 
 
 @dataclass
@@ -110,7 +111,7 @@ def train_adapter(
     ckpt = out.with_name(out.name + ".ckpt")
     for p in loaded.model.parameters():
         p.requires_grad_(False)
-    adapter = PacketAdapter.initial(loaded, opts.header_tokens, opts.trailer_tokens, seed=opts.seed)
+    adapter = _starting_adapter(loaded, opts)
     header = torch.nn.Parameter(adapter.header.clone())
     trailer = torch.nn.Parameter(adapter.trailer.clone())
     optimizer = torch.optim.Adam([header, trailer], lr=opts.lr)
@@ -165,11 +166,28 @@ def train_adapter(
         header.detach().clone(),
         trailer.detach().clone(),
         loaded.fingerprint,
-        trained_steps=state.step,
+        trained_steps=adapter.trained_steps + state.step,  # an init adapter's steps count too
         notes=json.dumps({"options": asdict(opts), "rows": len(rows), "final_kl": _tail_mean(state.losses)}),
     )
     trained.save(out)
     return trained, state
+
+
+def _starting_adapter(loaded: LoadedModel, opts: TrainOptions) -> PacketAdapter:
+    """Random soft tokens, or the `init` adapter: fine-tuning a trained adapter on new data (more passages,
+    another domain) costs a fraction of training one from scratch."""
+    if opts.init is None:
+        return PacketAdapter.initial(loaded, opts.header_tokens, opts.trailer_tokens, seed=opts.seed)
+    path = Path(opts.init).expanduser()
+    if not path.is_file():
+        raise InvalidInputError(f"the adapter to start from, {path}, does not exist")
+    start = PacketAdapter.load(path, loaded.fingerprint)
+    if (start.header_tokens, start.trailer_tokens) != (opts.header_tokens, opts.trailer_tokens):
+        raise InvalidInputError(
+            f"{path} has {start.header_tokens} header and {start.trailer_tokens} trailer tokens, the options ask for "
+            f"{opts.header_tokens} and {opts.trailer_tokens}: pass the same counts to continue from it"
+        )
+    return start
 
 
 def _tail_mean(losses: Sequence[float], n: int = 10) -> float:
