@@ -379,6 +379,42 @@ def test_eval_steering_resumes_an_interrupted_run_from_its_records(capsys, tmp_p
     assert code == 0 and len(made) == len(lines)
 
 
+def test_packet_train_continue_and_held_out_divergence(capsys, tmp_path, model_dir) -> None:
+    data, first, tuned = str(_rows(tmp_path)), tmp_path / "first.safetensors", tmp_path / "tuned.safetensors"
+    small = ["--accumulation", "1", "--lr", "0.05", "--header-tokens", "2", "--trailer-tokens", "2"]
+    common = ["--model", model_dir, "--json"]
+    code, trained = run(capsys, "packet", "train", "--data", data, "--out", str(first), "--steps", "6", *small, *common)
+    assert code == 0 and trained["steps"] == 6 and first.is_file()
+    code, more = run(
+        capsys,
+        "packet",
+        "train",
+        "--data",
+        data,
+        "--out",
+        str(tuned),
+        "--init",
+        str(first),
+        "--steps",
+        "2",
+        *small,
+        *common,
+    )
+    assert code == 0 and more["kl_first"] < trained["kl_first"]  # it starts from the trained soft tokens
+    scores = {}
+    for name in ("none", str(first), str(tuned)):
+        code, scored = run(capsys, "packet", "divergence", "--data", data, "--adapter", name, "--limit", "2", *common)
+        assert code == 0 and scored["n"] == 2 and len(scored["per_row"]) == 2 and scored["adapter"] == name
+        scores[name] = scored["kl"]
+    assert all(kl > 0 for kl in scores.values()) and len(set(scores.values())) == 3
+    code, err = run(capsys, "packet", "divergence", "--data", data, *common)
+    assert code == 2 and "no adapter is shipped" in err["error"]
+    code, err = run(
+        capsys, "packet", "divergence", "--data", data, "--adapter", str(tmp_path / "gone.safetensors"), *common
+    )
+    assert code == 2 and "gone.safetensors" in err["error"]
+
+
 def test_build_with_packets_and_ask_in_packet_modes(capsys, tmp_path, model_dir, facts_file) -> None:
     from kvpack_integrations.packet import PacketAdapter
     from kvpack_integrations.runtime.loader import load_model

@@ -125,3 +125,26 @@ def test_training_continues_from_a_trained_adapter(tmp_path) -> None:
     with pytest.raises(FingerprintMismatchError):
         train_adapter(make_model("qwen2"), rows, tmp_path / "z.safetensors", init, progress=False)
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_held_out_kl_ranks_a_trained_adapter_above_an_untrained_one(tmp_path) -> None:
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet.divergence import held_out_kl
+    from kvpack_integrations.packet.trainer import TrainOptions, train_adapter
+
+    loaded = make_model("llama")
+    rows = [QARow(QUESTION, ("Quill Energy",), tuple(Passage(f"T{i}", f, i == 2) for i, f in enumerate(FACTS[:3])))]
+    opts = TrainOptions(steps=8, accumulation=1, lr=0.05, header_tokens=2, trailer_tokens=2, checkpoint_every=8)
+    trained, state = train_adapter(loaded, rows, tmp_path / "a.safetensors", opts, progress=False)
+    untrained = PacketAdapter.initial(loaded, 2, 2)
+    # max_passages lays the passages out gold first, as the trainer does (otherwise in the data's order)
+    before = held_out_kl(loaded, rows, untrained, max_passages=3, progress=False)
+    after = held_out_kl(loaded, rows, trained, max_passages=3, progress=False)
+    # the score is the trainer's loss without gradients: its first step saw the untrained adapter on this row
+    assert before["kl"] == pytest.approx(state.losses[0], rel=1e-4)
+    assert after["kl"] < before["kl"] and after["n"] == 1
+    assert held_out_kl(loaded, rows, None, progress=False)["kl"] > 0  # plain caches, no soft tokens
+    with pytest.raises(InvalidInputError, match="no rows"):
+        held_out_kl(loaded, [], trained, progress=False)
+    with pytest.raises(FingerprintMismatchError):
+        held_out_kl(make_model("qwen2"), rows, trained, progress=False)

@@ -1,12 +1,16 @@
-"""`kvpack packet train|biographies`: the KV Packet adapter's trainer and its synthetic training data."""
+"""`kvpack packet train|divergence|biographies`: the KV Packet adapter's trainer, its held-out score, and
+synthetic training data."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..errors import InvalidInputError
 from ..evaluation.datasets import load_rows
+from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..packet.biographies import write_biographies
+from ..packet.divergence import held_out_kl
 from ..packet.trainer import TrainOptions, train_adapter
 from .common import add_common_args, emit, loaded_model
 
@@ -29,6 +33,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, default=None, help="a trained adapter to continue from (fine-tuning)")
     add_common_args(p)
     p.set_defaults(run=run_train)
+    p = packet.add_parser("divergence", help="held-out KL of the packet layout against full attention")
+    p.add_argument("--data", type=Path, required=True, help="QA JSONL the adapter was not trained on")
+    p.add_argument("--limit", type=int, default=20, help="rows scored")
+    p.add_argument("--adapter", default=None, help="adapter .safetensors, or 'none' (default: the shipped one)")
+    p.add_argument("--max-passages", type=int, default=None, help="passages per row (default: all)")
+    p.add_argument("--max-answer-tokens", type=int, default=16)
+    add_common_args(p)
+    p.set_defaults(run=run_divergence)
     p = packet.add_parser("biographies", help="write synthetic biography QA rows for training")
     p.add_argument("n", type=int)
     p.add_argument("--output", type=Path, required=True)
@@ -67,6 +79,21 @@ def run_train(args: argparse.Namespace) -> int:
         "model": loaded.name,
     }
     emit(args, payload, f"trained {args.out}: {state.step} steps, KL {payload['kl_first']} -> {payload['kl_last10']}")
+    return 0
+
+
+def run_divergence(args: argparse.Namespace) -> int:
+    rows = load_rows(args.data, args.limit)
+    loaded = loaded_model(args)
+    path = None if args.adapter == "none" else (Path(args.adapter) if args.adapter else shipped_adapter(loaded))
+    if args.adapter != "none" and path is None:
+        raise InvalidInputError(f"no adapter is shipped for {loaded.name}: pass --adapter PATH (or 'none')")
+    adapter = PacketAdapter.load(path, loaded.fingerprint) if path is not None else None
+    scored = held_out_kl(
+        loaded, rows, adapter, max_passages=args.max_passages, max_answer_tokens=args.max_answer_tokens
+    )
+    payload = {"data": args.data.name, "adapter": str(path) if path else "none", "model": loaded.name, **scored}
+    emit(args, payload, f"held-out KL {scored['kl']:.4f} over {scored['n']} rows ({payload['adapter']})")
     return 0
 
 

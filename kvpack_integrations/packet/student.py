@@ -74,3 +74,10 @@ def student_logits(loaded: LoadedModel, inputs: StudentPass, *, answer_only: boo
         logits_to_keep=keep,
     )
     return out.logits[0, :-1] if answer_only else out.logits[0]
+
+
+def distillation_kl(loaded: LoadedModel, inputs: StudentPass, target: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary, averaged over the answer positions; `target` holds the
+    teacher's log-probs there. The trainer's loss, and the held-out score adapters are compared by."""
+    logits = student_logits(loaded, inputs, answer_only=True).float()
+    return torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")

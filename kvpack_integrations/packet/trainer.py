@@ -30,7 +30,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.loader import LoadedModel
 from .adapter import PacketAdapter
 from .layout import packet_prompt
-from .student import student_logits, student_pass
+from .student import distillation_kl, student_pass
 
 
 @dataclass
@@ -60,7 +60,7 @@ def _facts(row: QARow, limit: int | None) -> list[str]:
     return facts[:limit] if limit else facts
 
 
-class _Teacher:
+class Teacher:
     """The frozen model on the plain prompt: its greedy answer and its log-probs at every answer step.
 
     One prefill and a cached greedy decode give both (the distribution at each step is the one the
@@ -129,7 +129,7 @@ def train_adapter(
             trailer.copy_(saved["trailer"])
         optimizer.load_state_dict(saved["optimizer"])
         state = TrainState(**saved["state"])
-    teacher = _Teacher(loaded, opts.max_answer_tokens)
+    teacher = Teacher(loaded, opts.max_answer_tokens)
     bar = tqdm(total=opts.steps, initial=state.step, desc="packet adapter", unit="step", disable=not progress)
     while state.step < opts.steps:
         t0 = time.perf_counter()
@@ -146,11 +146,7 @@ def train_adapter(
             )
             answer, target = teacher(text_ids)
             with torch.enable_grad():
-                inputs = student_pass(loaded, prompt, answer, header, trailer)
-                logits = student_logits(loaded, inputs, answer_only=True).float()
-                loss = torch.nn.functional.kl_div(
-                    torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean"
-                )
+                loss = distillation_kl(loaded, student_pass(loaded, prompt, answer, header, trailer), target)
                 (loss / opts.accumulation).backward()
             total += float(loss.detach())
         optimizer.step()
