@@ -196,14 +196,16 @@ def packet(paths: list[Path]) -> str:
             f"adapter `{Path(s['methods']['packet']['adapter']).name}`; {_machine(s['machine'])}.\n"
         )
         out.append(
-            "| method | F1 | EM | F1 / full | agreement with full: F1, identical | recomputed doc tokens "
+            "| method | F1 | EM | F1 / full (95% CI) | agreement with full: F1, identical | recomputed doc tokens "
             "| GFLOP (est.) | median TTFT | full / method |"
         )
         out.append("|---|---|---|---|---|---|---|---|---|")
         for method, m in s["methods"].items():
             agreement = f"{m['agreement_f1']:.2f}, {m['same_as_full']:.0%}" if "agreement_f1" in m else "-"
+            ci = m.get("f1_vs_full_ci95")
+            ratio = f"{m['f1'] / full['f1']:.0%}" + (f" ({ci[0]:.0%}-{ci[1]:.0%})" if ci and method != "full" else "")
             out.append(
-                f"| {method} | {m['f1']:.3f} | {m['em']:.3f} | {m['f1'] / full['f1']:.0%} | {agreement} | "
+                f"| {method} | {m['f1']:.3f} | {m['em']:.3f} | {ratio} | {agreement} | "
                 f"{m['recomputed_tokens']:.0f} | {m['flops'] / 1e9:.1f} | {m['ttft_ms']:.0f} ms | "
                 f"x{full['ttft_ms'] / m['ttft_ms']:.1f} |"
             )
@@ -223,6 +225,22 @@ def packet(paths: list[Path]) -> str:
                 out.append(f"| `{s['data']}` | mixture | {mix['f1']:.3f} | {mix['em']:.3f} | {mix_ratio:.0%} |")
             adapter = Path(m["adapter"]).name
             out.append(f"| `{s['data']}` | {adapter} | {m['f1']:.3f} | {m['em']:.3f} | {ratio} |")
+    return "\n".join(out)
+
+
+def packet_divergence(paths: list[Path]) -> str:
+    """Held-out KL per adapter (rows) and dataset (columns)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    datasets = sorted({r["data"] for r in runs})
+    adapters = sorted({Path(r["adapter"]).stem for r in runs}, key=lambda a: (a != "none", a))
+    kl = {(Path(r["adapter"]).stem, r["data"]): r for r in runs}
+    out = ["| caches | " + " | ".join(f"`{d}` ({kl[adapters[0], d]['n']} rows)" for d in datasets) + " |"]
+    out.append("|---" * (len(datasets) + 1) + "|")
+    for a in adapters:
+        name = "plain (no adapter)" if a == "none" else f"`{a}`"
+        out.append(
+            f"| {name} | " + " | ".join(f"{kl[a, d]['kl']:.3f}" if (a, d) in kl else "-" for d in datasets) + " |"
+        )
     return "\n".join(out)
 
 
@@ -270,5 +288,9 @@ if __name__ == "__main__":
     if found:
         print(routing(found) + "\n")
     found = sorted(RESULTS.glob("packet_*.json"))
-    if found:
-        print(packet(found) + "\n")
+    divergence = [p for p in found if p.stem.startswith("packet_divergence_")]
+    evals = [p for p in found if p not in divergence]
+    if evals:
+        print(packet(evals) + "\n")
+    if divergence:
+        print(packet_divergence(divergence) + "\n")

@@ -84,6 +84,7 @@ def test_every_method_in_one_harness(tmp_path) -> None:
     assert not m["full"]["approximate"] and all(m[k]["approximate"] for k in METHODS if k != "full")
     assert m["full"]["f1_vs_full"] in (1.0, None) and m["packet"]["adapter"] == ""
     assert m["full"]["agreement_f1"] == m["full"]["same_as_full"] == 1.0
+    assert m["full"]["f1_vs_full_ci95"] in ([1.0, 1.0], None)  # None: full scored 0 on every row
     by_row = {(r["row"], r["method"]): r["answer"] for r in rows}
     naive_same = sum(by_row[(i, "naive")] == by_row[(i, "full")] for i in range(2)) / 2
     assert m["naive"]["same_as_full"] == naive_same and 0 <= m["naive"]["agreement_f1"] <= 1
