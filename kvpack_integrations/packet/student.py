@@ -40,7 +40,8 @@ def student_pass(
         return table(torch.tensor([list(ids)], dtype=torch.long, device=table.weight.device))[0]
 
     dtype = table.weight.dtype
-    h, t = header.to(dtype), trailer.to(dtype)
+    device = table.weight.device  # soft tokens live on the CPU (adapter files, the trainer's parameters)
+    h, t = header.to(device, dtype), trailer.to(device, dtype)
     parts = [embed(prompt.preamble)]
     blocks = []
     for document in prompt.documents:
