@@ -33,6 +33,11 @@ class QARow:
         ordered = sorted(self.passages, key=lambda p: not p.gold)
         return [p.as_fact() for p in ordered]
 
+    def documents(self, limit: int | None = None) -> list[str]:
+        """The passages a packet prompt composes: all of them in the data's order, or with `limit` the
+        first `limit` gold first (a cap never cuts a supporting passage while distractors remain)."""
+        return self.gold_first()[:limit] if limit else self.facts()
+
 
 def load_rows(path: str | Path, limit: int | None = None) -> list[QARow]:
     """Read and validate rows, naming the line of any malformed one."""

@@ -143,8 +143,7 @@ def run_packet_eval(
         todo = [m for m in opts.methods if (index, m) not in done]
         if not todo:
             continue
-        facts = row.gold_first()[: opts.max_passages] if opts.max_passages else row.facts()
-        prompt = packet_prompt(loaded.tokenizer, facts, row.question, fmt)
+        prompt = packet_prompt(loaded.tokenizer, row.documents(opts.max_passages), row.question, fmt)
         harness.prepare(prompt)
         order = todo if index % 2 == 0 else list(reversed(todo))  # alternate who goes first
         fresh = []
@@ -184,13 +183,13 @@ def run_packet_eval(
     full = summary.get("full")
     if full is not None:
         full_answers = {r["row"]: r["answer"] for r in records if r["method"] == "full"}
+        full_f1 = {r["row"]: r["f1"] for r in records if r["method"] == "full"}
         for method, s in summary.items():
             s["f1_vs_full"] = s["f1"] / full["f1"] if full["f1"] else None
             s["ttft_full_over_method"] = full["ttft_ms"] / s["ttft_ms"] if s["ttft_ms"] else None
             pairs = [(r["answer"], full_answers[r["row"]]) for r in records if r["method"] == method]
             s["agreement_f1"] = statistics.fmean(text_f1(a, b) for a, b in pairs)  # answer vs full's answer
             f1_of = {r["row"]: r["f1"] for r in records if r["method"] == method}
-            full_f1 = {r["row"]: r["f1"] for r in records if r["method"] == "full"}
             rows = sorted(f1_of.keys() & full_f1.keys())
             interval = ratio_interval([f1_of[i] for i in rows], [full_f1[i] for i in rows]) if rows else None
             s["f1_vs_full_ci95"] = list(interval) if interval is not None else None  # paired bootstrap over rows

@@ -48,8 +48,7 @@ def held_out_kl(
     teacher = Teacher(loaded, max_answer_tokens)
     per_row = []
     for row in tqdm(rows, desc="held-out KL", unit="row", disable=not progress):
-        facts = row.gold_first()[:max_passages] if max_passages else row.facts()
-        prompt = packet_prompt(loaded.tokenizer, facts, row.question, fmt)
+        prompt = packet_prompt(loaded.tokenizer, row.documents(max_passages), row.question, fmt)
         text_ids = prompt.text_ids()
         check_context_window(loaded, len(text_ids) + len(prompt.documents) * (header.shape[0] + trailer.shape[0]))
         answer, target = teacher(text_ids)
