@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import CompositionError, ContextTooLongError
+from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment, SegmentKind, context_hash
 from .radix_tree import SegmentSlice
@@ -89,5 +90,5 @@ def forward(loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int]) -> tor
     """Run `ids` on top of `cache` (which grows); returns the logits of the last position."""
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=loaded.device)
     with torch.no_grad():
-        out = loaded.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = loaded.model(input_ids=input_ids, **with_cache(loaded.model, cache), use_cache=True, logits_to_keep=1)
     return out.logits[0, -1].float()

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from ..composition.cache_ops import empty_cache
 from ..composition.rope import RopeSpec, rerotate
 from ..errors import CompositionError
+from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 from .adapter import PacketAdapter
 
@@ -55,11 +56,11 @@ def cache_packet(loaded: LoadedModel, adapter: PacketAdapter | None, document: S
     with torch.no_grad():
         if adapter is None:
             ids = torch.tensor([list(document)], dtype=torch.long, device=loaded.device)
-            loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            loaded.model(input_ids=ids, **with_cache(loaded.model, cache), use_cache=True)
         else:
             adapter.check_model(loaded)
             embeds = wrapped_embeddings(loaded, adapter, document)
-            loaded.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+            loaded.model(inputs_embeds=embeds, **with_cache(loaded.model, cache), use_cache=True)
     keys, values = [], []
     for layer in cache.layers:
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import CompositionError
+from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 
 
@@ -39,7 +40,7 @@ def recompute_positions(loaded: LoadedModel, cache: DynamicCache, ids: Sequence[
     with torch.no_grad():
         loaded.model(
             input_ids=input_ids,
-            past_key_values=cache,
+            **with_cache(loaded.model, cache),
             attention_mask=mask[None, None],
             position_ids=pos[None],
             use_cache=True,

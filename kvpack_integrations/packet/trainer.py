@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..composition.cache_ops import check_context_window
+from ..composition.cache_ops import check_context_window, empty_cache
 from ..errors import InvalidInputError
 from ..evaluation.datasets import QARow
 from ..prompts.knowledge import KnowledgeFormat
+from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 from .adapter import PacketAdapter
 from .layout import packet_prompt
@@ -77,8 +78,9 @@ class Teacher:
         ids = torch.tensor([list(text_ids)], dtype=torch.long, device=self.loaded.device)
         answer: list[int] = []
         log_probs: list[torch.Tensor] = []
+        cache = empty_cache(self.loaded)
         with torch.no_grad():
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
             for _ in range(self.max_tokens):
                 step = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
                 token = int(step.argmax())
@@ -87,7 +89,7 @@ class Teacher:
                 if token in self.loaded.eos_token_ids or "\n" in tokenizer.decode([token]):
                     break
                 nxt = torch.tensor([[token]], dtype=torch.long, device=self.loaded.device)
-                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=nxt, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         return answer, torch.stack(log_probs)
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..composition.cache_ops import empty_cache
 from ..errors import CompositionError, InvalidInputError
 from ..prompts.rendering import render_messages
+from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 from .vector import SteeringVector, resolve_layers
 
@@ -52,7 +53,7 @@ def mean_values(loaded: LoadedModel, text: str) -> torch.Tensor:
     cache = empty_cache(loaded)
     ids = torch.tensor([list(rendered.token_ids)], dtype=torch.long, device=loaded.device)
     with torch.no_grad():
-        loaded.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        loaded.model(input_ids=ids, **with_cache(loaded.model, cache), use_cache=True, logits_to_keep=1)
     means = []
     for index, layer in enumerate(cache.layers):
         values = getattr(layer, "values", None)
