@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from kvpack_integrations.errors import (
     InvalidInputError,
     UnknownKnowledgeBaseError,
 )
+from kvpack_integrations.packet import PacketAdapter
 from kvpack_integrations.prompts import KnowledgeFormat
 from kvpack_integrations.segments import PackStore, load_segment, save_segment
 
@@ -135,3 +138,22 @@ def test_half_precision_storage_is_reported_not_exact(qwen, store: PackStore) ->
     assert result.usage.cached_tokens > 0
     assert result.usage.exact is False
     assert any("float16" in note for note in result.usage.notes)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_stored_files_are_readable_as_plain_writes_would_be(qwen, store: PackStore, tmp_path: Path) -> None:
+    """Temp-file writes (mkstemp 0600, mkdtemp 0700) would leave a shared store readable by its writer alone."""
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    adapter = PacketAdapter.initial(qwen, 2, 2).save(tmp_path / "adapter.safetensors")
+    files, folder = 0o666 & ~_umask(), 0o777 & ~_umask()
+    pack = store.pack_dir("kb")
+    assert stat.S_IMODE(pack.stat().st_mode) == folder
+    written = [p for p in pack.rglob("*") if p.is_file()]
+    assert written and all(stat.S_IMODE(p.stat().st_mode) == files for p in written)
+    assert all(stat.S_IMODE(p.stat().st_mode) == folder for p in pack.rglob("*") if p.is_dir())
+    assert stat.S_IMODE(adapter.stat().st_mode) == files

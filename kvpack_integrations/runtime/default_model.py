@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import DefaultModelMissingError
+from .file_modes import publish_tree
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +66,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
+        publish_tree(tmp)  # mkdtemp and save_model write 0700 / 0600
         try:
             tmp.rename(target)
         except OSError:

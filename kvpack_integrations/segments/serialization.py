@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..errors import CorruptSegmentError, FingerprintMismatchError
+from ..runtime.file_modes import file_mode
 from ..runtime.fingerprint import Fingerprint
 from .segment import KVSegment, SegmentKind
 
@@ -38,6 +39,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from every other user
+            os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

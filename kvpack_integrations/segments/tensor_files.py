@@ -10,6 +10,7 @@ import torch
 
 from ..errors import FingerprintMismatchError, InvalidInputError
 from ..runtime.fingerprint import Fingerprint
+from .serialization import atomic_write_bytes
 
 
 def save_tensor_file(
@@ -21,14 +22,11 @@ def save_tensor_file(
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `tensors` with the format tag, the fingerprint and `metadata`; readers never see half a file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     meta = {**(metadata or {}), "format": file_format, "fingerprint": fingerprint.to_json()}
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write_bytes(path, save({k: v.detach().float().contiguous() for k, v in tensors.items()}, metadata=meta))
     return path
 
 
