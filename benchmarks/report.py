@@ -228,6 +228,38 @@ def packet(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+def _trained_steps(adapter: Path) -> str:
+    """Optimizer steps behind an adapter, those of the adapter it was fine-tuned from included."""
+    from safetensors import safe_open
+
+    if not adapter.is_file():
+        return "?"
+    with safe_open(str(adapter), framework="pt") as fh:
+        return (fh.metadata() or {}).get("trained_steps", "?")
+
+
+def packet_adapters(paths: list[Path]) -> str:
+    """Packet against full recompute per adapter, one row per (data, adapter) run that includes full."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    out = [
+        "| data | adapter (trained steps) | packet F1 | full F1 | F1 / full (95% CI) "
+        "| agreement with full: F1, identical | median TTFT full / packet |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in sorted((r for r in runs if "full" in r["methods"]), key=lambda r: r["data"]):
+        full, m = s["methods"]["full"], s["methods"]["packet"]
+        adapter = Path(m["adapter"])
+        steps = _trained_steps(adapter)
+        ci = m["f1_vs_full_ci95"]
+        out.append(
+            f"| `{s['data']}` | `{adapter.stem}` ({steps}) | {m['f1']:.3f} | {full['f1']:.3f} | "
+            f"{m['f1'] / full['f1']:.0%} ({ci[0]:.0%}-{ci[1]:.0%}) | "
+            f"{m['agreement_f1']:.2f}, {m['same_as_full']:.0%} | "
+            f"{full['ttft_ms']:.0f} / {m['ttft_ms']:.0f} ms (x{full['ttft_ms'] / m['ttft_ms']:.1f}) |"
+        )
+    return "\n".join(out)
+
+
 def packet_divergence(paths: list[Path]) -> str:
     """Held-out KL per adapter (rows) and dataset (columns)."""
     runs = [json.loads(p.read_text()) for p in paths]
@@ -292,5 +324,6 @@ if __name__ == "__main__":
     evals = [p for p in found if p not in divergence]
     if evals:
         print(packet(evals) + "\n")
+        print(packet_adapters(evals) + "\n")
     if divergence:
         print(packet_divergence(divergence) + "\n")

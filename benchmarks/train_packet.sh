@@ -7,7 +7,10 @@
 #   passages10 : the mixture adapter fine-tuned (--init) on HotpotQA train + MuSiQue train with 10
 #              passages per example, closer to the 10-20 documents the evaluation composes
 #              -> benchmarks/adapters/mixture_passages10.safetensors
-# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|all]
+#   passages10_long : the same run extended from 32 to 80 steps (it starts from passages10's checkpoint
+#              when there is one: a resumed run continues the same one)
+#              -> benchmarks/adapters/mixture_passages10_long.safetensors
+# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHICH=${1:-all}
@@ -27,9 +30,17 @@ if [ "$WHICH" = hotpotqa ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/hotpotqa.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
     --steps 30 "${COMMON[@]}" --out "$ADAPTERS/hotpotqa.safetensors" | tail -1 > "$ADAPTERS/hotpotqa.json"
 fi
+PASSAGES10=(--data "$DATA/hotpotqa_train_300.jsonl" --data "$DATA/musique_train_100.jsonl"
+  --init "$ADAPTERS/mixture.safetensors" --max-passages 10 --accumulation 4 --lr 1e-2 --checkpoint-every 4 --json)
 if [ "$WHICH" = passages10 ] || [ "$WHICH" = all ]; then
-  [ -f "$ADAPTERS/mixture_passages10.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
-    --data "$DATA/musique_train_100.jsonl" --init "$ADAPTERS/mixture.safetensors" --max-passages 10 \
-    --steps 32 --accumulation 4 --lr 1e-2 --checkpoint-every 4 --json \
+  [ -f "$ADAPTERS/mixture_passages10.safetensors" ] || kvpack packet train "${PASSAGES10[@]}" --steps 32 \
     --out "$ADAPTERS/mixture_passages10.safetensors" | tail -1 > "$ADAPTERS/mixture_passages10.json"
+fi
+if [ "$WHICH" = passages10_long ] || [ "$WHICH" = all ]; then
+  LONG="$ADAPTERS/mixture_passages10_long.safetensors"
+  if [ ! -f "$LONG" ]; then
+    [ -f "$LONG.ckpt" ] || [ ! -f "$ADAPTERS/mixture_passages10.safetensors.ckpt" ] \
+      || cp "$ADAPTERS/mixture_passages10.safetensors.ckpt" "$LONG.ckpt"
+    kvpack packet train "${PASSAGES10[@]}" --steps 80 --out "$LONG" | tail -1 > "$ADAPTERS/mixture_passages10_long.json"
+  fi
 fi
