@@ -39,9 +39,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from every other user
-            os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from every other user
+                os.fchmod(fh.fileno(), file_mode())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
