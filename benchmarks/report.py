@@ -238,6 +238,14 @@ def _trained_steps(adapter: Path) -> str:
         return (fh.metadata() or {}).get("trained_steps", "?")
 
 
+def _by_training(adapter: str) -> tuple[int, str]:
+    """Sort key: plain caches first, then adapters by how long they were trained."""
+    if adapter == "none":
+        return (-1, adapter)
+    steps = _trained_steps(Path(adapter))
+    return (int(steps) if steps.isdigit() else 1 << 30, Path(adapter).stem)
+
+
 def packet_adapters(paths: list[Path]) -> str:
     """Packet against full recompute per adapter, one row per (data, adapter) run that includes full."""
     runs = [json.loads(p.read_text()) for p in paths]
@@ -246,7 +254,8 @@ def packet_adapters(paths: list[Path]) -> str:
         "| agreement with full: F1, identical | median TTFT full / packet |",
         "|---|---|---|---|---|---|---|",
     ]
-    for s in sorted((r for r in runs if "full" in r["methods"]), key=lambda r: r["data"]):
+    with_full = (r for r in runs if "full" in r["methods"])
+    for s in sorted(with_full, key=lambda r: (r["data"], _by_training(r["methods"]["packet"]["adapter"]))):
         full, m = s["methods"]["full"], s["methods"]["packet"]
         adapter = Path(m["adapter"])
         steps = _trained_steps(adapter)
@@ -264,7 +273,8 @@ def packet_divergence(paths: list[Path]) -> str:
     """Held-out KL per adapter (rows) and dataset (columns)."""
     runs = [json.loads(p.read_text()) for p in paths]
     datasets = sorted({r["data"] for r in runs})
-    adapters = sorted({Path(r["adapter"]).stem for r in runs}, key=lambda a: (a != "none", a))
+    paths_of = {Path(r["adapter"]).stem: r["adapter"] for r in runs}
+    adapters = sorted(paths_of, key=lambda a: _by_training(paths_of[a]))
     kl = {(Path(r["adapter"]).stem, r["data"]): r for r in runs}
     out = ["| caches | " + " | ".join(f"`{d}` ({kl[adapters[0], d]['n']} rows)" for d in datasets) + " |"]
     out.append("|---" * (len(datasets) + 1) + "|")

@@ -2,7 +2,7 @@
 # KV Packet against full recompute and the other baselines (`kvpack eval packet`) on the default model,
 # 100 rows each of HotpotQA dev and MuSiQue dev with every passage as a document, and the cross-domain
 # runs (packet only) with the adapter trained on HotpotQA alone; then full recompute against packet
-# with the adapter fine-tuned on 10 passages per example, at 32 and at 80 steps (one run each, so F1 and
+# with the adapter fine-tuned on 10 passages per example, at 32, 80 and 128 steps (one run each, so F1 and
 # TTFT ratios pair up).
 # Needs the adapters of benchmarks/train_packet.sh. Resumable: records are appended row by row and an
 # interrupted run continues from them; a finished run is skipped (delete its JSON to rerun). Run it
@@ -29,3 +29,5 @@ run hotpotqa_dev_passages10 hotpotqa_dev_300 "$ADAPTERS/mixture_passages10.safet
 run musique_dev_passages10 musique_dev_200 "$ADAPTERS/mixture_passages10.safetensors" full,packet
 run hotpotqa_dev_passages10_long hotpotqa_dev_300 "$ADAPTERS/mixture_passages10_long.safetensors" full,packet
 run musique_dev_passages10_long musique_dev_200 "$ADAPTERS/mixture_passages10_long.safetensors" full,packet
+run hotpotqa_dev_passages10_128 hotpotqa_dev_300 "$ADAPTERS/mixture_passages10_128.safetensors" full,packet
+run musique_dev_passages10_128 musique_dev_200 "$ADAPTERS/mixture_passages10_128.safetensors" full,packet

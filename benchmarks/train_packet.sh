@@ -10,7 +10,10 @@
 #   passages10_long : the same run extended from 32 to 80 steps (it starts from passages10's checkpoint
 #              when there is one: a resumed run continues the same one)
 #              -> benchmarks/adapters/mixture_passages10_long.safetensors
-# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|all]
+#   passages10_128 : passages10_long fine-tuned (--init) for 48 more steps, another example order
+#              (--seed 1) and half the learning rate: 128 steps on 10 passages in all
+#              -> benchmarks/adapters/mixture_passages10_128.safetensors
+# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|passages10_128|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHICH=${1:-all}
@@ -43,4 +46,10 @@ if [ "$WHICH" = passages10_long ] || [ "$WHICH" = all ]; then
       || cp "$ADAPTERS/mixture_passages10.safetensors.ckpt" "$LONG.ckpt"
     kvpack packet train "${PASSAGES10[@]}" --steps 80 --out "$LONG" | tail -1 > "$ADAPTERS/mixture_passages10_long.json"
   fi
+fi
+if [ "$WHICH" = passages10_128 ] || [ "$WHICH" = all ]; then
+  [ -f "$ADAPTERS/mixture_passages10_128.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
+    --data "$DATA/musique_train_100.jsonl" --init "$ADAPTERS/mixture_passages10_long.safetensors" --seed 1 \
+    --max-passages 10 --accumulation 4 --lr 5e-3 --checkpoint-every 4 --steps 48 --json \
+    --out "$ADAPTERS/mixture_passages10_128.safetensors" | tail -1 > "$ADAPTERS/mixture_passages10_128.json"
 fi
