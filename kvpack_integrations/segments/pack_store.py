@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
-from ..runtime.file_modes import publish_tree
+from ..runtime.file_modes import folder_mode
 from ..runtime.fingerprint import Fingerprint
 from .segment import KVSegment
 from .serialization import atomic_write_bytes, load_segment, save_segment
@@ -183,7 +183,7 @@ class PackStore:
             for seg in segments:
                 save_segment(seg, tmp / "segments" / f"{seg.id}.safetensors", storage_dtype)
             atomic_write_bytes(tmp / "manifest.json", manifest.to_json().encode())
-            publish_tree(tmp)  # mkdtemp made it 0700
+            tmp.chmod(folder_mode())  # mkdtemp made it 0700; its files and subfolders already have plain modes
             old = None
             if target.exists():
                 old = target.with_name(f".old-{manifest.name}-{time.time_ns()}")
