@@ -33,8 +33,9 @@ if [ "$WHICH" = hotpotqa ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/hotpotqa.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
     --steps 30 "${COMMON[@]}" --out "$ADAPTERS/hotpotqa.safetensors" | tail -1 > "$ADAPTERS/hotpotqa.json"
 fi
-PASSAGES10=(--data "$DATA/hotpotqa_train_300.jsonl" --data "$DATA/musique_train_100.jsonl"
-  --init "$ADAPTERS/mixture.safetensors" --max-passages 10 --accumulation 4 --lr 1e-2 --checkpoint-every 4 --json)
+TEN_PASSAGES=(--data "$DATA/hotpotqa_train_300.jsonl" --data "$DATA/musique_train_100.jsonl"
+  --max-passages 10 --accumulation 4 --checkpoint-every 4 --json)
+PASSAGES10=("${TEN_PASSAGES[@]}" --init "$ADAPTERS/mixture.safetensors" --lr 1e-2)
 if [ "$WHICH" = passages10 ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture_passages10.safetensors" ] || kvpack packet train "${PASSAGES10[@]}" --steps 32 \
     --out "$ADAPTERS/mixture_passages10.safetensors" | tail -1 > "$ADAPTERS/mixture_passages10.json"
@@ -48,8 +49,7 @@ if [ "$WHICH" = passages10_long ] || [ "$WHICH" = all ]; then
   fi
 fi
 if [ "$WHICH" = passages10_128 ] || [ "$WHICH" = all ]; then
-  [ -f "$ADAPTERS/mixture_passages10_128.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
-    --data "$DATA/musique_train_100.jsonl" --init "$ADAPTERS/mixture_passages10_long.safetensors" --seed 1 \
-    --max-passages 10 --accumulation 4 --lr 5e-3 --checkpoint-every 4 --steps 48 --json \
+  [ -f "$ADAPTERS/mixture_passages10_128.safetensors" ] || kvpack packet train "${TEN_PASSAGES[@]}" \
+    --init "$ADAPTERS/mixture_passages10_long.safetensors" --seed 1 --lr 5e-3 --steps 48 \
     --out "$ADAPTERS/mixture_passages10_128.safetensors" | tail -1 > "$ADAPTERS/mixture_passages10_128.json"
 fi
