@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -187,7 +188,7 @@ def steering(path: Path) -> str:
 def packet(paths: list[Path]) -> str:
     """One table per dataset (every method, mixture adapter), then the cross-domain rows (packet only)."""
     runs = {p.stem.removeprefix("packet_"): json.loads(p.read_text()) for p in paths}
-    main = {k: v for k, v in runs.items() if "full" in v["methods"]}
+    main = {k: v for k, v in runs.items() if "rerotated" in v["methods"]}  # the runs of every baseline
     out = []
     for s in main.values():
         full = s["methods"]["full"]
@@ -246,22 +247,27 @@ def _by_training(adapter: str) -> tuple[int, str]:
     return (int(steps) if steps.isdigit() else 1 << 30, Path(adapter).stem)
 
 
+def _run_order(run: dict[str, Any]) -> tuple[str, tuple[int, str], int]:
+    """Sort key: by dataset, then adapters by training, then a run over more rows after a shorter one."""
+    return (run["data"], _by_training(run["methods"]["packet"]["adapter"]), run["n"])
+
+
 def packet_adapters(paths: list[Path]) -> str:
     """Packet against full recompute per adapter, one row per (data, adapter) run that includes full."""
     runs = [json.loads(p.read_text()) for p in paths]
     out = [
-        "| data | adapter (trained steps) | packet F1 | full F1 | F1 / full (95% CI) "
+        "| data | N | adapter (trained steps) | packet F1 | full F1 | F1 / full (95% CI) "
         "| agreement with full: F1, identical | median TTFT full / packet |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     with_full = (r for r in runs if "full" in r["methods"])
-    for s in sorted(with_full, key=lambda r: (r["data"], _by_training(r["methods"]["packet"]["adapter"]))):
+    for s in sorted(with_full, key=_run_order):
         full, m = s["methods"]["full"], s["methods"]["packet"]
         adapter = Path(m["adapter"])
         steps = _trained_steps(adapter)
         ci = m["f1_vs_full_ci95"]
         out.append(
-            f"| `{s['data']}` | `{adapter.stem}` ({steps}) | {m['f1']:.3f} | {full['f1']:.3f} | "
+            f"| `{s['data']}` | {s['n']} | `{adapter.stem}` ({steps}) | {m['f1']:.3f} | {full['f1']:.3f} | "
             f"{m['f1'] / full['f1']:.0%} ({ci[0]:.0%}-{ci[1]:.0%}) | "
             f"{m['agreement_f1']:.2f}, {m['same_as_full']:.0%} | "
             f"{full['ttft_ms']:.0f} / {m['ttft_ms']:.0f} ms (x{full['ttft_ms'] / m['ttft_ms']:.1f}) |"

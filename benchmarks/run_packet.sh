@@ -3,7 +3,8 @@
 # 100 rows each of HotpotQA dev and MuSiQue dev with every passage as a document, and the cross-domain
 # runs (packet only) with the adapter trained on HotpotQA alone; then full recompute against packet
 # with the adapter fine-tuned on 10 passages per example, at 32, 80 and 128 steps (one run each, so F1 and
-# TTFT ratios pair up).
+# TTFT ratios pair up). Last, the 128-step run continued over the whole dev sets (300 and 200 rows), to
+# narrow the F1 intervals: its first 100 rows are the 100-row run's records, copied, not rerun.
 # Needs the adapters of benchmarks/train_packet.sh. Resumable: records are appended row by row and an
 # interrupted run continues from them; a finished run is skipped (delete its JSON to rerun). Run it
 # alone: TTFT is timed.
@@ -15,8 +16,8 @@ DATA=../shared/data
 ADAPTERS=benchmarks/adapters
 PACKETS=benchmarks/stores/packets   # document packets, cached once (outside the timing) and reused
 mkdir -p "$OUT"
-run() {  # name data adapter methods
-  [ -f "$OUT/packet_$1.json" ] || kvpack eval packet --data "$DATA/$2.jsonl" --limit 100 --adapter "$3" \
+run() {  # name data adapter methods [rows, default 100]
+  [ -f "$OUT/packet_$1.json" ] || kvpack eval packet --data "$DATA/$2.jsonl" --limit "${5:-100}" --adapter "$3" \
     --methods "$4" --packets "$PACKETS" --records "$OUT/packet_$1.records.jsonl" --output "$OUT/packet_$1.json" \
     --json | tail -1
 }
@@ -31,3 +32,9 @@ run hotpotqa_dev_passages10_long hotpotqa_dev_300 "$ADAPTERS/mixture_passages10_
 run musique_dev_passages10_long musique_dev_200 "$ADAPTERS/mixture_passages10_long.safetensors" full,packet
 run hotpotqa_dev_passages10_128 hotpotqa_dev_300 "$ADAPTERS/mixture_passages10_128.safetensors" full,packet
 run musique_dev_passages10_128 musique_dev_200 "$ADAPTERS/mixture_passages10_128.safetensors" full,packet
+continued() {  # name-of-a-100-row-run data adapter methods rows: that run's records seed this one's
+  [ -f "$OUT/packet_$1_all.records.jsonl" ] || cp "$OUT/packet_$1.records.jsonl" "$OUT/packet_$1_all.records.jsonl"
+  run "$1_all" "$2" "$3" "$4" "$5"
+}
+continued hotpotqa_dev_passages10_128 hotpotqa_dev_300 "$ADAPTERS/mixture_passages10_128.safetensors" full,packet 300
+continued musique_dev_passages10_128 musique_dev_200 "$ADAPTERS/mixture_passages10_128.safetensors" full,packet 200
