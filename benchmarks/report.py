@@ -275,6 +275,39 @@ def packet_adapters(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+def _f1_ratio(f1: dict[tuple[str, int], float], rows: range) -> float:
+    """Packet's F1 over full recompute's, summed over the rows (the harness's F1 / full)."""
+    return sum(f1["packet", i] for i in rows) / sum(f1["full", i] for i in rows)
+
+
+def packet_whole_sets(paths: list[Path]) -> str:
+    """Runs continued over a whole dev set (`*_all`): per-row comparisons the run's JSON does not hold.
+
+    The first 100 rows were copied from the 100-row run, so the ratio is also split there.
+    """
+    out = [
+        "| data | N | adapter | rows with full F1 > 0 | packet above / below full (rows) "
+        "| F1 / full, rows 1-100 / the rest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        run = json.loads(path.read_text())
+        f1: dict[tuple[str, int], float] = {}
+        for line in path.with_suffix(".records.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            f1[r["method"], r["row"]] = r["f1"]
+        rows = range(run["n"])
+
+        above = sum(f1["packet", i] > f1["full", i] for i in rows)
+        below = sum(f1["packet", i] < f1["full", i] for i in rows)
+        out.append(
+            f"| `{run['data']}` | {run['n']} | `{Path(run['methods']['packet']['adapter']).stem}` "
+            f"| {sum(f1['full', i] > 0 for i in rows)} | {above} / {below} "
+            f"| {_f1_ratio(f1, rows[:100]):.0%} / {_f1_ratio(f1, rows[100:]):.0%} |"
+        )
+    return "\n".join(out)
+
+
 def packet_divergence(paths: list[Path]) -> str:
     """Held-out KL per adapter (rows) and dataset (columns)."""
     runs = [json.loads(p.read_text()) for p in paths]
@@ -341,5 +374,8 @@ if __name__ == "__main__":
     if evals:
         print(packet(evals) + "\n")
         print(packet_adapters(evals) + "\n")
+    whole = [p for p in evals if p.stem.endswith("_all")]
+    if whole:
+        print(packet_whole_sets(whole) + "\n")
     if divergence:
         print(packet_divergence(divergence) + "\n")
