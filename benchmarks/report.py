@@ -6,6 +6,8 @@ Usage: python benchmarks/report.py  (prints Markdown to stdout)
 from __future__ import annotations
 
 import json
+from collections import defaultdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +231,7 @@ def packet(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+@cache  # the sort key and the table row both ask, once per run
 def _trained_steps(adapter: Path) -> str:
     """Optimizer steps behind an adapter, those of the adapter it was fine-tuned from included."""
     from safetensors import safe_open
@@ -292,10 +295,7 @@ def packet_whole_sets(paths: list[Path]) -> str:
     ]
     for path in paths:
         run = json.loads(path.read_text())
-        f1: dict[tuple[str, int], float] = {}
-        for line in path.with_suffix(".records.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            f1[r["method"], r["row"]] = r["f1"]
+        f1 = {(r["method"], r["row"]): r["f1"] for r in _records(path)}
         rows = range(run["n"])
 
         above = sum(f1["packet", i] > f1["full", i] for i in rows)
@@ -304,6 +304,40 @@ def packet_whole_sets(paths: list[Path]) -> str:
             f"| `{run['data']}` | {run['n']} | `{Path(run['methods']['packet']['adapter']).stem}` "
             f"| {sum(f1['full', i] > 0 for i in rows)} | {above} / {below} "
             f"| {_f1_ratio(f1, rows[:100]):.0%} / {_f1_ratio(f1, rows[100:]):.0%} |"
+        )
+    return "\n".join(out)
+
+
+def _records(run_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in run_path.with_suffix(".records.jsonl").read_text().splitlines()]
+
+
+def packet_pooled(paths: list[Path]) -> str:
+    """Each adapter's whole-dev-set runs pooled: sum of packet F1 over sum of full F1 across every row of
+    every dataset, with a paired bootstrap interval (rows of all datasets resampled together)."""
+    from kvpack_integrations.evaluation.bootstrap import ratio_interval
+
+    by_adapter: dict[str, list[Path]] = defaultdict(list)
+    for path in paths:
+        by_adapter[json.loads(path.read_text())["methods"]["packet"]["adapter"]].append(path)
+    out = [
+        "| adapter | N (datasets) | packet F1 | full F1 | F1 / full, pooled (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    for adapter in sorted(by_adapter, key=_by_training):
+        packet_f1: list[float] = []
+        full_f1: list[float] = []
+        for path in by_adapter[adapter]:
+            f1 = {(r["method"], r["row"]): r["f1"] for r in _records(path)}
+            rows = sorted(i for method, i in f1 if method == "full")
+            packet_f1 += [f1["packet", i] for i in rows]
+            full_f1 += [f1["full", i] for i in rows]
+        ci = ratio_interval(packet_f1, full_f1)
+        interval = f" ({ci[0]:.0%}-{ci[1]:.0%})" if ci else ""
+        out.append(
+            f"| `{Path(adapter).stem}` | {len(full_f1)} ({len(by_adapter[adapter])}) "
+            f"| {sum(packet_f1) / len(packet_f1):.3f} | {sum(full_f1) / len(full_f1):.3f} "
+            f"| {sum(packet_f1) / sum(full_f1):.0%}{interval} |"
         )
     return "\n".join(out)
 
@@ -377,5 +411,6 @@ if __name__ == "__main__":
     whole = [p for p in evals if p.stem.endswith("_all")]
     if whole:
         print(packet_whole_sets(whole) + "\n")
+        print(packet_pooled(whole) + "\n")
     if divergence:
         print(packet_divergence(divergence) + "\n")

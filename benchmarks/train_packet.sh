@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains the KV Packet adapters for the default model on this CPU (2 cores), resumable: rerun the
 # script after an interruption and each run continues from its checkpoint (ADAPTER.ckpt).
-#   mixture  : HotpotQA train 300 + MuSiQue train 100 + 200 synthetic biographies -> shipped in the
-#              package (kvpack_integrations/packet/adapters/<model fingerprint digest>.safetensors)
+#   mixture  : HotpotQA train 300 + MuSiQue train 100 + 200 synthetic biographies
+#              -> benchmarks/adapters/mixture.safetensors (the first adapter shipped in the package)
 #   hotpotqa : HotpotQA train 300 only -> benchmarks/adapters/hotpotqa.safetensors (cross-domain eval)
 #   passages10 : the mixture adapter fine-tuned (--init) on HotpotQA train + MuSiQue train with 10
 #              passages per example, closer to the 10-20 documents the evaluation composes
@@ -12,8 +12,15 @@
 #              -> benchmarks/adapters/mixture_passages10_long.safetensors
 #   passages10_128 : passages10_long fine-tuned (--init) for 48 more steps, another example order
 #              (--seed 1) and half the learning rate: 128 steps on 10 passages in all
-#              -> benchmarks/adapters/mixture_passages10_128.safetensors
-# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|passages10_128|all]
+#              -> benchmarks/adapters/mixture_passages10_128.safetensors, shipped in the package
+#              (kvpack_integrations/packet/adapters/<model fingerprint digest>.safetensors): the closest to
+#              full recompute on both datasets and the best pooled F1 / full over the whole dev sets
+#   wide     : twice the soft tokens (16 + 16), the mixture recipe (50 steps, 4 passages) from scratch
+#              -> benchmarks/adapters/mixture16.safetensors
+#   wide_passages10 : that adapter fine-tuned like passages10 (32 steps on 10 passages, --init): 82 steps
+#              in all, step for step comparable with mixture_passages10
+#              -> benchmarks/adapters/mixture16_passages10.safetensors
+# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|passages10_128|wide|wide_passages10|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHICH=${1:-all}
@@ -26,8 +33,6 @@ if [ "$WHICH" = mixture ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
     --data "$DATA/musique_train_100.jsonl" --data benchmarks/data/biographies_200.jsonl \
     --steps 50 "${COMMON[@]}" --out "$ADAPTERS/mixture.safetensors" | tail -1 > "$ADAPTERS/mixture.json"
-  digest=$(python -c "from kvpack_integrations.runtime.loader import load_model; print(load_model().fingerprint.digest)" 2>/dev/null)
-  cp "$ADAPTERS/mixture.safetensors" "kvpack_integrations/packet/adapters/$digest.safetensors"
 fi
 if [ "$WHICH" = hotpotqa ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/hotpotqa.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
@@ -52,4 +57,17 @@ if [ "$WHICH" = passages10_128 ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture_passages10_128.safetensors" ] || kvpack packet train "${TEN_PASSAGES[@]}" \
     --init "$ADAPTERS/mixture_passages10_long.safetensors" --seed 1 --lr 5e-3 --steps 48 \
     --out "$ADAPTERS/mixture_passages10_128.safetensors" | tail -1 > "$ADAPTERS/mixture_passages10_128.json"
+  digest=$(python -c "from kvpack_integrations.runtime.loader import load_model; print(load_model().fingerprint.digest)" 2>/dev/null)
+  cp "$ADAPTERS/mixture_passages10_128.safetensors" "kvpack_integrations/packet/adapters/$digest.safetensors"
+fi
+WIDE=(--header-tokens 16 --trailer-tokens 16)
+if [ "$WHICH" = wide ] || [ "$WHICH" = wide_passages10 ] || [ "$WHICH" = all ]; then
+  [ -f "$ADAPTERS/mixture16.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
+    --data "$DATA/musique_train_100.jsonl" --data benchmarks/data/biographies_200.jsonl \
+    --steps 50 "${COMMON[@]}" "${WIDE[@]}" --out "$ADAPTERS/mixture16.safetensors" | tail -1 > "$ADAPTERS/mixture16.json"
+fi
+if [ "$WHICH" = wide_passages10 ] || [ "$WHICH" = all ]; then
+  [ -f "$ADAPTERS/mixture16_passages10.safetensors" ] || kvpack packet train "${TEN_PASSAGES[@]}" \
+    --init "$ADAPTERS/mixture16.safetensors" "${WIDE[@]}" --lr 1e-2 --steps 32 \
+    --out "$ADAPTERS/mixture16_passages10.safetensors" | tail -1 > "$ADAPTERS/mixture16_passages10.json"
 fi
