@@ -231,15 +231,26 @@ def packet(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
-@cache  # the sort key and the table row both ask, once per run
-def _trained_steps(adapter: Path) -> str:
-    """Optimizer steps behind an adapter, those of the adapter it was fine-tuned from included."""
+@cache  # the sort keys and the table rows all ask: the file is read once
+def _metadata(adapter: Path) -> dict[str, str]:
+    """The adapter file's safetensors metadata ({} when the file is not here)."""
     from safetensors import safe_open
 
     if not adapter.is_file():
-        return "?"
+        return {}
     with safe_open(str(adapter), framework="pt") as fh:
-        return (fh.metadata() or {}).get("trained_steps", "?")
+        return fh.metadata() or {}
+
+
+def _trained_steps(adapter: Path) -> str:
+    """Optimizer steps behind an adapter, those of the adapter it was fine-tuned from included."""
+    return _metadata(adapter).get("trained_steps", "?")
+
+
+def _soft_tokens(adapter: Path) -> str:
+    """Header + trailer soft tokens, from the training options the adapter records."""
+    options = json.loads(_metadata(adapter).get("notes", "{}")).get("options", {})
+    return f"{options.get('header_tokens', '?')} + {options.get('trailer_tokens', '?')}"
 
 
 def _by_training(adapter: str) -> tuple[int, str]:
@@ -349,12 +360,21 @@ def packet_divergence(paths: list[Path]) -> str:
     paths_of = {Path(r["adapter"]).stem: r["adapter"] for r in runs}
     adapters = sorted(paths_of, key=lambda a: _by_training(paths_of[a]))
     kl = {(Path(r["adapter"]).stem, r["data"]): r for r in runs}
-    out = ["| caches | " + " | ".join(f"`{d}` ({kl[adapters[0], d]['n']} rows)" for d in datasets) + " |"]
-    out.append("|---" * (len(datasets) + 1) + "|")
+    out = [
+        "| caches | soft tokens | trained steps | "
+        + " | ".join(f"`{d}` ({kl[adapters[0], d]['n']} rows)" for d in datasets)
+        + " |"
+    ]
+    out.append("|---" * (len(datasets) + 3) + "|")
     for a in adapters:
-        name = "plain (no adapter)" if a == "none" else f"`{a}`"
+        if a == "none":
+            name, tokens, steps = "plain (no adapter)", "0", "0"
+        else:
+            name, tokens, steps = f"`{a}`", _soft_tokens(Path(paths_of[a])), _trained_steps(Path(paths_of[a]))
         out.append(
-            f"| {name} | " + " | ".join(f"{kl[a, d]['kl']:.3f}" if (a, d) in kl else "-" for d in datasets) + " |"
+            f"| {name} | {tokens} | {steps} | "
+            + " | ".join(f"{kl[a, d]['kl']:.3f}" if (a, d) in kl else "-" for d in datasets)
+            + " |"
         )
     return "\n".join(out)
 
