@@ -248,9 +248,13 @@ def _trained_steps(adapter: Path) -> str:
 
 
 def _soft_tokens(adapter: Path) -> str:
-    """Header + trailer soft tokens, from the training options the adapter records."""
-    options = json.loads(_metadata(adapter).get("notes", "{}")).get("options", {})
-    return f"{options.get('header_tokens', '?')} + {options.get('trailer_tokens', '?')}"
+    """Header + trailer soft tokens: the first dimension of the two tensors in the file."""
+    from safetensors import safe_open
+
+    if not adapter.is_file():
+        return "?"
+    with safe_open(str(adapter), framework="pt") as fh:
+        return f"{fh.get_slice('header').get_shape()[0]} + {fh.get_slice('trailer').get_shape()[0]}"
 
 
 def _by_training(adapter: str) -> tuple[int, str]:
@@ -270,7 +274,7 @@ def packet_adapters(paths: list[Path]) -> str:
     """Packet against full recompute per adapter, one row per (data, adapter) run that includes full."""
     runs = [json.loads(p.read_text()) for p in paths]
     out = [
-        "| data | N | adapter (trained steps) | packet F1 | full F1 | F1 / full (95% CI) "
+        "| data | N | adapter (trained steps, soft tokens) | packet F1 | full F1 | F1 / full (95% CI) "
         "| agreement with full: F1, identical | median TTFT full / packet |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -281,7 +285,8 @@ def packet_adapters(paths: list[Path]) -> str:
         steps = _trained_steps(adapter)
         ci = m["f1_vs_full_ci95"]
         out.append(
-            f"| `{s['data']}` | {s['n']} | `{adapter.stem}` ({steps}) | {m['f1']:.3f} | {full['f1']:.3f} | "
+            f"| `{s['data']}` | {s['n']} | `{adapter.stem}` ({steps}, {_soft_tokens(adapter)}) "
+            f"| {m['f1']:.3f} | {full['f1']:.3f} | "
             f"{m['f1'] / full['f1']:.0%} ({ci[0]:.0%}-{ci[1]:.0%}) | "
             f"{m['agreement_f1']:.2f}, {m['same_as_full']:.0%} | "
             f"{full['ttft_ms']:.0f} / {m['ttft_ms']:.0f} ms (x{full['ttft_ms'] / m['ttft_ms']:.1f}) |"
@@ -325,30 +330,36 @@ def _records(run_path: Path) -> list[dict[str, Any]]:
 
 def packet_pooled(paths: list[Path]) -> str:
     """Each adapter's whole-dev-set runs pooled: sum of packet F1 over sum of full F1 across every row of
-    every dataset, with a paired bootstrap interval (rows of all datasets resampled together)."""
+    every dataset, with a paired bootstrap interval (rows of all datasets resampled together). The sums
+    weigh a dataset by its full-recompute F1, so the plain mean of the datasets' ratios stands beside it."""
     from kvpack_integrations.evaluation.bootstrap import ratio_interval
 
     by_adapter: dict[str, list[Path]] = defaultdict(list)
     for path in paths:
         by_adapter[json.loads(path.read_text())["methods"]["packet"]["adapter"]].append(path)
     out = [
-        "| adapter | N (datasets) | packet F1 | full F1 | F1 / full, pooled (95% CI) |",
-        "|---|---|---|---|---|",
+        "| adapter | N (datasets) | packet F1 | full F1 | F1 / full, pooled (95% CI) | mean of the datasets' ratios |",
+        "|---|---|---|---|---|---|",
     ]
     for adapter in sorted(by_adapter, key=_by_training):
         packet_f1: list[float] = []
         full_f1: list[float] = []
+        ratios = []
         for path in by_adapter[adapter]:
             f1 = {(r["method"], r["row"]): r["f1"] for r in _records(path)}
-            rows = sorted(i for method, i in f1 if method == "full")
+            rows = range(json.loads(path.read_text())["n"])
+            missing = [i for i in rows if ("packet", i) not in f1 or ("full", i) not in f1]
+            if missing or not sum(f1["full", i] for i in rows):
+                raise SystemExit(f"{path.name}: rows {missing[:5]} lack a record, or full recompute's F1 sums to 0")
             packet_f1 += [f1["packet", i] for i in rows]
             full_f1 += [f1["full", i] for i in rows]
+            ratios.append(_f1_ratio(f1, rows))
         ci = ratio_interval(packet_f1, full_f1)
         interval = f" ({ci[0]:.0%}-{ci[1]:.0%})" if ci else ""
         out.append(
-            f"| `{Path(adapter).stem}` | {len(full_f1)} ({len(by_adapter[adapter])}) "
+            f"| `{Path(adapter).stem}` | {len(full_f1)} ({len(ratios)}) "
             f"| {sum(packet_f1) / len(packet_f1):.3f} | {sum(full_f1) / len(full_f1):.3f} "
-            f"| {sum(packet_f1) / sum(full_f1):.0%}{interval} |"
+            f"| {sum(packet_f1) / sum(full_f1):.0%}{interval} | {sum(ratios) / len(ratios):.0%} |"
         )
     return "\n".join(out)
 

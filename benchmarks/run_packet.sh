@@ -3,9 +3,10 @@
 # 100 rows each of HotpotQA dev and MuSiQue dev with every passage as a document, and the cross-domain
 # runs (packet only) with the adapter trained on HotpotQA alone; then full recompute against packet
 # with the adapter fine-tuned on 10 passages per example, at 32, 80 and 128 steps (one run each, so F1 and
-# TTFT ratios pair up). Last, the 128-step run and the shipped mixture adapter's run continued over the
+# TTFT ratios pair up). Last, the 128-step run and the first shipped adapter's (mixture) run continued over the
 # whole dev sets (300 and 200 rows, full and packet only), to narrow the F1 intervals: the first 100 rows
-# of each are the 100-row run's records, copied, not rerun.
+# of each are the 100-row run's records, copied, not rerun. Then the 16 + 16 token adapter at 82 steps
+# (mixture16_passages10), step for step against mixture_passages10.
 # Needs the adapters of benchmarks/train_packet.sh. Resumable: records are appended row by row and an
 # interrupted run continues from them; a finished run is skipped (delete its JSON to rerun). Run it
 # alone: TTFT is timed.
@@ -41,3 +42,5 @@ continued hotpotqa_dev_passages10_128 hotpotqa_dev_300 "$ADAPTERS/mixture_passag
 continued musique_dev_passages10_128 musique_dev_200 "$ADAPTERS/mixture_passages10_128.safetensors" full,packet 200
 continued musique_dev musique_dev_200 "$ADAPTERS/mixture.safetensors" full,packet 200
 continued hotpotqa_dev hotpotqa_dev_300 "$ADAPTERS/mixture.safetensors" full,packet 300
+run hotpotqa_dev_wide hotpotqa_dev_300 "$ADAPTERS/mixture16_passages10.safetensors" full,packet
+run musique_dev_wide musique_dev_200 "$ADAPTERS/mixture16_passages10.safetensors" full,packet

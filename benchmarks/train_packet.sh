@@ -57,8 +57,10 @@ if [ "$WHICH" = passages10_128 ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture_passages10_128.safetensors" ] || kvpack packet train "${TEN_PASSAGES[@]}" \
     --init "$ADAPTERS/mixture_passages10_long.safetensors" --seed 1 --lr 5e-3 --steps 48 \
     --out "$ADAPTERS/mixture_passages10_128.safetensors" | tail -1 > "$ADAPTERS/mixture_passages10_128.json"
-  digest=$(python -c "from kvpack_integrations.runtime.loader import load_model; print(load_model().fingerprint.digest)" 2>/dev/null)
-  cp "$ADAPTERS/mixture_passages10_128.safetensors" "kvpack_integrations/packet/adapters/$digest.safetensors"
+  digest=$(python -c "from kvpack_integrations.runtime.loader import load_model; print(load_model().fingerprint.digest)")
+  [ -n "$digest" ] || { echo "train_packet.sh: no model fingerprint digest, the adapter was not shipped" >&2; exit 1; }
+  shipped="kvpack_integrations/packet/adapters/$digest.safetensors"
+  cmp -s "$ADAPTERS/mixture_passages10_128.safetensors" "$shipped" || cp "$ADAPTERS/mixture_passages10_128.safetensors" "$shipped"
 fi
 WIDE=(--header-tokens 16 --trailer-tokens 16)
 if [ "$WHICH" = wide ] || [ "$WHICH" = wide_passages10 ] || [ "$WHICH" = all ]; then
