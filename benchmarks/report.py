@@ -231,30 +231,27 @@ def packet(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
-@cache  # the sort keys and the table rows all ask: the file is read once
-def _metadata(adapter: Path) -> dict[str, str]:
-    """The adapter file's safetensors metadata ({} when the file is not here)."""
+@cache  # the sort keys and the table rows all ask: each file is opened once
+def _adapter_file(adapter: Path) -> tuple[dict[str, str], str]:
+    """The adapter file's safetensors metadata and its header + trailer soft tokens ({} and "?" when the
+    file is not here)."""
     from safetensors import safe_open
 
     if not adapter.is_file():
-        return {}
+        return {}, "?"
     with safe_open(str(adapter), framework="pt") as fh:
-        return fh.metadata() or {}
+        tokens = f"{fh.get_slice('header').get_shape()[0]} + {fh.get_slice('trailer').get_shape()[0]}"
+        return fh.metadata() or {}, tokens
 
 
 def _trained_steps(adapter: Path) -> str:
     """Optimizer steps behind an adapter, those of the adapter it was fine-tuned from included."""
-    return _metadata(adapter).get("trained_steps", "?")
+    return _adapter_file(adapter)[0].get("trained_steps", "?")
 
 
 def _soft_tokens(adapter: Path) -> str:
     """Header + trailer soft tokens: the first dimension of the two tensors in the file."""
-    from safetensors import safe_open
-
-    if not adapter.is_file():
-        return "?"
-    with safe_open(str(adapter), framework="pt") as fh:
-        return f"{fh.get_slice('header').get_shape()[0]} + {fh.get_slice('trailer').get_shape()[0]}"
+    return _adapter_file(adapter)[1]
 
 
 def _by_training(adapter: str) -> tuple[int, str]:
@@ -334,9 +331,10 @@ def packet_pooled(paths: list[Path]) -> str:
     weigh a dataset by its full-recompute F1, so the plain mean of the datasets' ratios stands beside it."""
     from kvpack_integrations.evaluation.bootstrap import ratio_interval
 
-    by_adapter: dict[str, list[Path]] = defaultdict(list)
+    by_adapter: dict[str, list[tuple[Path, dict[str, Any]]]] = defaultdict(list)
     for path in paths:
-        by_adapter[json.loads(path.read_text())["methods"]["packet"]["adapter"]].append(path)
+        run = json.loads(path.read_text())
+        by_adapter[run["methods"]["packet"]["adapter"]].append((path, run))
     out = [
         "| adapter | N (datasets) | packet F1 | full F1 | F1 / full, pooled (95% CI) | mean of the datasets' ratios |",
         "|---|---|---|---|---|---|",
@@ -345,9 +343,9 @@ def packet_pooled(paths: list[Path]) -> str:
         packet_f1: list[float] = []
         full_f1: list[float] = []
         ratios = []
-        for path in by_adapter[adapter]:
+        for path, run in by_adapter[adapter]:
             f1 = {(r["method"], r["row"]): r["f1"] for r in _records(path)}
-            rows = range(json.loads(path.read_text())["n"])
+            rows = range(run["n"])
             missing = [i for i in rows if ("packet", i) not in f1 or ("full", i) not in f1]
             if missing or not sum(f1["full", i] for i in rows):
                 raise SystemExit(f"{path.name}: rows {missing[:5]} lack a record, or full recompute's F1 sums to 0")
