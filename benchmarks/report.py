@@ -362,6 +362,76 @@ def packet_pooled(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+def _shipped_adapter_stem() -> str:
+    """The benchmark adapter whose bytes the package ships as the default model's adapter."""
+    package = Path(__file__).parents[1] / "kvpack_integrations" / "packet" / "adapters"
+    shipped = [f.read_bytes() for f in package.glob("*.safetensors")]
+    for adapter in sorted((Path(__file__).parent / "adapters").glob("*.safetensors")):
+        if adapter.read_bytes() in shipped:
+            return adapter.stem
+    raise SystemExit("no adapter under benchmarks/adapters is the one the package ships")
+
+
+def _ratio_cell(f1: list[float], reference: list[float]) -> str:
+    """sum(f1) / sum(reference) with its paired bootstrap interval."""
+    from kvpack_integrations.evaluation.bootstrap import ratio_interval
+
+    ci = ratio_interval(f1, reference)
+    return f"{sum(f1) / sum(reference):.0%}" + (f" ({ci[0]:.0%}-{ci[1]:.0%})" if ci else "")
+
+
+def _agreement_cell(answers: list[str], reference: list[str]) -> str:
+    """Mean token F1 between each answer and the reference answer, and the share identical."""
+    from kvpack_integrations.evaluation.metrics import text_f1
+
+    agree = sum(text_f1(a, r) for a, r in zip(answers, reference, strict=True)) / len(answers)
+    same = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
+    return f"{agree:.2f}, {same:.0%}"
+
+
+def packet_precision(paths: list[Path], whole: list[Path]) -> str:
+    """Full recompute in bfloat16 judged like packet: its F1 over fp32 full recompute's (the reference of
+    the whole-set runs, same rows) and its agreement with fp32's answers, beside the shipped packet adapter
+    on the same rows. Rounding changes nothing in the method, so its ratio shows how finely this F1 can
+    tell a method from full recompute on this model."""
+    shipped = _shipped_adapter_stem()
+    reference = {}
+    for path in whole:
+        run = json.loads(path.read_text())
+        if Path(run["methods"]["packet"]["adapter"]).stem == shipped:
+            reference[run["data"]] = {(r["method"], r["row"]): r for r in _records(path)}
+    out = [
+        "| data | N | bf16 full F1 | fp32 full F1 | bf16 / fp32 (95% CI) | bf16 agreement with fp32: F1, identical "
+        f"| packet (`{shipped}`) / fp32 (95% CI) | packet agreement: F1, identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    pooled: dict[str, list[float]] = defaultdict(list)
+    for path in paths:
+        run = json.loads(path.read_text())
+        ref, rows = reference.get(run["data"], {}), range(run["n"])
+        by_method = {"bf16": {r["row"]: r for r in _records(path)}}
+        by_method |= {m: {i: ref[m, i] for i in rows if (m, i) in ref} for m in ("full", "packet")}
+        if any(len(records) < run["n"] for records in by_method.values()):
+            raise SystemExit(f"{path.name}: rows lack a bf16 record or a `{shipped}` whole-set record to compare")
+        f1 = {m: [records[i]["f1"] for i in rows] for m, records in by_method.items()}
+        answers = {m: [records[i]["answer"] for i in rows] for m, records in by_method.items()}
+        out.append(
+            f"| `{run['data']}` | {run['n']} | {sum(f1['bf16']) / run['n']:.3f} | {sum(f1['full']) / run['n']:.3f} "
+            f"| {_ratio_cell(f1['bf16'], f1['full'])} | {_agreement_cell(answers['bf16'], answers['full'])} "
+            f"| {_ratio_cell(f1['packet'], f1['full'])} | {_agreement_cell(answers['packet'], answers['full'])} |"
+        )
+        for m, values in f1.items():
+            pooled[m] += values
+    if len(paths) > 1:
+        n = len(pooled["full"])
+        out.append(
+            f"| pooled ({len(paths)} datasets) | {n} | {sum(pooled['bf16']) / n:.3f} | {sum(pooled['full']) / n:.3f} "
+            f"| {_ratio_cell(pooled['bf16'], pooled['full'])} | - "
+            f"| {_ratio_cell(pooled['packet'], pooled['full'])} | - |"
+        )
+    return "\n".join(out)
+
+
 def packet_divergence(paths: list[Path]) -> str:
     """Held-out KL per adapter (rows) and dataset (columns)."""
     runs = [json.loads(p.read_text()) for p in paths]
@@ -433,7 +503,8 @@ if __name__ == "__main__":
         print(routing(found) + "\n")
     found = sorted(RESULTS.glob("packet_*.json"))
     divergence = [p for p in found if p.stem.startswith("packet_divergence_")]
-    evals = [p for p in found if p not in divergence]
+    precision = [p for p in found if p.stem.endswith("_full_bf16")]
+    evals = [p for p in found if p not in divergence and p not in precision]
     if evals:
         print(packet(evals) + "\n")
         print(packet_adapters(evals) + "\n")
@@ -441,5 +512,7 @@ if __name__ == "__main__":
     if whole:
         print(packet_whole_sets(whole) + "\n")
         print(packet_pooled(whole) + "\n")
+    if precision and whole:
+        print(packet_precision(precision, whole) + "\n")
     if divergence:
         print(packet_divergence(divergence) + "\n")
