@@ -6,7 +6,8 @@
 # TTFT ratios pair up). Last, the 128-step run and the first shipped adapter's (mixture) run continued over the
 # whole dev sets (300 and 200 rows, full and packet only), to narrow the F1 intervals: the first 100 rows
 # of each are the 100-row run's records, copied, not rerun. Then the 16 + 16 token adapter at 82 steps
-# (mixture16_passages10), step for step against mixture_passages10.
+# (mixture16_passages10), step for step against mixture_passages10, and its run continued over the whole
+# dev sets like the two above.
 # Needs the adapters of benchmarks/train_packet.sh. Resumable: records are appended row by row and an
 # interrupted run continues from them; a finished run is skipped (delete its JSON to rerun). Run it
 # alone: TTFT is timed.
@@ -44,3 +45,5 @@ continued musique_dev musique_dev_200 "$ADAPTERS/mixture.safetensors" full,packe
 continued hotpotqa_dev hotpotqa_dev_300 "$ADAPTERS/mixture.safetensors" full,packet 300
 run hotpotqa_dev_wide hotpotqa_dev_300 "$ADAPTERS/mixture16_passages10.safetensors" full,packet
 run musique_dev_wide musique_dev_200 "$ADAPTERS/mixture16_passages10.safetensors" full,packet
+continued hotpotqa_dev_wide hotpotqa_dev_300 "$ADAPTERS/mixture16_passages10.safetensors" full,packet 300
+continued musique_dev_wide musique_dev_200 "$ADAPTERS/mixture16_passages10.safetensors" full,packet 200
