@@ -16,7 +16,8 @@ score() {  # data rows adapter-name adapter
   kvpack packet divergence --data "$DATA/$1.jsonl" --limit "$2" --adapter "$4" --json | tail -1 > "$out.tmp"
   mv "$out.tmp" "$out"  # a failed run leaves no result behind
 }
-for adapter in none mixture mixture_passages10 mixture_passages10_long mixture_passages10_128 mixture16 mixture16_passages10; do
+for adapter in none mixture mixture_passages10 mixture_passages10_long mixture_passages10_128 mixture16 mixture16_passages10 \
+  mixture16_passages10_long; do
   path=$([ "$adapter" = none ] && echo none || echo "$ADAPTERS/$adapter.safetensors")
   score hotpotqa_dev_300 "${1:-12}" "$adapter" "$path"
   score musique_dev_200 "${2:-8}" "$adapter" "$path"

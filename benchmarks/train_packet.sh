@@ -21,7 +21,11 @@
 #   wide_passages10 : that adapter fine-tuned like passages10 (32 steps on 10 passages, --init): 82 steps
 #              in all, step for step comparable with mixture_passages10
 #              -> benchmarks/adapters/mixture16_passages10.safetensors
-# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|passages10_128|wide|wide_passages10|all]
+#   wide_passages10_long : that run extended from 32 to 80 steps like passages10_long (130 steps in all,
+#              step for step comparable with mixture_passages10_long)
+#              -> benchmarks/adapters/mixture16_passages10_long.safetensors
+# Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|passages10_128|wide|
+#   wide_passages10|wide_passages10_long|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHICH=${1:-all}
@@ -47,13 +51,15 @@ if [ "$WHICH" = passages10 ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture_passages10.safetensors" ] || kvpack packet train "${PASSAGES10[@]}" --steps 32 \
     --out "$ADAPTERS/mixture_passages10.safetensors" | tail -1 > "$ADAPTERS/mixture_passages10.json"
 fi
+extend() {  # name-of-a-finished-run steps train-args...: continue that run (its checkpoint) to more steps
+  local from="$ADAPTERS/$1.safetensors" long="$ADAPTERS/$1_long.safetensors" steps=$2
+  shift 2
+  [ ! -f "$long" ] || return 0
+  [ -f "$long.ckpt" ] || [ ! -f "$from.ckpt" ] || cp "$from.ckpt" "$long.ckpt"
+  kvpack packet train "$@" --steps "$steps" --out "$long" | tail -1 > "${long%.safetensors}.json"
+}
 if [ "$WHICH" = passages10_long ] || [ "$WHICH" = all ]; then
-  LONG="$ADAPTERS/mixture_passages10_long.safetensors"
-  if [ ! -f "$LONG" ]; then
-    [ -f "$LONG.ckpt" ] || [ ! -f "$ADAPTERS/mixture_passages10.safetensors.ckpt" ] \
-      || cp "$ADAPTERS/mixture_passages10.safetensors.ckpt" "$LONG.ckpt"
-    kvpack packet train "${PASSAGES10[@]}" --steps 80 --out "$LONG" | tail -1 > "$ADAPTERS/mixture_passages10_long.json"
-  fi
+  extend mixture_passages10 80 "${PASSAGES10[@]}"
 fi
 if [ "$WHICH" = passages10_128 ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture_passages10_128.safetensors" ] || kvpack packet train "${TEN_PASSAGES[@]}" \
@@ -73,4 +79,7 @@ if [ "$WHICH" = wide_passages10 ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture16_passages10.safetensors" ] || kvpack packet train "${TEN_PASSAGES[@]}" \
     --init "$ADAPTERS/mixture16.safetensors" "${WIDE[@]}" --lr 1e-2 --steps 32 \
     --out "$ADAPTERS/mixture16_passages10.safetensors" | tail -1 > "$ADAPTERS/mixture16_passages10.json"
+fi
+if [ "$WHICH" = wide_passages10_long ] || [ "$WHICH" = all ]; then
+  extend mixture16_passages10 80 "${TEN_PASSAGES[@]}" --init "$ADAPTERS/mixture16.safetensors" "${WIDE[@]}" --lr 1e-2
 fi
