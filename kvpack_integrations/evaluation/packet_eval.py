@@ -65,7 +65,9 @@ def _non_embedding_params(loaded: LoadedModel) -> int:
     return sum(p.numel() for p in loaded.model.parameters()) - embed
 
 
-class _Harness:
+class PacketHarness:
+    """Every method's query path, timed as `kvpack eval packet` times it (also used at other shapes)."""
+
     def __init__(self, loaded: LoadedModel, composer: PacketComposer, opts: PacketEvalOptions) -> None:
         self.loaded = loaded
         self.composer = composer
@@ -132,7 +134,7 @@ def run_packet_eval(
         raise InvalidInputError("--methods includes packet but no adapter was given")
     root = Path(store) if store is not None else Path(tempfile.mkdtemp(prefix="kvpack-packets-"))
     composer = PacketComposer(loaded, root, adapter, blend_ratio=opts.blend_ratio, epic_tokens=opts.epic_tokens)
-    harness = _Harness(loaded, composer, opts)
+    harness = PacketHarness(loaded, composer, opts)
     fmt = KnowledgeFormat()
     out = Path(records_path) if records_path is not None else None
     records = _resume(out, rows)

@@ -182,7 +182,7 @@ class PacketComposer:
             recompute_positions(self.loaded, cache, ids, chosen)
             return len(chosen), 0
         deviation = value_deviation(self.loaded, cache, ids)
-        doc_positions = torch.arange(len(prompt.preamble), len(ids))
+        doc_positions = torch.arange(len(prompt.preamble), len(ids), device=deviation.device)
         k = max(1, round(self.blend_ratio * len(doc_positions)))
         chosen = doc_positions[deviation[doc_positions].topk(k).indices].tolist()
         recompute_positions(self.loaded, cache, ids, chosen)

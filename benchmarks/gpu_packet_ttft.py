@@ -1,0 +1,174 @@
+"""Time to first token of packet composition against full recompute at a realistic shape, on a GPU.
+
+A Llama-3.1-8B-shaped model (32 layers, hidden 4096, 32 query and 8 KV heads, MLP 14336, vocabulary
+128256, llama3 RoPE scaling) with random bfloat16 weights: its answers mean nothing, so only timings
+are reported (F1 comes from the default model's CPU runs). Each shape is n documents of L random
+tokens behind the real Llama 3.1 chat template (the test suite's trained tokenizer). Every method goes
+through `PacketHarness`, the query path `kvpack eval packet` times: `full` prefills the whole prompt;
+the packet methods load every document's cache from the packet store (files written just before, so
+read from the page cache), re-rotate the keys and prefill the tail. Medians of `--repeats` runs after
+one warm-up; methods alternate order between runs. Results are written after every shape, so a run
+cut short keeps what it measured.
+
+Usage: python benchmarks/gpu_packet_ttft.py --out FILE [--shapes 10x150,20x200] [--repeats 5]
+       python benchmarks/gpu_packet_ttft.py --tiny --out FILE   (a 2-layer model on the CPU: checks the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tests' tokenizer with the real Llama 3.1 chat template
+
+from kvpack_integrations import KnowledgeFormat, wrap_model  # noqa: E402
+from kvpack_integrations.evaluation.machine import machine_info  # noqa: E402
+from kvpack_integrations.evaluation.packet_eval import PacketEvalOptions, PacketHarness  # noqa: E402
+from kvpack_integrations.packet.adapter import PacketAdapter  # noqa: E402
+from kvpack_integrations.packet.composer import PacketComposer  # noqa: E402
+from kvpack_integrations.packet.layout import packet_prompt  # noqa: E402
+from tests.support.tiny_models import make_tokenizer  # noqa: E402
+
+METHODS = ("full", "packet", "rerotated", "blend", "epic")
+LLAMA_31_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    tie_word_embeddings=False,
+)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def build_model(device: str, dtype: torch.dtype, tiny: bool) -> Any:
+    """The 8B-shaped model built straight on `device` in `dtype` (no fp32 copy on the host)."""
+    tokenizer = make_tokenizer("llama")
+    shape = {**LLAMA_31_8B, **(TINY if tiny else {})}
+    config = LlamaConfig(
+        **shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=0.02
+    )
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    weight = model.model.layers[0].self_attn.q_proj.weight.detach()
+    if not bool(torch.isfinite(weight).all()) or float(weight.detach().float().std()) == 0.0:
+        raise RuntimeError("the random weights were not initialised")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    name = "Llama-3.1-8B-shaped (random weights)" if not tiny else "tiny Llama (random weights)"
+    return wrap_model(model, tokenizer, name=name)
+
+
+def shape_prompt(loaded: Any, documents: int, tokens: int, seed: int) -> Any:
+    """The chat template's preamble and tail around `documents` random documents of `tokens` tokens."""
+    base = packet_prompt(loaded.tokenizer, ["document"] * documents, "Which one is it?", KnowledgeFormat())
+    rng = random.Random(seed)
+    vocab = len(loaded.tokenizer)  # ordinary ids: every one decodes
+    docs = tuple(tuple(rng.randrange(vocab) for _ in range(tokens)) for _ in range(documents))
+    return replace(base, documents=docs)
+
+
+def time_shape(harness: PacketHarness, loaded: Any, documents: int, tokens: int, repeats: int) -> dict[str, Any]:
+    prompt = shape_prompt(loaded, documents, tokens, seed=documents * 100_003 + tokens)
+    t0 = time.perf_counter()
+    harness.prepare(prompt)  # index time: every document cached alone and stored, plain and wrapped
+    index_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {m: [] for m in harness.methods}
+    recomputed: dict[str, int] = {}
+    for run in range(repeats + 1):
+        order = list(harness.methods) if run % 2 == 0 else list(reversed(harness.methods))
+        for method in order:
+            _, ttft, recomputed[method], _ = harness.run(method, prompt)
+            if run:  # run 0 warms up kernels and allocator
+                times[method].append(ttft)
+    loads = []
+    for _ in range(repeats):
+        t1 = time.perf_counter()
+        packets, _ = harness.composer.load(prompt.documents, "packet")
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize()
+        loads.append((time.perf_counter() - t1) * 1000)
+        del packets
+    median = {m: statistics.median(v) for m, v in times.items()}
+    return {
+        "documents": documents,
+        "tokens_per_document": tokens,
+        "prompt_tokens": len(prompt.text_ids()),
+        "tail_tokens": len(prompt.tail),
+        "index_seconds": index_s,
+        "ttft_ms": median,
+        "ttft_ms_runs": times,
+        "full_over_method": {m: median["full"] / v for m, v in median.items() if "full" in median},
+        "recomputed_tokens": recomputed,
+        "packet_load_ms": statistics.median(loads),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="10x150,20x200,32x256,64x256,64x512")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    loaded = build_model(device, dtype, args.tiny)
+    build_s = time.perf_counter() - t0
+    adapter = PacketAdapter.initial(loaded)  # untrained soft tokens: the same cost as trained ones
+    composer = PacketComposer(loaded, tempfile.mkdtemp(prefix="kvpack-gpu-packets-"), adapter)
+    harness = PacketHarness(loaded, composer, PacketEvalOptions(methods=args.methods.split(","), max_new_tokens=1))
+    result: dict[str, Any] = {
+        "model": loaded.name,
+        "config": {k: v for k, v in {**LLAMA_31_8B, **(TINY if args.tiny else {})}.items()},
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "build_seconds": build_s,
+        "repeats": args.repeats,
+        "ttft": "median ms from the start of loading the document caches (packet methods) or of the "
+        "prefill (full) to the first new token, as `kvpack eval packet` times it",
+        "machine": machine_info(),
+        "shapes": [],
+    }
+    out = Path(args.out)
+    for shape in args.shapes.split(","):
+        documents, tokens = (int(x) for x in shape.split("x"))
+        row = time_shape(harness, loaded, documents, tokens, args.repeats)
+        result["shapes"].append(row)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: row[k] for k in ("prompt_tokens", "ttft_ms", "full_over_method", "packet_load_ms")}))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
