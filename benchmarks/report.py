@@ -458,6 +458,28 @@ def packet_divergence(paths: list[Path]) -> str:
     return "\n".join(out)
 
 
+def gpu_packet(path: Path) -> str:
+    """Median TTFT per method and prompt shape on the GPU, and full / method (one run)."""
+    run = json.loads(path.read_text())
+    methods = list(run["shapes"][0]["ttft_ms"])
+    m = run["machine"]
+    head = (
+        f"{run['model']}, {run['dtype']}; {m['cuda']}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"median of {run['repeats']} runs.\n\n"
+    )
+    out = ["| documents x tokens | prompt tokens | " + " | ".join(f"`{x}`" for x in methods) + " | packet load |"]
+    out.append("|---" * (len(methods) + 3) + "|")
+    for shape in run["shapes"]:
+        ttft, ratio = shape["ttft_ms"], shape["full_over_method"]
+        cells = [f"{ttft[x]:.0f} ms" + ("" if x == "full" else f" (x{ratio[x]:.2f})") for x in methods]
+        out.append(
+            f"| {shape['documents']} x {shape['tokens_per_document']} | {shape['prompt_tokens']} | "
+            + " | ".join(cells)
+            + f" | {shape['packet_load_ms']:.0f} ms |"
+        )
+    return head + "\n".join(out)
+
+
 def llama_index(path: Path) -> str:
     """The stock text `RetrieverQueryEngine` against `KVPackQueryEngine`, one row per figure."""
     s = json.loads(path.read_text())
@@ -516,3 +538,5 @@ if __name__ == "__main__":
         print(packet_precision(precision, whole) + "\n")
     if divergence:
         print(packet_divergence(divergence) + "\n")
+    for path in sorted(RESULTS.glob("gpu_packet_ttft_*.json")):
+        print(f"{path.name}:\n\n" + gpu_packet(path) + "\n")

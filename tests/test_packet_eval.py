@@ -113,3 +113,20 @@ def test_agreement_f1_compares_whole_answers() -> None:
     assert text_f1("The band formed in New York.", "the band formed in new york") == 1.0
     assert text_f1("", "") == 1.0 and text_f1("Paris", "") == 0.0 and text_f1("x y", "z") == 0.0
     assert text_f1("Paris is big\nmore", "Paris is small") == 2 * (2 / 4) * (2 / 3) / (2 / 4 + 2 / 3)
+
+
+def test_gpu_timing_script_runs_on_a_tiny_model(tmp_path) -> None:
+    """`benchmarks/gpu_packet_ttft.py --tiny`: the GPU benchmark's code path, checked where CI runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_packet_ttft.py"
+    out = tmp_path / "gpu.json"
+    args = [sys.executable, str(script), "--tiny", "--out", str(out), "--shapes", "3x12", "--repeats", "1"]
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    shape = json.loads(out.read_text())["shapes"][0]
+    assert shape["prompt_tokens"] > shape["tail_tokens"] + 36  # preamble + 3 documents of 12 tokens + tail
+    assert set(shape["ttft_ms"]) == {"full", "packet", "rerotated", "blend", "epic", "packet_resident"}
+    assert shape["recomputed_tokens"]["packet"] == 0 and shape["recomputed_tokens"]["full"] == 36
+    assert shape["resident_packets"] == 3 and shape["resident_hits"] == 3  # the timed run never read the store

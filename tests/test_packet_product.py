@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvpack_integrations import build_pack, load_model
+from kvpack_integrations import build_pack, load_model, wrap_model
 from kvpack_integrations.composition import RadixTree
 from kvpack_integrations.composition.cache_ops import empty_cache, forward
 from kvpack_integrations.composition.rope import rope_spec
@@ -122,3 +122,70 @@ def test_chat_model_and_retriever_with_packets(tmp_path, store) -> None:
     assert exact.response_metadata["kvpack"]["exact"] is True
     again = retriever.invoke("Who makes the Tessel-9 battery?")
     assert not again[0].metadata[PACKET_KEY]["built_now"]
+
+
+def test_resident_packets_skip_the_store_and_stay_in_budget(tmp_path) -> None:
+    from kvpack_integrations.packet.resident import ResidentPackets, packet_bytes
+    from kvpack_integrations.packet.store import packet_path
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    adapter = PacketAdapter.initial(loaded, 2, 2)
+    split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
+    sizes = [packet_bytes(cache_packet(loaded, adapter, d)) for d in split.documents]
+    composer = PacketComposer(loaded, tmp_path / "p", adapter, resident_bytes=sum(sizes))
+    engine = Engine(loaded, packets=composer)
+    first = composer.compose(engine, split, "packet")
+    assert first.packets_built == 3 and len(composer.resident) == 3
+    for document in split.documents:  # the store is gone: a repeat is served from device memory
+        packet_path(composer.store, document, adapter).unlink()
+    again = composer.compose(engine, split, "packet")
+    assert again.packets_built == 0 and composer.resident.hits == 3
+    torch.testing.assert_close(
+        forward(loaded, again.composed.cache, split.tail), forward(loaded, first.composed.cache, split.tail)
+    )
+    # the budget holds: one packet less fits, so the least recently used is dropped
+    small = ResidentPackets(sum(sizes) - 1)
+    packets = [cache_packet(loaded, adapter, d) for d in split.documents]
+    for i, packet in enumerate(packets):
+        small.put(tmp_path / str(i), packet)
+    assert len(small) == 2 and small.used_bytes == sizes[1] + sizes[2] <= small.budget_bytes
+    assert small.get(tmp_path / "0") is None and small.get(tmp_path / "2") is packets[2]
+    nothing = ResidentPackets(0)
+    nothing.put(tmp_path / "0", packets[0])
+    assert len(nothing) == 0
+    with pytest.raises(InvalidInputError, match="resident packet budget"):
+        PacketComposer(loaded, tmp_path / "q", None, resident_bytes=-1)
+
+
+def test_resident_budget_from_the_environment(tmp_path, monkeypatch) -> None:
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", "1.5")
+    assert PacketComposer(loaded, tmp_path, None).resident.budget_bytes == 3 * 2**19
+    assert PacketComposer(loaded, tmp_path, None, resident_bytes=0).resident.budget_bytes == 0
+    monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", "lots")
+    with pytest.raises(InvalidInputError, match="KVPACK_PACKET_RESIDENT_MB"):
+        PacketComposer(loaded, tmp_path, None)
+
+
+def test_packets_are_stored_in_the_cache_dtype(tmp_path) -> None:
+    from safetensors import safe_open
+
+    from kvpack_integrations.packet.store import load_packet, packet_path, save_packet
+
+    from .support.tiny_models import make_model
+
+    tiny = make_model("llama")
+    loaded = wrap_model(tiny.model.to(torch.bfloat16), tiny.tokenizer)
+    document = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).documents[0]
+    packet = cache_packet(loaded, None, document)
+    path = save_packet(packet_path(tmp_path, document, None), packet, loaded.fingerprint)
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.get_slice("keys").get_dtype() == "BF16" and fh.get_slice("document").get_dtype() == "I64"
+    back = load_packet(path, loaded.fingerprint, loaded.dtype, loaded.device)
+    assert back.document == document
+    for a, b in zip((*back.keys, *back.values), (*packet.keys, *packet.values)):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)  # bit for bit: nothing converted

@@ -133,7 +133,9 @@ def run_packet_eval(
     if "packet" in opts.methods and adapter is None:
         raise InvalidInputError("--methods includes packet but no adapter was given")
     root = Path(store) if store is not None else Path(tempfile.mkdtemp(prefix="kvpack-packets-"))
-    composer = PacketComposer(loaded, root, adapter, blend_ratio=opts.blend_ratio, epic_tokens=opts.epic_tokens)
+    composer = PacketComposer(  # resident_bytes=0: every query loads its packets from the store, timed
+        loaded, root, adapter, blend_ratio=opts.blend_ratio, epic_tokens=opts.epic_tokens, resident_bytes=0
+    )
     harness = PacketHarness(loaded, composer, opts)
     fmt = KnowledgeFormat()
     out = Path(records_path) if records_path is not None else None

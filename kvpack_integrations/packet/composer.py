@@ -36,6 +36,7 @@ from .adapter import PacketAdapter, shipped_adapter
 from .compose import PacketCache, cache_packet, compose_packets
 from .layout import PacketPrompt, document_ids
 from .recompute import recompute_positions, value_deviation
+from .resident import ResidentPackets
 from .store import adapter_id, load_packet, packet_path, save_packet
 
 if TYPE_CHECKING:
@@ -47,6 +48,16 @@ PACKET_METHODS = ("packet", "rerotated", "blend", "epic", "naive")
 def default_packet_dir() -> Path:
     """`$KVPACK_PACKETS`, else `packets/` under the kvpack home."""
     return Path(os.environ.get("KVPACK_PACKETS", kvpack_home() / "packets")).expanduser()
+
+
+def default_resident_bytes() -> int:
+    """`$KVPACK_PACKET_RESIDENT_MB` in bytes (0 when unset)."""
+    raw = os.environ.get("KVPACK_PACKET_RESIDENT_MB", "").strip()
+    try:
+        megabytes = float(raw) if raw else 0.0
+    except ValueError:
+        raise InvalidInputError(f"KVPACK_PACKET_RESIDENT_MB must be a number of megabytes, got {raw!r}") from None
+    return int(megabytes * 2**20)
 
 
 @dataclass
@@ -64,6 +75,9 @@ class PacketComposer:
 
     `adapter`: a `PacketAdapter`, a path to one, or `"shipped"` (the adapter trained for this model and
     shipped in the package; None if there is none, and then only the plain methods work).
+    `resident_bytes`: keep up to this many bytes of packets on the model's device between queries
+    (least recently used dropped first), so documents composed again skip the store; 0 keeps none;
+    None: `$KVPACK_PACKET_RESIDENT_MB` megabytes, else none.
     """
 
     def __init__(
@@ -74,6 +88,7 @@ class PacketComposer:
         *,
         blend_ratio: float = 0.15,
         epic_tokens: int = 8,
+        resident_bytes: int | None = None,
     ) -> None:
         if not 0 < blend_ratio <= 1:
             raise InvalidInputError(f"blend_ratio must be in (0, 1], got {blend_ratio}")
@@ -91,6 +106,7 @@ class PacketComposer:
         self.adapter: PacketAdapter | None = adapter
         self.blend_ratio = blend_ratio
         self.epic_tokens = epic_tokens
+        self.resident = ResidentPackets(default_resident_bytes() if resident_bytes is None else resident_bytes)
         self.spec = rope_spec(loaded)  # refuses RoPE variants that cannot be re-rotated, up front
 
     def adapter_for(self, method: str) -> PacketAdapter | None:
@@ -142,18 +158,21 @@ class PacketComposer:
         return {"composition": composition, "store": str(self.store), "adapter": adapter, "built_now": built > 0}
 
     def load(self, documents: Sequence[Sequence[int]], method: str) -> tuple[list[PacketCache], int]:
-        """Every document's packet from the store (built and stored on a miss); (packets, built)."""
+        """Every document's packet: resident, else from the store, else built and stored; (packets, built)."""
         adapter = self.adapter_for(method)
         packets, built = [], 0
         for document in documents:
             path = packet_path(self.store, document, adapter)
-            if path.is_file():
-                packets.append(load_packet(path, self.loaded.fingerprint, self.loaded.dtype, self.loaded.device))
-                continue
-            packet = cache_packet(self.loaded, adapter, document)
-            save_packet(path, packet, self.loaded.fingerprint)
+            packet = self.resident.get(path)
+            if packet is None:
+                if path.is_file():
+                    packet = load_packet(path, self.loaded.fingerprint, self.loaded.dtype, self.loaded.device)
+                else:
+                    packet = cache_packet(self.loaded, adapter, document)
+                    save_packet(path, packet, self.loaded.fingerprint)
+                    built += 1
+                self.resident.put(path, packet)
             packets.append(packet)
-            built += 1
         return packets, built
 
     def compose(self, engine: Engine, prompt: PacketPrompt, method: str = "packet") -> PacketComposition:

@@ -35,12 +35,13 @@ def packet_path(root: str | Path, document: Sequence[int], adapter: PacketAdapte
 
 
 def save_packet(path: Path, packet: PacketCache, fingerprint: Fingerprint) -> Path:
+    """Keys and values in the cache's own dtype (the fingerprint fixes it), so loading converts nothing."""
     tensors = {
         "keys": torch.stack(packet.keys),
         "values": torch.stack(packet.values),
-        "document": torch.tensor(packet.document, dtype=torch.float32),
+        "document": torch.tensor(packet.document, dtype=torch.long),
     }
-    return save_tensor_file(path, tensors, file_format=FORMAT, fingerprint=fingerprint)
+    return save_tensor_file(path, tensors, file_format=FORMAT, fingerprint=fingerprint, keep_dtype=True)
 
 
 def load_packet(path: Path, expected: Fingerprint, dtype: torch.dtype, device: torch.device | str) -> PacketCache:

@@ -20,13 +20,17 @@ def save_tensor_file(
     file_format: str,
     fingerprint: Fingerprint,
     metadata: Mapping[str, str] | None = None,
+    keep_dtype: bool = False,
 ) -> Path:
-    """Write `tensors` with the format tag, the fingerprint and `metadata`; readers never see half a file."""
+    """Write `tensors` with the format tag, the fingerprint and `metadata`; readers never see half a file.
+
+    Tensors are stored as float32 unless `keep_dtype` (K/V caches: bfloat16 stays half the bytes)."""
     from safetensors.torch import save
 
     path = Path(path).expanduser()
     meta = {**(metadata or {}), "format": file_format, "fingerprint": fingerprint.to_json()}
-    atomic_write_bytes(path, save({k: v.detach().float().contiguous() for k, v in tensors.items()}, metadata=meta))
+    stored = {k: (v.detach() if keep_dtype else v.detach().float()).contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(stored, metadata=meta))
     return path
 
 

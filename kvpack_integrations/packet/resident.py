@@ -1,0 +1,64 @@
+"""Packets kept on the model's device between queries: a least-recently-used set bounded in bytes.
+
+Why: on a GPU, reading a document's packet from the store and copying it to the device can take longer
+than the prefill it saves (an 8B model's K/V is 128 KiB per token in bfloat16). Agent loops and chat
+sessions compose the same documents again and again; keeping their packets resident makes a repeat
+cost only the re-rotation. Packets are named by content (document tokens and adapter) and never
+modified by composition (it copies them), so a resident packet stays valid as long as it is kept.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+from ..errors import InvalidInputError
+from .compose import PacketCache
+
+
+def packet_bytes(packet: PacketCache) -> int:
+    """Device bytes the packet's keys and values take."""
+    return sum(t.numel() * t.element_size() for t in (*packet.keys, *packet.values))
+
+
+class ResidentPackets:
+    """Up to `budget_bytes` of packets, the least recently used dropped first (0: keeps none)."""
+
+    def __init__(self, budget_bytes: int = 0) -> None:
+        if budget_bytes < 0:
+            raise InvalidInputError(f"the resident packet budget must be >= 0 bytes, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._packets: OrderedDict[Path, tuple[PacketCache, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._packets)
+
+    def get(self, path: Path) -> PacketCache | None:
+        entry = self._packets.get(path)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._packets.move_to_end(path)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, path: Path, packet: PacketCache) -> None:
+        """Keep `packet` (a packet larger than the whole budget is not kept)."""
+        size = packet_bytes(packet)
+        if size > self.budget_bytes:
+            return
+        old = self._packets.pop(path, None)
+        if old is not None:
+            self.used_bytes -= old[1]
+        while self._packets and self.used_bytes + size > self.budget_bytes:
+            _, (_, dropped) = self._packets.popitem(last=False)
+            self.used_bytes -= dropped
+        self._packets[path] = (packet, size)
+        self.used_bytes += size
+
+    def clear(self) -> None:
+        self._packets.clear()
+        self.used_bytes = 0
