@@ -17,7 +17,7 @@ score() {  # data rows adapter-name adapter
   mv "$out.tmp" "$out"  # a failed run leaves no result behind
 }
 for adapter in none mixture mixture_passages10 mixture_passages10_long mixture_passages10_128 mixture16 mixture16_passages10 \
-  mixture16_passages10_long; do
+  mixture16_passages10_long mixture_dataorder; do
   path=$([ "$adapter" = none ] && echo none || echo "$ADAPTERS/$adapter.safetensors")
   score hotpotqa_dev_300 "${1:-12}" "$adapter" "$path"
   score musique_dev_200 "${2:-8}" "$adapter" "$path"

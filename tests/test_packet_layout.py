@@ -79,6 +79,20 @@ def test_training_lowers_the_kl_and_resumes_from_its_checkpoint(tmp_path) -> Non
         train_adapter(loaded, rows, out, TrainOptions(**{**opts.__dict__, "lr": 0.01}), progress=False)
 
 
+def test_training_passages_in_the_data_order() -> None:
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet.trainer import TrainOptions, _facts, train_adapter
+
+    names = ["d0", "g1", "d2", "d3", "g4", "d5"]
+    row = QARow(QUESTION, ("x",), tuple(Passage("", n, n.startswith("g")) for n in names))
+    assert _facts(row, None, "data") == names and _facts(row, 9, "data") == names
+    assert _facts(row, 4, "data") == ["d0", "g1", "d2", "g4"]  # every supporting passage, kept in place
+    assert _facts(row, 1, "data") == ["g1"]
+    assert _facts(row, 4, "gold-first") == ["g1", "g4", "d0", "d2"]
+    with pytest.raises(InvalidInputError, match="unknown passage order"):
+        train_adapter(make_model("llama"), [row], "unused.safetensors", TrainOptions(order="random"))
+
+
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch) -> None:
     from kvpack_integrations.evaluation.datasets import Passage, QARow
     from kvpack_integrations.packet import trainer

@@ -11,7 +11,7 @@ from ..evaluation.datasets import load_rows
 from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..packet.biographies import write_biographies
 from ..packet.divergence import held_out_kl
-from ..packet.trainer import TrainOptions, train_adapter
+from ..packet.trainer import PASSAGE_ORDERS, TrainOptions, train_adapter
 from .common import add_common_args, emit, loaded_model
 
 
@@ -26,7 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--header-tokens", type=int, default=8)
     p.add_argument("--trailer-tokens", type=int, default=8)
-    p.add_argument("--max-passages", type=int, default=None, help="passages per example, gold first")
+    p.add_argument("--max-passages", type=int, default=None, help="passages per example")
+    p.add_argument(
+        "--order",
+        choices=PASSAGE_ORDERS,
+        default="gold-first",
+        help="passages gold first, or in the data's order (supporting ones where evaluation has them)",
+    )
     p.add_argument("--max-answer-tokens", type=int, default=16, help="teacher answer tokens distilled per example")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -59,6 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
         header_tokens=args.header_tokens,
         trailer_tokens=args.trailer_tokens,
         max_passages=args.max_passages,
+        order=args.order,
         max_answer_tokens=args.max_answer_tokens,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,

@@ -33,6 +33,19 @@ class QARow:
         ordered = sorted(self.passages, key=lambda p: not p.gold)
         return [p.as_fact() for p in ordered]
 
+    def data_order(self, limit: int | None = None) -> list[str]:
+        """The passages in the data's order; with `limit`, the supporting ones and the first distractors,
+        still in that order (supporting passages stay where the data puts them, as at evaluation)."""
+        if not limit or len(self.passages) <= limit:
+            return self.facts()
+        distractors = limit - sum(p.gold for p in self.passages)
+        kept = []
+        for p in self.passages:
+            if p.gold or distractors > 0:
+                kept.append(p)
+                distractors -= not p.gold
+        return [p.as_fact() for p in kept[:limit]]
+
     def documents(self, limit: int | None = None) -> list[str]:
         """The passages a packet prompt composes: all of them in the data's order, or with `limit` the
         first `limit` gold first (a cap never cuts a supporting passage while distractors remain)."""

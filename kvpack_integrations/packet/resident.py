@@ -9,6 +9,7 @@ modified by composition (it copies them), so a resident packet stays valid as lo
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def packet_bytes(packet: PacketCache) -> int:
 
 
 class ResidentPackets:
-    """Up to `budget_bytes` of packets, the least recently used dropped first (0: keeps none)."""
+    """Up to `budget_bytes` of packets, the least recently used dropped first (0: keeps none).
+
+    Thread-safe: one composer may serve several engines on the same model."""
 
     def __init__(self, budget_bytes: int = 0) -> None:
         if budget_bytes < 0:
@@ -32,33 +35,37 @@ class ResidentPackets:
         self.hits = 0
         self.misses = 0
         self._packets: OrderedDict[Path, tuple[PacketCache, int]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._packets)
 
     def get(self, path: Path) -> PacketCache | None:
-        entry = self._packets.get(path)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._packets.move_to_end(path)
-        self.hits += 1
-        return entry[0]
+        with self._lock:
+            entry = self._packets.get(path)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._packets.move_to_end(path)
+            self.hits += 1
+            return entry[0]
 
     def put(self, path: Path, packet: PacketCache) -> None:
         """Keep `packet` (a packet larger than the whole budget is not kept)."""
         size = packet_bytes(packet)
         if size > self.budget_bytes:
             return
-        old = self._packets.pop(path, None)
-        if old is not None:
-            self.used_bytes -= old[1]
-        while self._packets and self.used_bytes + size > self.budget_bytes:
-            _, (_, dropped) = self._packets.popitem(last=False)
-            self.used_bytes -= dropped
-        self._packets[path] = (packet, size)
-        self.used_bytes += size
+        with self._lock:
+            old = self._packets.pop(path, None)
+            if old is not None:
+                self.used_bytes -= old[1]
+            while self._packets and self.used_bytes + size > self.budget_bytes:
+                _, (_, dropped) = self._packets.popitem(last=False)
+                self.used_bytes -= dropped
+            self._packets[path] = (packet, size)
+            self.used_bytes += size
 
     def clear(self) -> None:
-        self._packets.clear()
-        self.used_bytes = 0
+        with self._lock:
+            self._packets.clear()
+            self.used_bytes = 0

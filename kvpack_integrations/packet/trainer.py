@@ -41,7 +41,8 @@ class TrainOptions:
     lr: float = 1e-2
     header_tokens: int = 8
     trailer_tokens: int = 8
-    max_passages: int | None = None  # passages per example (gold ones first), to bound CPU time
+    max_passages: int | None = None  # passages per example, to bound CPU time
+    order: str = "gold-first"  # or "data": the data's order, supporting passages where evaluation has them
     max_answer_tokens: int = 16
     checkpoint_every: int = 10
     seed: int = 0
@@ -56,7 +57,12 @@ class TrainState:
     seconds: float = 0.0
 
 
-def _facts(row: QARow, limit: int | None) -> list[str]:
+PASSAGE_ORDERS = ("gold-first", "data")
+
+
+def _facts(row: QARow, limit: int | None, order: str) -> list[str]:
+    if order == "data":
+        return row.data_order(limit)
     facts = row.gold_first()
     return facts[:limit] if limit else facts
 
@@ -108,6 +114,8 @@ def train_adapter(
         raise InvalidInputError("no training rows")
     if opts.steps < 1 or opts.accumulation < 1 or not opts.lr > 0:
         raise InvalidInputError("steps and accumulation must be >= 1 and lr > 0")
+    if opts.order not in PASSAGE_ORDERS:
+        raise InvalidInputError(f"unknown passage order {opts.order!r}: use one of {', '.join(PASSAGE_ORDERS)}")
     fmt = fmt or KnowledgeFormat()
     out = Path(out).expanduser()
     ckpt = out.with_name(out.name + ".ckpt")
@@ -123,7 +131,8 @@ def train_adapter(
     if ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False)
         # only the step count may change between runs: a run is extended (or cut short) by resuming it
-        same = {**saved["options"], "steps": opts.steps} == asdict(opts)
+        # (a checkpoint from before an option existed was written with that option's default)
+        same = {**asdict(TrainOptions()), **saved["options"], "steps": opts.steps} == asdict(opts)
         if saved["fingerprint"] != loaded.fingerprint.to_json() or not same:
             raise InvalidInputError(f"{ckpt} was written for another model or other options: remove it to start over")
         with torch.no_grad():
@@ -141,7 +150,7 @@ def train_adapter(
             index = order[state.cursor % len(order)]
             state.cursor += 1
             row = rows[index]
-            prompt = packet_prompt(loaded.tokenizer, _facts(row, opts.max_passages), row.question, fmt)
+            prompt = packet_prompt(loaded.tokenizer, _facts(row, opts.max_passages, opts.order), row.question, fmt)
             text_ids = prompt.text_ids()
             check_context_window(
                 loaded, len(text_ids) + len(prompt.documents) * (opts.header_tokens + opts.trailer_tokens)
