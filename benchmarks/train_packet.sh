@@ -26,7 +26,7 @@
 #              -> benchmarks/adapters/mixture16_passages10_long.safetensors
 #   data_order : the shipped adapter fine-tuned (--init) on every passage of each example in the data's
 #              order (--order data; HotpotQA 10, MuSiQue 20), the layout the evaluation composes, where
-#              all the runs above put the supporting passages first: 32 steps, --seed 2, lr 5e-3
+#              all the runs above put the supporting passages first: 16 steps, --seed 2, lr 5e-3
 #              -> benchmarks/adapters/mixture_dataorder.safetensors
 # Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|passages10_128|wide|
 #   wide_passages10|wide_passages10_long|data_order|all]
@@ -90,6 +90,6 @@ fi
 if [ "$WHICH" = data_order ] || [ "$WHICH" = all ]; then
   [ -f "$ADAPTERS/mixture_dataorder.safetensors" ] || kvpack packet train --data "$DATA/hotpotqa_train_300.jsonl" \
     --data "$DATA/musique_train_100.jsonl" --order data --accumulation 4 --checkpoint-every 4 --json \
-    --init "$ADAPTERS/mixture_passages10_128.safetensors" --seed 2 --lr 5e-3 --steps 32 \
+    --init "$ADAPTERS/mixture_passages10_128.safetensors" --seed 2 --lr 5e-3 --steps 16 \
     --out "$ADAPTERS/mixture_dataorder.safetensors" | tail -1 > "$ADAPTERS/mixture_dataorder.json"
 fi
