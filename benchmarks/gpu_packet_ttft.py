@@ -9,8 +9,9 @@ the packet methods load every document's cache from the packet store (files writ
 read from the page cache), re-rotate the keys and prefill the tail. `packet_resident` is `packet` with
 the packets kept on the GPU between queries (`PacketComposer(resident_bytes=...)`), as an agent loop
 that composes the same documents again gets them. Medians of `--repeats` runs after one warm-up;
-methods alternate order between runs. Results are written after every shape, so a run cut short
-keeps what it measured.
+methods alternate order between runs. `load_variants_ms` times other ways to bring the same packet
+files onto the GPU (leads for the store's load path). Results are written after every shape, so a
+run cut short keeps what it measured.
 
 Usage: python benchmarks/gpu_packet_ttft.py --out FILE [--shapes 10x150,20x200] [--repeats 5] [--resident-gib 32]
        python benchmarks/gpu_packet_ttft.py --tiny --out FILE   (a 2-layer model on the CPU: checks the script)
@@ -41,6 +42,7 @@ from kvpack_integrations.evaluation.packet_eval import PacketEvalOptions, Packet
 from kvpack_integrations.packet.adapter import PacketAdapter  # noqa: E402
 from kvpack_integrations.packet.composer import PacketComposer  # noqa: E402
 from kvpack_integrations.packet.layout import packet_prompt  # noqa: E402
+from kvpack_integrations.packet.store import load_packet, packet_path  # noqa: E402
 from tests.support.tiny_models import make_tokenizer  # noqa: E402
 
 METHODS = ("full", "packet", "rerotated", "blend", "epic")
@@ -98,6 +100,52 @@ def shape_prompt(loaded: Any, documents: int, tokens: int, seed: int) -> Any:
     return replace(base, documents=docs)
 
 
+def load_variants(paths: list[Path], loaded: Any, repeats: int) -> dict[str, float]:
+    """Median ms to bring every packet file's keys and values onto the device, four ways: the store's
+    `load_packet` (memory-mapped file, then `.to`), the file read whole first, safetensors straight to
+    the device, and (CUDA only) staging through pinned host memory. Leads for a faster store path."""
+    from safetensors import safe_open
+    from safetensors.torch import load as load_bytes
+
+    device, fingerprint, dtype = loaded.device, loaded.fingerprint, loaded.dtype
+    cuda = device.type == "cuda"
+
+    def store() -> None:
+        for path in paths:
+            load_packet(path, fingerprint, dtype, device)
+
+    def read_whole() -> None:
+        for path in paths:
+            tensors = load_bytes(path.read_bytes())
+            tensors["keys"].to(device), tensors["values"].to(device)
+
+    def to_device() -> None:
+        for path in paths:
+            with safe_open(str(path), framework="pt", device=str(device)) as fh:
+                fh.get_tensor("keys"), fh.get_tensor("values")
+
+    def pinned() -> None:
+        for path in paths:
+            with safe_open(str(path), framework="pt") as fh:
+                for name in ("keys", "values"):
+                    fh.get_tensor(name).pin_memory().to(device, non_blocking=True)
+
+    ways = {"store": store, "read_whole": read_whole, "safetensors_to_device": to_device}
+    if cuda:
+        ways["pinned"] = pinned
+    out = {}
+    for name, way in ways.items():
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            way()
+            if cuda:
+                torch.cuda.synchronize()
+            runs.append((time.perf_counter() - t0) * 1000)
+        out[name] = statistics.median(runs)
+    return out
+
+
 def time_shape(
     harness: PacketHarness, resident: PacketHarness, loaded: Any, documents: int, tokens: int, repeats: int
 ) -> dict[str, Any]:
@@ -127,6 +175,8 @@ def time_shape(
             torch.cuda.synchronize()
         loads.append((time.perf_counter() - t1) * 1000)
         del packets
+    paths = [packet_path(harness.composer.store, d, harness.composer.adapter) for d in prompt.documents]
+    variants = load_variants(paths, loaded, repeats)
     median = {m: statistics.median(v) for m, v in times.items()}
     return {
         "documents": documents,
@@ -139,6 +189,7 @@ def time_shape(
         "full_over_method": {m: median["full"] / v for m, v in median.items() if "full" in median},
         "recomputed_tokens": recomputed,
         "packet_load_ms": statistics.median(loads),
+        "load_variants_ms": variants,
         "resident_packets": len(resident.composer.resident),
         "resident_hits": resident.composer.resident.hits - hits_before,
     }
