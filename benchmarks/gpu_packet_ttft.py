@@ -42,7 +42,7 @@ from kvpack_integrations.evaluation.packet_eval import PacketEvalOptions, Packet
 from kvpack_integrations.packet.adapter import PacketAdapter  # noqa: E402
 from kvpack_integrations.packet.composer import PacketComposer  # noqa: E402
 from kvpack_integrations.packet.layout import packet_prompt  # noqa: E402
-from kvpack_integrations.packet.store import load_packet, packet_path  # noqa: E402
+from kvpack_integrations.packet.store import packet_path  # noqa: E402
 from tests.support.tiny_models import make_tokenizer  # noqa: E402
 
 METHODS = ("full", "packet", "rerotated", "blend", "epic")
@@ -68,12 +68,18 @@ LLAMA_31_8B = dict(
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
+def model_shape(tiny: bool) -> dict[str, Any]:
+    return {**LLAMA_31_8B, **(TINY if tiny else {})}
+
+
 def build_model(device: str, dtype: torch.dtype, tiny: bool) -> Any:
     """The 8B-shaped model built straight on `device` in `dtype` (no fp32 copy on the host)."""
     tokenizer = make_tokenizer("llama")
-    shape = {**LLAMA_31_8B, **(TINY if tiny else {})}
     config = LlamaConfig(
-        **shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=0.02
+        **model_shape(tiny),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.02,
     )
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -84,7 +90,7 @@ def build_model(device: str, dtype: torch.dtype, tiny: bool) -> Any:
     finally:
         torch.set_default_dtype(previous)
     weight = model.model.layers[0].self_attn.q_proj.weight.detach()
-    if not bool(torch.isfinite(weight).all()) or float(weight.detach().float().std()) == 0.0:
+    if not bool(torch.isfinite(weight).all()) or float(weight.float().std()) == 0.0:
         raise RuntimeError("the random weights were not initialised")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     name = "Llama-3.1-8B-shaped (random weights)" if not tiny else "tiny Llama (random weights)"
@@ -100,19 +106,19 @@ def shape_prompt(loaded: Any, documents: int, tokens: int, seed: int) -> Any:
     return replace(base, documents=docs)
 
 
-def load_variants(paths: list[Path], loaded: Any, repeats: int) -> dict[str, float]:
-    """Median ms to bring every packet file's keys and values onto the device, four ways: the store's
-    `load_packet` (memory-mapped file, then `.to`), the file read whole first, safetensors straight to
+def load_variants(composer: PacketComposer, documents: Any, repeats: int) -> dict[str, float]:
+    """Median ms to bring the documents' packets onto the device, four ways: the composer's store load
+    (`load_packet`: memory-mapped file, then `.to`), the file read whole first, safetensors straight to
     the device, and (CUDA only) staging through pinned host memory. Leads for a faster store path."""
     from safetensors import safe_open
     from safetensors.torch import load as load_bytes
 
-    device, fingerprint, dtype = loaded.device, loaded.fingerprint, loaded.dtype
+    device = composer.loaded.device
     cuda = device.type == "cuda"
+    paths = [packet_path(composer.store, d, composer.adapter) for d in documents]
 
     def store() -> None:
-        for path in paths:
-            load_packet(path, fingerprint, dtype, device)
+        composer.load(documents, "packet")
 
     def read_whole() -> None:
         for path in paths:
@@ -167,16 +173,7 @@ def time_shape(
             _, ttft, recomputed[name], _ = runner.run(method, prompt)
             if run:  # run 0 warms up kernels and allocator
                 times[name].append(ttft)
-    loads = []
-    for _ in range(repeats):
-        t1 = time.perf_counter()
-        packets, _ = harness.composer.load(prompt.documents, "packet")
-        if loaded.device.type == "cuda":
-            torch.cuda.synchronize()
-        loads.append((time.perf_counter() - t1) * 1000)
-        del packets
-    paths = [packet_path(harness.composer.store, d, harness.composer.adapter) for d in prompt.documents]
-    variants = load_variants(paths, loaded, repeats)
+    variants = load_variants(harness.composer, prompt.documents, repeats)
     median = {m: statistics.median(v) for m, v in times.items()}
     return {
         "documents": documents,
@@ -188,7 +185,7 @@ def time_shape(
         "ttft_ms_runs": times,
         "full_over_method": {m: median["full"] / v for m, v in median.items() if "full" in median},
         "recomputed_tokens": recomputed,
-        "packet_load_ms": statistics.median(loads),
+        "packet_load_ms": variants["store"],
         "load_variants_ms": variants,
         "resident_packets": len(resident.composer.resident),
         "resident_hits": resident.composer.resident.hits - hits_before,
@@ -217,7 +214,7 @@ def main() -> None:
     resident = PacketHarness(loaded, on_device, options)
     result: dict[str, Any] = {
         "model": loaded.name,
-        "config": {k: v for k, v in {**LLAMA_31_8B, **(TINY if args.tiny else {})}.items()},
+        "config": model_shape(args.tiny),
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
         "build_seconds": build_s,
