@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -44,6 +45,39 @@ def test_recomputing_every_document_token_gives_the_full_prefill(family: str) ->
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     with pytest.raises(CompositionError, match="outside"):
         recompute_positions(loaded, cache, ids, [10_000])
+
+
+def test_blend_selection_leaves_other_threads_forwards_alone() -> None:
+    """`layer_values` stops the model after layer 1 with a hook on the shared model; a request decoding
+    on another thread at the same time must neither be stopped nor have its values captured."""
+    import threading
+
+    from kvpack_integrations.packet.recompute import layer_values
+
+    loaded = make_model("llama")
+    ids = loaded.tokenizer(FACTS[0], add_special_tokens=False)["input_ids"]
+    want = layer_values(loaded, ids)
+    other = torch.tensor([[ids[0]]])
+    errors: list[str] = []
+    done = threading.Event()
+
+    def decoding() -> None:
+        while not done.is_set():
+            try:
+                with torch.no_grad():
+                    loaded.model(input_ids=other, use_cache=False)
+            except Exception as exc:
+                errors.append(type(exc).__name__)
+
+    thread = threading.Thread(target=decoding)
+    thread.start()
+    try:
+        for _ in range(60):
+            torch.testing.assert_close(layer_values(loaded, ids), want)
+    finally:
+        done.set()
+        thread.join()
+    assert errors == []
 
 
 def _rows() -> list[QARow]:
@@ -107,6 +141,21 @@ def test_an_interrupted_eval_resumes_from_its_records(tmp_path) -> None:
     other = [QARow("Another question?", ("x",), _rows()[0].passages)]
     with pytest.raises(InvalidInputError, match="records of other data"):
         run_packet_eval(loaded, other, None, opts, records_path=records, progress=False)
+    longer = PacketEvalOptions(methods=("full", "rerotated"), max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match=r"other settings .*max_new_tokens 3 != 4"):
+        run_packet_eval(loaded, _rows(), None, longer, records_path=records, progress=False)
+    # a run killed mid-write leaves half a line: that row is redone, the file stays readable
+    records.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    again = run_packet_eval(loaded, _rows(), None, opts, records_path=records, progress=False)
+    assert again["methods"]["full"]["f1"] == s["methods"]["full"]["f1"]  # greedy: the redone row is the same
+    text = records.read_text().splitlines()
+    assert text[3] == lines[3][:25] and len(text) == 5  # the half line stays alone; one record redone
+    redone = json.loads(text[4])
+    assert (redone["row"], redone["method"]) == (json.loads(lines[3])["row"], json.loads(lines[3])["method"])
+    with pytest.raises(InvalidInputError, match="no rows"):
+        run_packet_eval(loaded, [], None, opts, progress=False)
+    with pytest.raises(InvalidInputError, match="max_passages must be >= 1, got 3 and 0"):
+        run_packet_eval(loaded, _rows(), None, replace(opts, max_passages=0), progress=False)
 
 
 def test_agreement_f1_compares_whole_answers() -> None:

@@ -41,6 +41,20 @@ def test_packet_composition_equals_the_student_pass(family: str) -> None:
     assert not torch.allclose(full, student, atol=1e-3)
 
 
+def test_the_packet_prompt_is_the_rendered_prompt() -> None:
+    """Llama 3.1's template trims the system message, so a fact's trailing whitespace survives only when
+    the fact is not last: the documents are cut from the rendering itself, and full recompute prefills
+    exactly what the product renders. An empty document is refused by its index."""
+    from kvpack_integrations.knowledge.packs import knowledge_prompt
+
+    loaded = make_model("llama")
+    facts = [FACTS[0] + "\n", FACTS[1]]
+    split = packet_prompt(loaded.tokenizer, facts, QUESTION, KnowledgeFormat())
+    assert split.text_ids() == list(knowledge_prompt(loaded.tokenizer, facts, QUESTION, KnowledgeFormat()).token_ids)
+    with pytest.raises(InvalidInputError, match="document 1 is empty"):
+        packet_prompt(loaded.tokenizer, [FACTS[0], " "], QUESTION, KnowledgeFormat())
+
+
 def test_adapter_files_and_refusals(tmp_path) -> None:
     loaded = make_model("llama")
     adapter = PacketAdapter.initial(loaded)
@@ -91,6 +105,13 @@ def test_training_passages_in_the_data_order() -> None:
     assert _facts(row, 4, "gold-first") == ["g1", "g4", "d0", "d2"]
     with pytest.raises(InvalidInputError, match="unknown passage order"):
         train_adapter(make_model("llama"), [row], "unused.safetensors", TrainOptions(order="random"))
+    for bad, message in (
+        (TrainOptions(checkpoint_every=0), "checkpoint_every and max_answer_tokens must be >= 1, got 0"),
+        (TrainOptions(max_answer_tokens=0), "checkpoint_every and max_answer_tokens must be >= 1, got 10 and 0"),
+        (TrainOptions(max_passages=0), "max_passages must be >= 1"),
+    ):
+        with pytest.raises(InvalidInputError, match=message):
+            train_adapter(make_model("llama"), [row], "unused.safetensors", bad)
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch) -> None:

@@ -62,8 +62,10 @@ def test_packet_strategy_composes_stored_packets(tmp_path, family: str) -> None:
     assert reply.text == want.text
     u = reply.usage
     assert u.strategy == "packet" and u.exact is False
-    assert u.cached_tokens == len(split.preamble) + sum(len(d) + 5 for d in split.documents)
-    assert u.prefilled_tokens == len(split.tail) and u.input_tokens == u.cached_tokens + len(split.tail)
+    # the usage counts prompt tokens; the adapter's 2 + 3 soft tokens per document are reported apart
+    assert u.cached_tokens == len(split.preamble) + sum(len(d) for d in split.documents)
+    assert u.prefilled_tokens == len(split.tail) and u.input_tokens == len(split.text_ids())
+    assert u.soft_tokens == 5 * len(split.documents)
     note = next(n for n in u.notes if n.startswith("approximate"))
     assert "3 documents" in note and "nothing recomputed" in note and "cached now" not in note
     assert len(list((tmp_path / "packets").rglob("*.safetensors"))) == 3  # one per document, reused
@@ -93,21 +95,22 @@ def test_blend_recomputes_a_share_and_refusals(tmp_path) -> None:
         PacketPrompt.from_cuts([1, 2, 3], [2, 1])
 
 
-def test_chat_model_and_retriever_with_packets(tmp_path, store) -> None:
+def _model_and_pack(tmp_path, store) -> tuple[str, object, str]:
+    """A tiny Llama saved as a model directory, the pack `energy` of FACTS, and a packet store path."""
     path = save_model_dir("llama", tmp_path / "models")
     loaded = load_model(path)
-    adapter_file = PacketAdapter.initial(loaded, 2, 2).save(tmp_path / "adapter.safetensors")
-    packets = str(tmp_path / "packets")
     build_pack(loaded, RadixTree(loaded.fingerprint), store, "energy", FACTS)
-    retriever = KVPackRetriever(
-        kb="energy",
-        store=str(store.root),
-        k=2,
-        composition="packet",
-        model=path,
-        packet_store=packets,
-        packet_adapter=str(adapter_file),
-    )
+    return path, loaded, str(tmp_path / "packets")
+
+
+def _retriever(store, path: str, packets: str, **options) -> KVPackRetriever:
+    return KVPackRetriever(kb="energy", store=str(store.root), k=2, model=path, packet_store=packets, **options)
+
+
+def test_chat_model_and_retriever_with_packets(tmp_path, store) -> None:
+    path, loaded, packets = _model_and_pack(tmp_path, store)
+    adapter_file = PacketAdapter.initial(loaded, 2, 2).save(tmp_path / "adapter.safetensors")
+    retriever = _retriever(store, path, packets, composition="packet", packet_adapter=str(adapter_file))
     docs = retriever.invoke("Who makes the Tessel-9 battery?")
     assert docs[0].metadata[PACKET_KEY]["composition"] == "packet" and docs[0].metadata[PACKET_KEY]["built_now"]
     assert len(list((tmp_path / "packets").rglob("*.safetensors"))) == 2  # packets made at retrieval
@@ -139,7 +142,7 @@ def test_resident_packets_skip_the_store_and_stay_in_budget(tmp_path) -> None:
     first = composer.compose(engine, split, "packet")
     assert first.packets_built == 3 and len(composer.resident) == 3
     for document in split.documents:  # the store is gone: a repeat is served from device memory
-        packet_path(composer.store, document, adapter).unlink()
+        packet_path(composer.store, document, adapter, loaded.fingerprint).unlink()
     again = composer.compose(engine, split, "packet")
     assert again.packets_built == 0 and composer.resident.hits == 3
     torch.testing.assert_close(
@@ -166,9 +169,10 @@ def test_resident_budget_from_the_environment(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", "1.5")
     assert PacketComposer(loaded, tmp_path, None).resident.budget_bytes == 3 * 2**19
     assert PacketComposer(loaded, tmp_path, None, resident_bytes=0).resident.budget_bytes == 0
-    monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", "lots")
-    with pytest.raises(InvalidInputError, match="KVPACK_PACKET_RESIDENT_MB"):
-        PacketComposer(loaded, tmp_path, None)
+    for bad in ("lots", "inf", "nan", "-1"):
+        monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", bad)
+        with pytest.raises(InvalidInputError, match=f"KVPACK_PACKET_RESIDENT_MB .*got '{bad}'"):
+            PacketComposer(loaded, tmp_path, None)
 
 
 def test_packets_are_stored_in_the_cache_dtype(tmp_path) -> None:
@@ -182,10 +186,133 @@ def test_packets_are_stored_in_the_cache_dtype(tmp_path) -> None:
     loaded = wrap_model(tiny.model.to(torch.bfloat16), tiny.tokenizer)
     document = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).documents[0]
     packet = cache_packet(loaded, None, document)
-    path = save_packet(packet_path(tmp_path, document, None), packet, loaded.fingerprint)
+    path = save_packet(packet_path(tmp_path, document, None, loaded.fingerprint), packet, loaded.fingerprint)
     with safe_open(str(path), framework="pt") as fh:
         assert fh.get_slice("keys").get_dtype() == "BF16" and fh.get_slice("document").get_dtype() == "I64"
-    back = load_packet(path, loaded.fingerprint, loaded.dtype, loaded.device)
+    back = load_packet(path, loaded.fingerprint, loaded.dtype, loaded.device, document, None)
     assert back.document == document
     for a, b in zip((*back.keys, *back.values), (*packet.keys, *packet.values)):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)  # bit for bit: nothing converted
+
+
+def test_packet_files_are_checked_on_load(tmp_path) -> None:
+    """A file of another document, cut short, or lacking its document ids is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from kvpack_integrations.errors import CorruptSegmentError
+    from kvpack_integrations.packet.store import load_packet, packet_path, save_packet
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    adapter = PacketAdapter.initial(loaded, 2, 2)
+    first, second = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).documents[:2]
+    path = save_packet(
+        packet_path(tmp_path, first, adapter, loaded.fingerprint),
+        cache_packet(loaded, adapter, first),
+        loaded.fingerprint,
+    )
+    args = (loaded.fingerprint, loaded.dtype, loaded.device)
+    assert load_packet(path, *args, first, adapter).length == len(first) + 4
+    with pytest.raises(CorruptSegmentError, match="another document"):
+        load_packet(path, *args, (*first[:-1], first[-1] + 1), adapter)
+    with pytest.raises(CorruptSegmentError, match="header \\+ document \\+ trailer"):
+        load_packet(path, *args, second, adapter)  # another length: the shape check names it first
+    with pytest.raises(CorruptSegmentError, match="header \\+ document \\+ trailer"):
+        load_packet(path, *args, first, None)  # read as a plain packet: 4 positions too many
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+    tensors = load_file(str(path))
+    del tensors["document"]
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CorruptSegmentError, match="document ids missing"):
+        load_packet(path, *args, first, adapter)
+
+
+def test_models_sharing_a_tokenizer_share_a_store(tmp_path) -> None:
+    """Two models with one tokenizer give the same document ids but other caches: each keeps its own
+    packets in a shared store, neither is refused, and neither reads the other's."""
+    from .support.tiny_models import make_model
+
+    split = None
+    built = []
+    for seed in (0, 1):
+        loaded = make_model("llama", seed=seed)
+        split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
+        composer = PacketComposer(loaded, tmp_path / "shared", None)
+        built.append(composer.compose(Engine(loaded, packets=composer), split, "blend").packets_built)
+    assert split is not None and built == [len(split.documents)] * 2
+    assert len({p.parent.parent.name for p in (tmp_path / "shared").rglob("*.safetensors")}) == 2
+
+
+def test_sliding_window_models_refuse_packets_past_the_window(tmp_path) -> None:
+    """Sliding-window layers would keep only the last positions of a long packet or composition: refused,
+    at index time and at query time, instead of composed with positions silently shifted."""
+    from kvpack_integrations.errors import CompositionError
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model("mistral", sliding_window=12)
+    split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
+    longest = max(split.documents, key=len)
+    assert len(longest) >= 12
+    with pytest.raises(CompositionError, match="window 12"):
+        cache_packet(loaded, None, longest)
+    composer = PacketComposer(loaded, tmp_path / "p", None)
+    with pytest.raises(CompositionError, match="window 12"):
+        composer.compose(Engine(loaded, packets=composer), split, "blend")
+    assert not list((tmp_path / "p").rglob("*.safetensors"))  # nothing half-built was stored
+    wide = make_model("mistral", sliding_window=4096)
+    composer = PacketComposer(wide, tmp_path / "w", None)
+    assert composer.compose(Engine(wide, packets=composer), split, "blend").packets_built == len(split.documents)
+
+
+def test_only_packet_requests_build_a_composer(tmp_path) -> None:
+    """A model whose RoPE cannot be re-rotated still answers exact and text requests through the
+    integrations; packet requests are refused with the reason, and a bad strategy fails at the call."""
+    from kvpack_integrations.errors import CompositionError
+    from kvpack_integrations.llama_index import KVPackLLM
+
+    from .support.tiny_models import make_model
+
+    dynamic = make_model("llama", rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0})
+    target = tmp_path / "dynamic"
+    dynamic.model.save_pretrained(target)
+    dynamic.tokenizer.save_pretrained(target)
+    model = KVPackChatModel(model=str(target), max_tokens=3)
+    assert model.invoke(QUESTION, documents=FACTS[:2]).response_metadata["kvpack"]["exact"] is True
+    with pytest.raises(CompositionError, match="RoPE type 'dynamic'"):
+        model.invoke(QUESTION, documents=FACTS[:2], strategy="blend")
+    llm = KVPackLLM(model=str(target), max_tokens=3)
+    with pytest.raises(InvalidInputError, match="unknown strategy 'bogus'"):
+        llm.stream_complete(QUESTION, strategy="bogus")  # at the call, before any chunk is asked for
+
+
+def test_retriever_and_chat_model_share_a_knowledge_format(tmp_path, store) -> None:
+    """Packets depend on the layout: a retriever storing them for a custom format and a chat model given
+    the same format compose from the stored packets (nothing built at chat time); a request whose format
+    contradicts its bound pack is refused instead of silently rendered in the pack's."""
+    from kvpack_integrations.knowledge.bound import BoundPack
+
+    path, loaded, packets = _model_and_pack(tmp_path, store)
+    fmt = KnowledgeFormat(separator="\n* ")
+    retriever = _retriever(store, path, packets, composition="blend", knowledge_format=fmt)
+    docs = retriever.invoke("Who makes the Tessel-9 battery?")
+    assert docs[0].metadata[PACKET_KEY]["built_now"]
+    model = KVPackChatModel(model=path, max_tokens=4, strategy="blend", packet_store=packets, knowledge_format=fmt)
+    notes = model.invoke(QUESTION, documents=docs).response_metadata["kvpack"]["notes"]
+    assert not any("cached now" in n for n in notes), notes  # the retriever's packets were the ones used
+    per_call = KVPackChatModel(model=path, max_tokens=4, strategy="blend", packet_store=packets)
+    notes = per_call.invoke(QUESTION, documents=docs, knowledge_format=fmt).response_metadata["kvpack"]["notes"]
+    assert not any("cached now" in n for n in notes), notes
+    with pytest.raises(InvalidInputError, match="knowledge_format takes a KnowledgeFormat"):
+        per_call.invoke(QUESTION, documents=docs, knowledge_format="\n* ")
+    engine = Engine(loaded)
+    bound = BoundPack.open(str(store.root), "energy")
+    with pytest.raises(InvalidInputError, match="'energy' lays out its facts as"):
+        chat(
+            engine, ChatRequest(turns=[ChatTurn("user", QUESTION)], pack=bound, knowledge_format=fmt, settings=SETTINGS)
+        )
+    assert chat(engine, ChatRequest(turns=[ChatTurn("user", QUESTION)], pack=bound, settings=SETTINGS)).usage.exact

@@ -75,3 +75,45 @@ def test_length_dependent_rope_is_refused() -> None:
         rope_spec(loaded)
     with pytest.raises(CompositionError, match="position shifts"):
         rerotate(torch.zeros(2, 5, 16), torch.zeros(3), rope_spec(make_model("llama")))
+
+
+@pytest.mark.parametrize("uses_rope", [[1, 0], [0, 1]], ids=["rope-first", "nope-first"])
+def test_layers_without_rope_keep_their_keys(uses_rope: list[int]) -> None:
+    """SmolLM3-style `no_rope_layers`: every layer's keys are moved as one tensor, and a layer that applies
+    no RoPE must come out unrotated (its keys at p equal its keys at 0); layer 0 is checked both ways."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    from kvpack_integrations.composition.rope import rerotate_layers
+
+    from .support.tiny_models import make_tokenizer, tiny_model
+
+    tok = make_tokenizer("qwen2")
+    loaded = tiny_model(SmolLM3Config, SmolLM3ForCausalLM, tok, "tiny-smollm3", no_rope_layers=uses_rope)
+    spec = rope_spec(loaded)
+    assert spec.unrotated_layers == frozenset(i for i, r in enumerate(uses_rope) if not r)
+    doc = tok(DOC, add_special_tokens=False)["input_ids"]
+    prefix = tok(PREFIX, add_special_tokens=False)["input_ids"]
+    cache = empty_cache(loaded)
+    forward(loaded, cache, doc)
+    at_zero = torch.stack([layer.keys[0] for layer in cache.layers])
+    moved = rerotate_layers(at_zero, len(prefix), spec)
+    torch.testing.assert_close(moved[0], _layer0_keys(loaded, prefix + doc)[:, len(prefix) :], atol=2e-5, rtol=1e-4)
+    assert torch.equal(moved[1], at_zero[1]) != bool(uses_rope[1])  # layer 1: rotated exactly when it uses RoPE
+    with pytest.raises(CompositionError, match="no_rope_layers has 1 entries for 2 layers"):
+        loaded.model.config.no_rope_layers = [1]
+        rope_spec(loaded)
+
+
+def test_gemma3_rotary_embeddings_per_layer_type_are_refused_as_such() -> None:
+    """transformers 5 gives Gemma 3 one rotary module with a frequency table per layer type (local and
+    global): refused for what it is, not as a model without RoPE."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from .support.tiny_models import make_tokenizer, tiny_model
+
+    layers = ["sliding_attention", "full_attention"]
+    loaded = tiny_model(
+        Gemma3TextConfig, Gemma3ForCausalLM, make_tokenizer("gemma"), "g3", head_dim=16, layer_types=layers
+    )
+    with pytest.raises(CompositionError, match=r"several rotary embeddings .*full_attention_inv_freq"):
+        rope_spec(loaded)

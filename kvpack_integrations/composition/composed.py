@@ -17,3 +17,4 @@ class ComposedCache:
     exact: bool
     segment_ids: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    soft_tokens: int = 0  # of the cached positions, trained soft tokens (packet adapters), not prompt tokens

@@ -8,8 +8,10 @@ without applying s again. Values carry no position and stay as they are.
 Refused with a clear error: RoPE variants whose frequencies depend on the sequence length (dynamic,
 longrope), models with several rotary embeddings (Gemma 3's local/global layers) and models without
 RoPE. Partial rotary (a `partial_rotary_factor` below 1, as in Phi-2) rotates only the first dims,
-as the model does. Sliding-window layers are the caller's concern: their caches cannot be composed
-past the window (`check_sliding_window`).
+as the model does. Layers without RoPE (`no_rope_layers`: SmolLM3, Llama 4) keep their keys as they
+are (`rerotate_layers`): their keys carry no position. Sliding-window layers are the caller's
+concern: their caches cannot be composed past the window (`check_sliding_window`,
+`check_packet_window`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class RopeSpec:
     inv_freq: torch.Tensor  # [rot_dim // 2], float32
     rot_dim: int
     rope_type: str
+    unrotated_layers: frozenset[int] = frozenset()  # layers whose attention applies no RoPE
 
 
 def rope_spec(loaded: LoadedModel) -> RopeSpec:
@@ -43,6 +46,13 @@ def rope_spec(loaded: LoadedModel) -> RopeSpec:
         )
     rotary = getattr(decoder, "rotary_emb", None)
     inv_freq = getattr(rotary, "inv_freq", None)
+    buffers = [n for n, _ in rotary.named_buffers()] if rotary is not None else []
+    per_layer_type = [n for n in buffers if n.endswith("_inv_freq") and "original" not in n]
+    if inv_freq is None and per_layer_type:  # transformers 5: Gemma 3's one module for local and global layers
+        raise CompositionError(
+            f"{loaded.name} uses several rotary embeddings ({', '.join(sorted(per_layer_type))}): key re-rotation "
+            "is not supported for it; use exact composition"
+        )
     if rotary is None or not isinstance(inv_freq, torch.Tensor):
         raise CompositionError(f"{loaded.name} has no rotary position embedding: its keys cannot be re-rotated")
     rope_type = str(getattr(rotary, "rope_type", "default"))
@@ -56,7 +66,20 @@ def rope_spec(loaded: LoadedModel) -> RopeSpec:
         raise CompositionError(
             f"{loaded.name}: rotary width {rot_dim} exceeds the head dim {loaded.fingerprint.head_dim}"
         )
-    return RopeSpec(inv_freq.detach().float().cpu().clone(), rot_dim, rope_type)
+    return RopeSpec(inv_freq.detach().float().cpu().clone(), rot_dim, rope_type, _unrotated_layers(loaded))
+
+
+def _unrotated_layers(loaded: LoadedModel) -> frozenset[int]:
+    """Layers the config marks as using no RoPE: `no_rope_layers[i]` is 1 where layer i does use it
+    (transformers' SmolLM3, Llama 4 and Mistral Large 3 read it so)."""
+    flags = getattr(loaded.model.config, "no_rope_layers", None)
+    if flags is None:
+        return frozenset()
+    if len(flags) != loaded.fingerprint.num_layers:
+        raise CompositionError(
+            f"{loaded.name}: no_rope_layers has {len(flags)} entries for {loaded.fingerprint.num_layers} layers"
+        )
+    return frozenset(i for i, uses_rope in enumerate(flags) if not uses_rope)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -78,3 +101,11 @@ def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec) -> t
     rotated, rest = keys[..., : spec.rot_dim].float(), keys[..., spec.rot_dim :]
     out = rotated * cos + _rotate_half(rotated) * sin
     return torch.cat((out.to(keys.dtype), rest), dim=-1)
+
+
+def rerotate_layers(keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """Keys of every layer [layers, ..., seq, head_dim] moved by `delta`, except layers without RoPE."""
+    moved = rerotate(keys, delta, spec)
+    for layer in spec.unrotated_layers:
+        moved[layer] = keys[layer]
+    return moved

@@ -56,6 +56,11 @@ class ChatRequest:
     steering: Sequence[SteeringVector] = ()
     packets: PacketComposer | None = None  # for strategy packet/blend; None: the engine's
 
+    def __post_init__(self) -> None:
+        """A bad strategy fails where the request is made, not at the first streamed chunk."""
+        if self.strategy not in REQUEST_STRATEGIES:
+            raise InvalidInputError(f"unknown strategy {self.strategy!r}: use one of {', '.join(REQUEST_STRATEGIES)}")
+
 
 @dataclass
 class ChatReply:
@@ -106,8 +111,6 @@ def _without_annotations(schema: Any) -> Any:
 
 
 def _validate(request: ChatRequest, params: Mapping[str, Mapping[str, Any]]) -> None:
-    if request.strategy not in REQUEST_STRATEGIES:
-        raise InvalidInputError(f"unknown strategy {request.strategy!r}: use one of {', '.join(REQUEST_STRATEGIES)}")
     choice = request.tool_choice
     if choice not in TOOL_CHOICES and choice not in params:
         known = ", ".join(params) or "no tools are bound"
@@ -142,6 +145,12 @@ def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, l
         if request.strategy == "exact" and request.pack.ensure_resident(engine.loaded, engine.tree):
             notes.append(f"knowledge base {request.pack.name!r} loaded from {request.pack.store.root}")
         manifest = request.pack.manifest()
+        if fmt is not None and fmt != manifest.knowledge_format:
+            raise InvalidInputError(
+                f"knowledge base {request.pack.name!r} lays out its facts as {manifest.knowledge_format.to_dict()}, "
+                f"and this request asks for {fmt.to_dict()}: one system message has one layout; leave "
+                "knowledge_format unset (the pack's is used) or give the pack's"
+            )
         knowledge = list(manifest.facts) + knowledge
         fmt = manifest.knowledge_format
     # tools stay in the prompt under tool_choice="none" (only calls are off), so the prefix is unchanged

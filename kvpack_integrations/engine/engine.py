@@ -160,13 +160,14 @@ class Engine:
                 )
         assert logits is not None
         usage = Usage(
-            input_tokens=total,
-            cached_tokens=composed.cached_tokens,
+            input_tokens=total - composed.soft_tokens,
+            cached_tokens=composed.cached_tokens - composed.soft_tokens,
             prefilled_tokens=len(ids) - cached,
             strategy=composed.strategy,
             exact=composed.exact and not steered,
             notes=notes,
             steering=[f"{v.name}:{v.alpha:g}" for v in steering] if steered else [],
+            soft_tokens=composed.soft_tokens,
         )
         return Prefilled(cache=cache, logits=logits, usage=usage, started_at=t0)
 

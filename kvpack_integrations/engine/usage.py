@@ -8,7 +8,10 @@ from typing import Any
 
 @dataclass
 class Usage:
-    """Token accounting and timing; `exact=False` whenever an approximate path was used."""
+    """Token accounting and timing; `exact=False` whenever an approximate path was used.
+
+    `input_tokens` and `cached_tokens` count prompt tokens, as the integrations' usage fields mean them;
+    the soft tokens packet composition adds around each document are reported apart."""
 
     input_tokens: int
     cached_tokens: int
@@ -20,6 +23,7 @@ class Usage:
     exact: bool = True
     notes: list[str] = field(default_factory=list)
     steering: list[str] = field(default_factory=list)  # "name:alpha" of the vectors applied
+    soft_tokens: int = 0  # cache positions of packet adapters' soft tokens, counted in neither token count
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

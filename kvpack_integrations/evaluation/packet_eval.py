@@ -27,7 +27,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,14 @@ from ..errors import InvalidInputError
 from ..packet.adapter import PacketAdapter
 from ..packet.composer import PacketComposer
 from ..packet.layout import PacketPrompt, packet_prompt
+from ..packet.store import adapter_id
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.loader import LoadedModel
 from .bootstrap import ratio_interval
 from .datasets import QARow
 from .machine import machine_info
 from .metrics import exact_match, f1_score, text_f1
+from .records import append_records
 
 METHODS = ("full", "rerotated", "packet", "blend", "epic", "naive")
 APPROXIMATE = {"rerotated", "packet", "blend", "epic", "naive"}
@@ -101,15 +103,47 @@ class PacketHarness:
         return text, state.usage.ttft_ms, composition.recomputed_tokens, flops
 
 
-def _resume(path: Path | None, rows: Sequence[QARow]) -> list[dict[str, Any]]:
-    """Records of an earlier, interrupted run of the same rows (a long eval continues where it stopped)."""
+def _setup(loaded: LoadedModel, opts: PacketEvalOptions, adapter: PacketAdapter | None, method: str) -> dict[str, Any]:
+    """What a record's answer depends on besides its row: a resumed run must not mix in other settings."""
+    return {
+        "model": loaded.fingerprint.digest,
+        "max_new_tokens": opts.max_new_tokens,
+        "max_passages": opts.max_passages,
+        **({"blend_ratio": opts.blend_ratio} if method == "blend" else {}),
+        **({"epic_tokens": opts.epic_tokens} if method == "epic" else {}),
+        **({"adapter": adapter_id(adapter)} if method == "packet" else {}),
+    }
+
+
+def _resume(path: Path | None, rows: Sequence[QARow], setup: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of an earlier, interrupted run of the same rows and settings (a long eval continues where
+    it stopped). A line cut short by the interruption is skipped (its row is redone); records of other
+    data or other settings are refused. Records written before settings were recorded are taken as is."""
     if path is None or not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     for r in records:
         row = r.get("row")
         if not isinstance(row, int) or row >= len(rows) or r.get("question") != rows[row].question:
             raise InvalidInputError(f"{path} holds records of other data: remove it (or pass another --records)")
+        want, had = setup(str(r.get("method"))), r.get("setup")
+        if had is not None and had != want:
+            differ = ", ".join(
+                f"{k} {had.get(k)!r} != {want.get(k)!r}"
+                for k in sorted(want.keys() | had.keys())
+                if had.get(k) != want.get(k)
+            )
+            raise InvalidInputError(
+                f"{path} holds records made with other settings ({r.get('method')}: {differ}, recorded != now): "
+                "remove it (or pass another --records)"
+            )
     return records
 
 
@@ -139,7 +173,17 @@ def run_packet_eval(
     harness = PacketHarness(loaded, composer, opts)
     fmt = KnowledgeFormat()
     out = Path(records_path) if records_path is not None else None
-    records = _resume(out, rows)
+    if not rows:
+        raise InvalidInputError("no rows to evaluate")
+    if opts.max_new_tokens < 1 or (opts.max_passages is not None and opts.max_passages < 1):
+        raise InvalidInputError(
+            f"max_new_tokens and max_passages must be >= 1, got {opts.max_new_tokens} and {opts.max_passages}"
+        )
+
+    def setup(method: str) -> dict[str, Any]:
+        return _setup(loaded, opts, adapter, method)
+
+    records = _resume(out, rows, setup)
     done = {(r["row"], r["method"]) for r in records}
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,12 +209,12 @@ def run_packet_eval(
                     "recomputed_tokens": recomputed,
                     "flops": flops,
                     "document_tokens": sum(len(d) for d in prompt.documents),
+                    "setup": setup(method),
                 }
             )
         records += fresh
         if out is not None:  # row by row, so an interrupted run resumes from here
-            with out.open("a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in fresh))
+            append_records(out, fresh)
     records = [r for r in records if r["method"] in opts.methods]
     summary: dict[str, Any] = {}
     for method in opts.methods:

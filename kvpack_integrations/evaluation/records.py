@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append JSON lines durably, never gluing the first onto a line an interrupted run left half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as fh:
+        fh.seek(0, 2)
+        if fh.tell():
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write("".join(json.dumps(r) + "\n" for r in records).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class RecordLog:
@@ -31,16 +46,7 @@ class RecordLog:
         rec = {"row": row, "config": self.config, **record}
         self.records[row] = rec
         if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a+b") as fh:
-                fh.seek(0, 2)
-                if fh.tell():
-                    fh.seek(-1, 2)
-                    if fh.read(1) != b"\n":  # never glue a record onto a half-written line
-                        fh.write(b"\n")
-                fh.write((json.dumps(rec) + "\n").encode())
-                fh.flush()
-                os.fsync(fh.fileno())
+            append_records(self.path, [rec])
 
     def ordered(self) -> list[dict[str, Any]]:
         return [self.records[k] for k in sorted(self.records)]

@@ -28,7 +28,15 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from ..engine.chat import FREE_FORM_JSON, ChatReply, ChatRequest, chat, stream_chat, tool_parameters
+from ..engine.chat import (
+    FREE_FORM_JSON,
+    PACKET_STRATEGIES,
+    ChatReply,
+    ChatRequest,
+    chat,
+    stream_chat,
+    tool_parameters,
+)
 from ..engine.registry import shared_engine, shared_packet_composer
 from ..engine.settings import GenerationSettings
 from ..engine.tool_choice import normalize_tool_choice
@@ -36,6 +44,7 @@ from ..engine.usage import Usage
 from ..errors import InvalidInputError
 from ..knowledge.bound import BoundPack
 from ..packet.composer import PacketComposer
+from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
 from ..steering.vector import SteeringVector
@@ -74,11 +83,16 @@ class KVPackChatModel(BaseChatModel):
     )
     packet_store: str | None = Field(default=None, description="packet store directory (default: $KVPACK_PACKETS)")
     packet_adapter: str | None = Field(default=None, description="packet adapter file (default: the shipped one)")
+    knowledge_format: KnowledgeFormat | None = Field(
+        default=None,
+        description="layout of documents in the system message (default: the bound pack's, else the standard one); "
+        "a KVPackRetriever storing packets for this model needs the same",
+    )
     remember: bool = Field(default=True, description="keep each prompt's cache for the next step")
     strict_segments: bool = Field(default=False, description="refuse documents cached by another model")
     streaming: bool = Field(default=False, description="invoke() decodes through the streaming path")
 
-    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), arbitrary_types_allowed=True)
 
     _pack: BoundPack | None = PrivateAttr(default=None)
 
@@ -117,6 +131,7 @@ class KVPackChatModel(BaseChatModel):
             "strategy": self.strategy,
             "packet_store": self.packet_store,
             "packet_adapter": self.packet_adapter,
+            "knowledge_format": self.knowledge_format.to_dict() if self.knowledge_format else None,
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
             "top_p": self.top_p,
@@ -177,6 +192,7 @@ class KVPackChatModel(BaseChatModel):
             "model",
             "strategy",
             "steering",
+            "knowledge_format",
             ROLE_KEY,
             *_CALL_OPTIONS,
         }
@@ -188,20 +204,27 @@ class KVPackChatModel(BaseChatModel):
         names = [t["function"]["name"] for t in tools]
         schema = _response_schema(kwargs.get("response_format"))
         by_role, steering_notes = steering_for_run(kwargs.get(ROLE_KEY))
+        strategy = kwargs.get("strategy", self.strategy)
+        fmt = kwargs.get("knowledge_format", self.knowledge_format)
+        if fmt is not None and not isinstance(fmt, KnowledgeFormat):
+            raise InvalidInputError(f"knowledge_format takes a KnowledgeFormat, got {type(fmt).__name__}")
         return ChatRequest(
             turns=translated.turns,
             knowledge=texts,
+            knowledge_format=fmt,
             handles=[*handles, *translated.handles],
             pack=self._pack,
             tools=tools,
             tool_choice=normalize_tool_choice(kwargs.get("tool_choice"), names),
             response_schema=schema,
             settings=self._settings(stop, kwargs),
-            strategy=kwargs.get("strategy", self.strategy),
+            strategy=strategy,
             remember=self.remember,
             strict_segments=self.strict_segments,
             steering=[*_steering_option(kwargs.get("steering")), *by_role],
-            packets=self.packet_composer(loaded),
+            # only packet requests need a composer: building one refuses models whose RoPE cannot be
+            # re-rotated, which exact and text requests run on
+            packets=self.packet_composer(loaded) if strategy in PACKET_STRATEGIES else None,
         ), [*translated.notes, *steering_notes]
 
     def _metadata(self, reply: ChatReply, model_name: str) -> tuple[UsageMetadata, dict[str, Any]]:

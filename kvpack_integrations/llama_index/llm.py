@@ -37,7 +37,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from ..engine.chat import ChatReply, ChatRequest, stream_chat, tool_parameters
+from ..engine.chat import PACKET_STRATEGIES, ChatReply, ChatRequest, stream_chat, tool_parameters
 from ..engine.engine import Engine
 from ..engine.registry import shared_engine, shared_packet_composer
 from ..engine.settings import GenerationSettings
@@ -205,6 +205,7 @@ class KVPackLLM(FunctionCallingLLM):
         role = kwargs.get(ROLE_KEY) or self.agent_role
         by_role, role_notes = vectors_for_role(role_mapping(self.roles), role)
         steering = [*self.steering, *steering_list(kwargs.get("steering")), *by_role]
+        strategy = kwargs.get("strategy") or self.strategy
         request = ChatRequest(
             turns=turns,
             knowledge=[d.text for d in documents],
@@ -214,11 +215,13 @@ class KVPackLLM(FunctionCallingLLM):
             tools=tools,
             tool_choice=normalize_tool_choice(kwargs.get("tool_choice"), names),
             settings=self._settings(kwargs),
-            strategy=kwargs.get("strategy") or self.strategy,
+            strategy=strategy,
             remember=self.remember,
             strict_segments=self.strict_segments,
             steering=steering,
-            packets=self.packet_composer(loaded),
+            # only packet requests need a composer: building one refuses models whose RoPE cannot be
+            # re-rotated, which exact and text requests run on
+            packets=self.packet_composer(loaded) if strategy in PACKET_STRATEGIES else None,
         )
         return request, role_notes
 

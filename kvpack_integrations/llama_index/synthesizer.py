@@ -96,6 +96,7 @@ class KVPackSynthesizer(BaseSynthesizer):
         super().__init__(llm=llm, callback_manager=callback_manager, streaming=streaming)
         self._kvpack_llm = llm
         self.knowledge_format = knowledge_format or KnowledgeFormat()
+        self._given_format = knowledge_format  # None: the LLM's own (its bound pack's layout, if any)
         self.system_prompt = system_prompt
         self.options: dict[str, Any] = {"strategy": strategy, "steering": steering_list(steering), ROLE_KEY: agent_role}
 
@@ -124,7 +125,7 @@ class KVPackSynthesizer(BaseSynthesizer):
             raise InvalidInputError(f"unknown synthesizer options: {', '.join(sorted(kwargs))}")
         return {
             "nodes": list(nodes) if nodes is not None else list(text_chunks),
-            "knowledge_format": self.knowledge_format,
+            "knowledge_format": self._given_format,
             **options,
         }
 
@@ -229,8 +230,9 @@ class KVPackQueryEngine(RetrieverQueryEngine):
     ) -> KVPackQueryEngine:
         """A `KVPackLlamaRetriever` over `kb` (hits in store order by default) feeding this engine.
 
-        The retriever gets the LLM's model, device, dtype and packet settings unless
-        `retriever_options` says otherwise, so packets it stores are the ones the LLM composes.
+        The retriever gets the LLM's model, device, dtype and packet settings, and the engine's
+        `knowledge_format`, unless `retriever_options` says otherwise, so packets it stores are the ones
+        the LLM composes.
         """
         options: dict[str, Any] = {}
         if llm is not None:
@@ -241,6 +243,8 @@ class KVPackQueryEngine(RetrieverQueryEngine):
                 "packet_store": llm.packet_store,
                 "packet_adapter": llm.packet_adapter,
             }
+        if engine_options.get("knowledge_format") is not None:  # packets are stored in the layout they are used in
+            options["knowledge_format"] = engine_options["knowledge_format"]
         options.update(retriever_options or {})
         retriever = KVPackLlamaRetriever(kb, store=store, similarity_top_k=similarity_top_k, order=order, **options)
         return cls(retriever, llm, **engine_options)

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..composition.cache_ops import empty_cache
-from ..composition.rope import RopeSpec, rerotate
+from ..composition.rope import RopeSpec, rerotate_layers
 from ..errors import CompositionError
 from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
@@ -48,10 +48,29 @@ def wrapped_embeddings(loaded: LoadedModel, adapter: PacketAdapter, document: Se
     return torch.cat(soft, dim=0)[None]
 
 
+def wrapped_length(document: Sequence[int], adapter: PacketAdapter | None) -> int:
+    """Positions a document's packet holds: its tokens plus the adapter's soft tokens."""
+    soft = 0 if adapter is None else adapter.header_tokens + adapter.trailer_tokens
+    return len(document) + soft
+
+
+def check_packet_window(loaded: LoadedModel, positions: int) -> None:
+    """Sliding-window layers keep only their last `window` positions: a packet, or a composed cache,
+    reaching the window would lose its first positions and shift everything after them, silently."""
+    window = loaded.sliding_window
+    if window is not None and positions >= window:
+        raise CompositionError(
+            f"{loaded.name} has sliding-window attention layers (window {window}), and this packet composition "
+            f"spans {positions} positions (preamble, documents and soft tokens): keep it under {window} "
+            "or use exact composition"
+        )
+
+
 def cache_packet(loaded: LoadedModel, adapter: PacketAdapter | None, document: Sequence[int]) -> PacketCache:
     """The document alone at positions 0..m-1, wrapped in the adapter's soft tokens (plain with None)."""
     if not document:
         raise CompositionError("a packet needs at least one document token")
+    check_packet_window(loaded, wrapped_length(document, adapter))
     cache = empty_cache(loaded)
     with torch.no_grad():
         if adapter is None:
@@ -97,7 +116,7 @@ def compose_packets(
     for packet in packets:
         end = start + packet.length
         stacked = torch.stack(packet.keys)
-        keys[:, :, start:end] = rerotate(stacked, start, spec) if move else stacked
+        keys[:, :, start:end] = rerotate_layers(stacked, start, spec) if move else stacked
         values[:, :, start:end] = torch.stack(packet.values)
         start = end
     cache = empty_cache(loaded)

@@ -15,6 +15,7 @@ CacheBlend), `epic` (plain, the first k tokens of every document recomputed, as 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.loader import LoadedModel
 from .adapter import PacketAdapter, shipped_adapter
-from .compose import PacketCache, cache_packet, compose_packets
+from .compose import PacketCache, cache_packet, check_packet_window, compose_packets, wrapped_length
 from .layout import PacketPrompt, document_ids
 from .recompute import recompute_positions, value_deviation
 from .resident import ResidentPackets
@@ -56,7 +57,9 @@ def default_resident_bytes() -> int:
     try:
         megabytes = float(raw) if raw else 0.0
     except ValueError:
-        raise InvalidInputError(f"KVPACK_PACKET_RESIDENT_MB must be a number of megabytes, got {raw!r}") from None
+        megabytes = math.nan
+    if not math.isfinite(megabytes) or megabytes < 0:
+        raise InvalidInputError(f"KVPACK_PACKET_RESIDENT_MB must be a number of megabytes >= 0, got {raw!r}")
     return int(megabytes * 2**20)
 
 
@@ -127,7 +130,7 @@ class PacketComposer:
         adapter = self.adapter_for(method)
         built = 0
         for document in documents:
-            path = packet_path(self.store, document, adapter)
+            path = packet_path(self.store, document, adapter, self.loaded.fingerprint)
             if not path.is_file():
                 save_packet(path, cache_packet(self.loaded, adapter, document), self.loaded.fingerprint)
                 built += 1
@@ -162,11 +165,13 @@ class PacketComposer:
         adapter = self.adapter_for(method)
         packets, built = [], 0
         for document in documents:
-            path = packet_path(self.store, document, adapter)
+            path = packet_path(self.store, document, adapter, self.loaded.fingerprint)
             packet = self.resident.get(path)
             if packet is None:
                 if path.is_file():
-                    packet = load_packet(path, self.loaded.fingerprint, self.loaded.dtype, self.loaded.device)
+                    packet = load_packet(
+                        path, self.loaded.fingerprint, self.loaded.dtype, self.loaded.device, document, adapter
+                    )
                 else:
                     packet = cache_packet(self.loaded, adapter, document)
                     save_packet(path, packet, self.loaded.fingerprint)
@@ -179,6 +184,10 @@ class PacketComposer:
         """A fresh cache for preamble + documents, for `engine.prefill(prompt.tail, composed=...)`."""
         if not prompt.documents:
             raise InvalidInputError("packet composition needs at least one document")
+        adapter = self.adapter_for(method)
+        check_packet_window(
+            self.loaded, len(prompt.preamble) + sum(wrapped_length(d, adapter) for d in prompt.documents)
+        )
         packets, built = self.load(prompt.documents, method)
         cache = compose_packets(
             self.loaded, _preamble_cache(engine, prompt.preamble), packets, self.spec, move=method != "naive"
@@ -187,7 +196,8 @@ class PacketComposer:
         if method in ("blend", "epic"):
             recomputed, selection = self._recompute(cache, prompt, method)
         note = self._note(method, prompt, recomputed, built)
-        composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=[note])
+        soft = sum(wrapped_length(d, adapter) - len(d) for d in prompt.documents)
+        composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=[note], soft_tokens=soft)
         return PacketComposition(composed, recomputed, selection, built)
 
     def _recompute(self, cache: DynamicCache, prompt: PacketPrompt, method: str) -> tuple[int, int]:

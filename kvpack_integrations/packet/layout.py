@@ -63,18 +63,19 @@ def document_ids(tokenizer: object, fact: str, fmt: KnowledgeFormat) -> tuple[in
 
 
 def packet_prompt(tokenizer: object, facts: Sequence[str], question: str, fmt: KnowledgeFormat) -> PacketPrompt:
-    """Split the knowledge prompt for `facts` into preamble, per-document tokens (cached alone) and tail."""
+    """Split the knowledge prompt for `facts` into preamble, per-document tokens (cached alone) and tail.
+
+    The documents are cut from this very rendering, so `text_ids()` is the prompt full recompute sees even
+    where a template trims the system message (Llama 3.1: a last fact's trailing whitespace)."""
     check_packet_format(fmt)
     if not facts:
         raise InvalidInputError("packet composition needs at least one document")
+    empty = [i for i, fact in enumerate(facts) if not fact.strip()]
+    if empty:
+        raise InvalidInputError(f"document {empty[0]} is empty: a packet needs text to cache")
     prompt = knowledge_prompt(tokenizer, facts, question, fmt)
     cuts = prompt.knowledge_cuts  # end of the instruction, end of each fact, start of the user turn
-    first, last = cuts[-len(facts) - 2], cuts[-2]
-    return PacketPrompt(
-        preamble=tuple(prompt.token_ids[:first]),
-        documents=tuple(document_ids(tokenizer, f, fmt) for f in facts),
-        tail=tuple(prompt.token_ids[last:]),
-    )
+    return PacketPrompt.from_cuts(prompt.token_ids, cuts[-len(facts) - 2 : -1])
 
 
 def block_mask(preamble: int, blocks: Sequence[int], tail: int, dtype: torch.dtype) -> torch.Tensor:

@@ -10,6 +10,7 @@ far each position's layer-1 values in the composed cache are from the values a f
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -63,8 +64,12 @@ def layer_values(loaded: LoadedModel, ids: Sequence[int], layer: int = 1) -> tor
     decoder = getattr(loaded.model, "model", loaded.model)
     attention = decoder.layers[layer].self_attn
     captured: list[torch.Tensor] = []
+    owner = threading.get_ident()
 
     def grab(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # the model is shared: another thread's forward (a request decoding) passes through untouched
+        if threading.get_ident() != owner:
+            return
         captured.append(output.detach())
         raise _Stop
 

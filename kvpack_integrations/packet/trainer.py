@@ -114,6 +114,13 @@ def train_adapter(
         raise InvalidInputError("no training rows")
     if opts.steps < 1 or opts.accumulation < 1 or not opts.lr > 0:
         raise InvalidInputError("steps and accumulation must be >= 1 and lr > 0")
+    if opts.checkpoint_every < 1 or opts.max_answer_tokens < 1:
+        raise InvalidInputError(
+            f"checkpoint_every and max_answer_tokens must be >= 1, got {opts.checkpoint_every} and "
+            f"{opts.max_answer_tokens}"
+        )
+    if opts.max_passages is not None and opts.max_passages < 1:
+        raise InvalidInputError(f"max_passages must be >= 1 (or None: every passage), got {opts.max_passages}")
     if opts.order not in PASSAGE_ORDERS:
         raise InvalidInputError(f"unknown passage order {opts.order!r}: use one of {', '.join(PASSAGE_ORDERS)}")
     fmt = fmt or KnowledgeFormat()

@@ -192,7 +192,23 @@ def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
 def make_model(family: str, seed: int = 0, *, max_positions: int = 2048, **overrides: Any) -> LoadedModel:
     """A 2-layer model of `family` with seeded random weights, wrapped as a `LoadedModel`."""
     f = FAMILIES[family]
-    tokenizer = make_tokenizer(family)
+    options = {**dict(f.extra), **overrides}
+    return tiny_model(
+        f.config_cls, f.model_cls, make_tokenizer(family), f"tiny-{family}-{seed}", seed, max_positions, **options
+    )
+
+
+def tiny_model(
+    config_cls: Any,
+    model_cls: Any,
+    tokenizer: PreTrainedTokenizerFast,
+    name: str,
+    seed: int = 0,
+    max_positions: int = 2048,
+    **overrides: Any,
+) -> LoadedModel:
+    """A 2-layer model of any architecture over one of the families' tokenizers (for architectures a test
+    needs once, such as SmolLM3's layers without RoPE), seeded random weights."""
     kwargs: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -207,13 +223,12 @@ def make_model(family: str, seed: int = 0, *, max_positions: int = 2048, **overr
         tie_word_embeddings=False,
         initializer_range=0.2,
     )
-    kwargs.update(dict(f.extra))
     kwargs.update(overrides)
-    config = f.config_cls(**kwargs)
+    config = config_cls(**kwargs)
     torch.manual_seed(seed)
-    model = f.model_cls(config).eval()
+    model = model_cls(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return wrap_model(model, tokenizer, name=f"tiny-{family}-{seed}")
+    return wrap_model(model, tokenizer, name=name)
 
 
 def save_model_dir(family: str, root: Any, seed: int = 0) -> str:

@@ -1,0 +1,119 @@
+"""Ways to read packet files on this CPU: is the store's memory-mapped load the one to keep?
+
+The store (`load_packet`) maps each safetensors file and copies from the page cache as the tensors are
+used. The alternatives a GPU session may prefer (`gpu_packet_ttft.py` times them there) read each file
+whole into fresh memory first, and spread files over threads. Here they are timed on packet files of
+the default model's shape (30 layers, 3 KV heads of 64, bfloat16, 180 positions: a document of 164
+tokens in 16 soft tokens), written by the product's own `save_packet`, with the page cache warm and
+with the files' pages evicted first (`posix_fadvise(DONTNEED)`: a store larger than memory). Every way
+copies every byte once (as composition does), so a lazy map is not timed as free. Medians of
+`--repeats` runs.
+
+Usage: python benchmarks/packet_load_cpu.py --out FILE [--files 20] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvpack_integrations.evaluation.machine import machine_info
+from kvpack_integrations.packet.compose import PacketCache
+from kvpack_integrations.packet.store import load_packet, save_packet
+from kvpack_integrations.runtime.fingerprint import Fingerprint
+
+LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 180
+FINGERPRINT = Fingerprint("LlamaForCausalLM", LAYERS, KV_HEADS, HEAD_DIM, 49152, "bench", "bench", "bfloat16")
+
+
+def write_packets(root: Path, count: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        kv = [torch.randn(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, generator=g).bfloat16() for _ in range(2)]
+        packet = PacketCache(tuple(range(i, i + TOKENS)), tuple(kv[0].unbind(0)), tuple(kv[1].unbind(0)))
+        paths.append(save_packet(root / f"{i}.safetensors", packet, FINGERPRINT))
+    return paths
+
+
+def mapped(path: Path) -> None:
+    document = tuple(range(int(path.stem), int(path.stem) + TOKENS))
+    packet = load_packet(path, FINGERPRINT, torch.bfloat16, "cpu", document, None)
+    torch.stack(packet.keys), torch.stack(packet.values)  # one copy of every byte, as composition makes
+
+
+def read_whole(path: Path) -> None:
+    from safetensors.torch import load
+
+    tensors = load(path.read_bytes())
+    tensors["keys"].clone(), tensors["values"].clone()  # the same one copy
+
+
+def evict(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed(paths: list[Path], one: Callable[[Path], None], threads: int, cold: bool, repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        if cold:
+            evict(paths)
+        t0 = time.perf_counter()
+        if threads == 1:
+            for path in paths:
+                one(path)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, paths))
+        runs.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kvpack-load-") as tmp:
+        paths = write_packets(Path(tmp), args.files)
+        size = sum(p.stat().st_size for p in paths)
+        rows = []
+        for cold in (False, True):
+            for name, one in (("mapped (the store's load)", mapped), ("read whole", read_whole)):
+                for threads in (1, 2, 8):
+                    ms = timed(paths, one, threads, cold, args.repeats)
+                    cache = "evicted" if cold else "warm"
+                    rows.append({"way": name, "threads": threads, "page_cache": cache, "ms": ms})
+                    print(json.dumps(rows[-1]))
+    result = {
+        "files": args.files,
+        "bytes": size,
+        "packet_shape": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tokens": TOKENS},
+        "dtype": "bfloat16",
+        "repeats": args.repeats,
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
