@@ -80,6 +80,18 @@ def test_pack_from_another_model_is_refused_with_the_differences(qwen, store: Pa
     path = _first_segment_file(store, "kb")
     with pytest.raises(FingerprintMismatchError):
         load_segment(path, other.fingerprint)
+    # the same weights with another RoPE base (a long-context override) compute other keys: refused
+    rebased = make_model("qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    assert rebased.fingerprint.weights_hash == qwen.fingerprint.weights_hash
+    with pytest.raises(FingerprintMismatchError, match="config_hash"):
+        load_pack(rebased, RadixTree(rebased.fingerprint), store, "kb")
+    # files written before the configuration was hashed name what they lack
+    from kvpack_integrations.runtime.fingerprint import NOT_RECORDED, Fingerprint
+
+    old = json.loads(qwen.fingerprint.to_json())
+    del old["config_hash"]
+    assert Fingerprint.from_json(json.dumps(old)).config_hash == NOT_RECORDED
+    assert "config_hash: not recorded (pack)" in qwen.fingerprint.mismatches(Fingerprint.from_json(json.dumps(old)))[0]
 
 
 def test_unknown_kb_invalid_name_empty_facts(qwen, store: PackStore) -> None:
@@ -113,7 +125,7 @@ def test_failed_rebuild_keeps_the_old_pack(qwen, store: PackStore, monkeypatch: 
     monkeypatch.undo()
     assert store.manifest("kb").segment_ids == before
     load_pack(qwen, RadixTree(qwen.fingerprint), store, "kb")  # still whole
-    assert [p.name for p in store.packs_dir.iterdir()] == ["kb"]  # no half-built directories left
+    assert [p.name for p in store.packs_dir.iterdir() if p.name != ".locks"] == ["kb"]  # no half-built directories left
 
 
 def test_corrupt_manifest_is_named(qwen, store: PackStore) -> None:
@@ -157,3 +169,53 @@ def test_stored_files_are_readable_as_plain_writes_would_be(qwen, store: PackSto
     assert written and all(stat.S_IMODE(p.stat().st_mode) == files for p in written)
     assert all(stat.S_IMODE(p.stat().st_mode) == folder for p in pack.rglob("*") if p.is_dir())
     assert stat.S_IMODE(adapter.stat().st_mode) == files
+
+
+def test_a_rebuild_interrupted_between_renames_gets_its_pack_back(qwen, store: PackStore) -> None:
+    """Where the name cannot be swapped in one step, the old pack is renamed aside first: a crash right
+    then must not lose the pack (it comes back under its name) and a leftover aside never shadows it."""
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    target = store.pack_dir("kb")
+    target.rename(target.with_name(".old-kb-123"))  # what the crash leaves
+    assert store.names() == ["kb"]
+    assert store.manifest("kb").facts == list(FACTS)
+    target.rename(target.with_name(".old-kb-456"))
+    assert store.manifest("kb").facts == list(FACTS)  # a reader brings it back too
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS[:2])
+    assert store.manifest("kb").facts == list(FACTS[:2])
+    assert not [p.name for p in store.packs_dir.iterdir() if p.name.startswith((".old-", ".build-"))]
+    store.delete("kb")
+    assert store.names() == [] and not target.exists()
+
+
+def test_rebuilding_a_pack_while_it_is_read(qwen, store: PackStore) -> None:
+    """Two builders of one name and a reader at once: every read finds a whole pack, no builder fails,
+    and nothing is left behind."""
+    import threading
+
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    errors: list[str] = []
+
+    def build(facts: list[str]) -> None:
+        try:
+            for _ in range(4):
+                build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", facts)
+        except Exception as exc:
+            errors.append(f"build: {exc!r}")
+
+    def read() -> None:
+        try:
+            for _ in range(40):
+                manifest, segments = store.load_segments("kb", qwen.fingerprint)
+                assert len(segments) == len(manifest.segment_ids)
+        except Exception as exc:
+            errors.append(f"read: {exc!r}")
+
+    threads = [threading.Thread(target=build, args=(f,)) for f in (FACTS, FACTS[:2])] + [threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.manifest("kb").facts in (list(FACTS), list(FACTS[:2]))
+    assert not [p.name for p in store.packs_dir.iterdir() if p.name.startswith((".old-", ".build-"))]

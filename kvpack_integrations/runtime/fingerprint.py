@@ -1,7 +1,9 @@
 """Model fingerprints: every cache segment carries one, and a segment is used only where it matches.
 
-A KV cache is a function of the weights, the tokenizer (ids), the chat template (which tokens surround
-the knowledge) and the compute dtype; the fingerprint hashes exactly those, plus the shapes.
+A KV cache is a function of the weights, the configuration (RoPE base and scaling, norms, attention
+scalings: the same checkpoint loaded with a long-context RoPE override computes other keys), the
+tokenizer (ids), the chat template (which tokens surround the knowledge) and the compute dtype; the
+fingerprint hashes exactly those, plus the shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,32 @@ import torch
 from .device import dtype_name
 
 _SAMPLES_PER_TENSOR = 4096
+NOT_RECORDED = "not recorded"  # files written before the configuration was hashed
+# configuration keys that cannot change a cache: bookkeeping, generation defaults, token ids, initialisation
+_CONFIG_KEYS_IGNORED = frozenset(
+    {
+        "architectures",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "use_cache",
+        "attn_implementation",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "initializer_range",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "task_specific_params",
+        "tokenizer_class",
+        "chunk_size_feed_forward",
+        "tie_word_embeddings",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +58,7 @@ class Fingerprint:
     weights_hash: str
     tokenizer_hash: str
     dtype: str
+    config_hash: str = NOT_RECORDED
 
     @property
     def digest(self) -> str:
@@ -45,6 +74,7 @@ class Fingerprint:
         if not isinstance(data, dict):
             raise ValueError("fingerprint is not a JSON object")
         names = {f.name for f in fields(cls)}
+        data = {"config_hash": NOT_RECORDED, **data}  # written before the configuration was hashed: a mismatch
         missing = names - data.keys()
         if missing:
             raise ValueError(f"fingerprint lacks fields {sorted(missing)}")
@@ -74,6 +104,14 @@ def hash_weights(model: torch.nn.Module) -> str:
         h.update(f"{name}|{tuple(tensor.shape)}|{dtype_name(tensor.dtype)}|".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def hash_config(config: Any) -> str:
+    """Hash the text configuration but for the keys that cannot change a cache (`_CONFIG_KEYS_IGNORED`,
+    private ones): RoPE base and scaling, norm epsilons, softcaps, windows and the like all count."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kept = {k: v for k, v in text.to_dict().items() if k not in _CONFIG_KEYS_IGNORED and not k.startswith("_")}
+    return hashlib.blake2b(json.dumps(kept, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
 def hash_tokenizer(tokenizer: Any) -> str:
@@ -111,4 +149,5 @@ def fingerprint_model(model: Any, tokenizer: Any) -> Fingerprint:
         weights_hash=hash_weights(model),
         tokenizer_hash=hash_tokenizer(tokenizer),
         dtype=dtype_name(model.dtype),
+        config_hash=hash_config(model.config),
     )

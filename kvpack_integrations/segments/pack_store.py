@@ -1,8 +1,9 @@
 """A directory of named knowledge packs: a manifest plus one safetensors file per segment.
 
 Layout: ROOT/packs/NAME/manifest.json and ROOT/packs/NAME/segments/ID.safetensors. A pack is written
-into a temporary directory and renamed into place, so a crash or a bad build never leaves a half
-pack behind and never destroys the pack it replaces.
+into a temporary directory and swapped into place (`directory_swap`), so a crash or a bad build never
+leaves a half pack behind and never destroys the pack it replaces, and readers never find the name
+missing while it is rebuilt.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.file_modes import folder_mode
 from ..runtime.fingerprint import Fingerprint
+from .directory_swap import directory_lock, replace_directory, restore_aside
 from .segment import KVSegment
 from .serialization import atomic_write_bytes, load_segment, save_segment
 
@@ -141,15 +143,27 @@ class PackStore:
     def names(self) -> list[str]:
         if not self.packs_dir.is_dir():
             return []
+        for aside in self.packs_dir.glob(".old-*-*"):  # a rebuild a crash interrupted: its pack comes back
+            name = aside.name.removeprefix(".old-").rsplit("-", 1)[0]
+            if _NAME.match(name):
+                self._restore(name)
         return sorted(
             p.name for p in self.packs_dir.iterdir() if _NAME.match(p.name) and (p / "manifest.json").is_file()
         )
+
+    def _restore(self, name: str) -> None:
+        target = self.pack_dir(name)
+        if not target.exists():
+            with directory_lock(target):
+                restore_aside(target)
 
     def exists(self, name: str) -> bool:
         return (self.pack_dir(name) / "manifest.json").is_file()
 
     def manifest(self, name: str) -> PackManifest:
         path = self.pack_dir(name) / "manifest.json"
+        if not path.is_file():
+            self._restore(name)
         if not path.is_file():
             known = ", ".join(self.names()) or "none"
             raise UnknownKnowledgeBaseError(
@@ -184,17 +198,10 @@ class PackStore:
                 save_segment(seg, tmp / "segments" / f"{seg.id}.safetensors", storage_dtype)
             atomic_write_bytes(tmp / "manifest.json", manifest.to_json().encode())
             tmp.chmod(folder_mode())  # mkdtemp made it 0700; its files and subfolders already have plain modes
-            old = None
-            if target.exists():
-                old = target.with_name(f".old-{manifest.name}-{time.time_ns()}")
-                target.rename(old)
-            try:
-                tmp.rename(target)
-            except BaseException:
-                if old is not None:  # put the previous pack back under its name
-                    old.rename(target)
-                raise
-            _fsync_dir(self.packs_dir)
+            with directory_lock(target):
+                restore_aside(target)
+                old = replace_directory(tmp, target)
+                _fsync_dir(self.packs_dir)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
@@ -215,11 +222,24 @@ class PackStore:
                 + f". Rebuild it with `kvpack build ... --kb {name}` on this model."
             )
         seg_dir = self.pack_dir(name) / "segments"
-        segments = [load_segment(seg_dir / f"{sid}.safetensors", expected, device) for sid in manifest.segment_ids]
+        try:
+            segments = [load_segment(seg_dir / f"{sid}.safetensors", expected, device) for sid in manifest.segment_ids]
+        except CorruptSegmentError:
+            if self.manifest(name).segment_ids == manifest.segment_ids:
+                raise
+            return self.load_segments(name, expected, device)  # rebuilt while we read: read the new pack
         return manifest, segments
 
     def delete(self, name: str) -> None:
-        shutil.rmtree(self.pack_dir(name), ignore_errors=True)
+        """Remove a pack: renamed away first, so an interrupted delete never leaves a manifest without
+        its segments."""
+        target = self.pack_dir(name)
+        with directory_lock(target):
+            if not target.exists():
+                return
+            doomed = target.with_name(f".deleting-{name}-{time.time_ns()}")
+            target.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def size_bytes(self, name: str) -> int:
         return sum(p.stat().st_size for p in self.pack_dir(name).rglob("*") if p.is_file())
