@@ -267,9 +267,9 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     assert s["bytes_per_fact"] > 0 and s["build_facts_per_s"] > 0 and s["p95_overhead_ms"] >= s["p50_overhead_ms"]
     # dense only, every bank probed: flat search, and the KB (reused, not rebuilt) holds every fact
     dense = ["--routing-only", "--probes", "3", "--lexical-weight", "0"]
-    code, flat = run(capsys, "eval", "routing", *common, *dense, "--dtype", "bfloat16")
+    code, flat = run(capsys, "eval", "routing", *common, *dense)
     assert code == 0 and flat["build_facts_per_s"] is None and flat["answer_accuracy"] is None
-    assert flat["dtype"] == "bfloat16"
+    assert flat["dtype"] is None and flat["model"] is None  # routing alone loads no language model
     assert flat["routing"].startswith("dense") and flat["routing_accuracy"] >= 0.7  # MiniLM on invented names
     code, hybrid = run(capsys, "eval", "routing", *common, "--routing-only")  # one probe, BM25 on
     assert hybrid["routing"].startswith("hybrid") and hybrid["routing_accuracy"] == 1.0 and hybrid["n_questions"] == 60
@@ -284,6 +284,18 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     bad.write_text('{"fact": "x"}\n')
     code, err = run(capsys, "eval", "routing", "--facts", str(bad), "--model", model_dir, "--json")
     assert code == 2 and "expected {fact, question, answer}" in err["error"]
+    # routing alone loads no language model (a missing one is no error); another file of as many rows
+    # with the same name is refused, not routed against the old base
+    code, alone = run(capsys, "eval", "routing", *common[:-3], "--model", "/nonexistent", "--json", "--routing-only")
+    assert code == 0 and alone["model"] is None and alone["routing_accuracy"] == 1.0
+    other = tmp_path / "other" / "syn.jsonl"
+    run(capsys, "synthesize", "60", "--seed", "7", "--output", str(other), "--json")
+    code, err = run(capsys, "eval", "routing", "--facts", str(other), *common[2:], "--routing-only")
+    assert code == 2 and "holds other facts than the file" in err["error"]
+    # synthesize refuses a bad count without touching the file it was to write
+    before = facts.read_text()
+    code, err = run(capsys, "synthesize", "0", "--output", str(facts), "--json")
+    assert code == 2 and "n >= 1" in err["error"] and facts.read_text() == before
 
 
 def test_build_switches_to_a_chroma_knowledge_base_when_facts_exceed_the_window(capsys, tmp_path) -> None:

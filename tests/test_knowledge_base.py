@@ -126,8 +126,21 @@ def test_bad_input(kb: KnowledgeBase, tmp_path: Path) -> None:
         empty.route("anything")
     with pytest.raises(UnknownKnowledgeBaseError, match="no knowledge base named 'nope'"):
         KnowledgeBase("nope", tmp_path / "kb", create=False)
-    with pytest.raises(InvalidInputError, match="invalid knowledge-base name"):
-        KnowledgeBase("a b", tmp_path / "kb")
+    for name in ("a b", "_kb", "kb-", "café"):  # Chroma refuses these: caught before it is asked
+        with pytest.raises(InvalidInputError, match="invalid knowledge-base name"):
+            KnowledgeBase(name, tmp_path / "kb")
+
+
+def test_routing_reads_past_empty_banks(tmp_path: Path) -> None:
+    """Fewer distinct facts than banks: k-means leaves banks empty, and a query nearest to one still gets
+    the facts of the nearest bank that has any (it crashed Chroma with an empty id list)."""
+    base = KnowledgeBase("dupes", tmp_path / "kb", bank_size=1)
+    base.add(["Same fact."] * 3 + ["Other thing entirely."], ids=["a", "b", "c", "d"], progress=False)
+    assert base.n_banks == 4
+    for query in ("Same fact.", "fact", "Other thing entirely.", "unrelated words"):
+        hits = base.route(query, k=1, lexical_weight=0)
+        assert len(hits) == 1
+    assert base.route("Other thing entirely.", k=1, lexical_weight=0)[0].id == "d"
 
 
 def test_another_embedder_is_refused(tmp_path: Path) -> None:

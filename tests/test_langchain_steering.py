@@ -137,3 +137,32 @@ def test_steered_agents_example_runs(tmp_path, monkeypatch) -> None:
         usage["support"]["cached_tokens"] > 300
         and usage["engineer"]["cached_tokens"] >= usage["support"]["cached_tokens"] - 20
     )
+
+
+def test_a_run_steers_only_its_own_call(setup) -> None:
+    """Each model call takes the steering run its callback started: a stream left half-read does not steer
+    the calls made after it; LangChain's cache keys on the steering, so a steered answer is not served
+    to an unsteered call; a role with no callback attached says it ran unsteered."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import set_llm_cache
+
+    chat, formal, terse = setup
+    steer = KVPackSteeringCallback(roles={"reviewer": formal + terse})
+    config = {"callbacks": [steer], "metadata": {"agent_role": "reviewer"}}
+    plain = chat.invoke("Describe the drone.")
+    stream = chat.stream("Describe the drone.", config=config)
+    next(stream)
+    meanwhile = chat.invoke("Describe the drone.")
+    stream.close()
+    assert _usage(meanwhile)["steering"] == [] and meanwhile.content == plain.content
+    assert any("no KVPackSteeringCallback" in n for n in _usage(chat.invoke("Hi.", agent_role="reviewer"))["notes"])
+    cached = KVPackChatModel(model=chat.model, max_tokens=8, cache=True)
+    set_llm_cache(InMemoryCache())
+    try:
+        steered = cached.invoke("Describe the drone.", config=config)
+        unsteered = cached.invoke("Describe the drone.")
+        again = cached.invoke("Describe the drone.", config=config)
+    finally:
+        set_llm_cache(None)
+    assert _usage(steered)["steering"] == ["formal+terse:1"] and _usage(unsteered)["steering"] == []
+    assert unsteered.content == plain.content and again.content == steered.content

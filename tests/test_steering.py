@@ -157,3 +157,34 @@ def test_a_delta_larger_than_the_values_is_refused(loaded, vector) -> None:
     assert torch.isfinite(ok.logits).all() and "largest delta" in ok.usage.notes[-1]
     # the refused request changed nothing: the tree still serves the plain prompt
     assert torch.allclose(engine.prefill(ids).logits, plain.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma"])
+def test_vectors_for_templates_that_want_a_user_turn_first(family: str) -> None:
+    """Mistral's and Gemma's templates refuse a conversation that opens with the assistant: the texts go
+    after a fixed user turn, and the vector still averages the texts' own values (layer 0 holds each
+    token's values alone, so it equals the mean over the text's tokens in a plain forward)."""
+    from kvpack_integrations.composition.cache_ops import empty_cache, forward
+
+    model = make_model(family)
+    vector = build_steering_vector(model, PAIRS[:1], layers="all", progress=False)
+    pos, neg = PAIRS[0]
+
+    def layer0_mean(text: str) -> torch.Tensor:
+        rendered = render_messages(
+            model.tokenizer,
+            [{"role": "user", "content": "Reply."}, {"role": "assistant", "content": text}],
+            add_generation_prompt=False,
+        )
+        lo, hi = rendered.part(1).tokens
+        cache = empty_cache(model)
+        forward(model, cache, list(rendered.token_ids))
+        return cache.layers[0].values[0, :, lo:hi].float().mean(dim=1)
+
+    torch.testing.assert_close(vector.deltas[0], layer0_mean(pos) - layer0_mean(neg))
+
+
+def test_sliding_window_models_refuse_texts_past_the_window() -> None:
+    model = make_model("phi3", sliding_window=8)
+    with pytest.raises(InvalidInputError, match="sliding-window layers keep the last 7 positions"):
+        build_steering_vector(model, PAIRS[:1], progress=False)

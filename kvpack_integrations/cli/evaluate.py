@@ -226,7 +226,7 @@ def run_routing_cmd(args: argparse.Namespace) -> int:
     kb = KnowledgeBase(
         name, None if args.host else kb_dir, host=args.host, port=args.port, embedder=args.embedder, dims=args.dims
     )
-    loaded = loaded_model(args)
+    loaded = None if args.routing_only else loaded_model(args)  # routing alone needs no language model
     s = run_routing(
         loaded,
         rows,

@@ -68,7 +68,7 @@ def _answer(engine: Engine, facts: Sequence[str], question: str, settings: Gener
 
 
 def run_routing(
-    loaded: LoadedModel,
+    loaded: LoadedModel | None,
     rows: Sequence[RoutingRow],
     kb: KnowledgeBase,
     *,
@@ -81,15 +81,21 @@ def run_routing(
     answers: bool = True,
     data_name: str = "",
 ) -> dict[str, Any]:
-    """Build (if empty) the knowledge base from every row's fact, then route and answer sampled questions."""
+    """Build (if empty) the knowledge base from every row's fact, then route and answer sampled questions
+    (`answers=False`: route only, and `loaded` may be None)."""
+    if answers and loaded is None:
+        raise InvalidInputError("answering needs a model: pass one, or route only (answers=False)")
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"limit must be >= 1 (or None: every question), got {limit}")
     facts = [r.fact for r in rows]
     t0 = time.perf_counter()
     built = len(kb) == 0
     if built:
         kb.add(facts, ids=[f"f{i}" for i in range(len(facts))])
-    elif len(kb) != len(facts):
+    elif len(kb) != len(facts) or kb.facts() != facts:  # a base of another file with as many rows
         raise InvalidInputError(
-            f"knowledge base {kb.name!r} holds {len(kb)} facts, the file {len(facts)}: use a new one"
+            f"knowledge base {kb.name!r} at {kb.where} holds other facts than the file ({len(kb)} against "
+            f"{len(facts)}): remove it or pass another --kb-dir"
         )
     build_s = time.perf_counter() - t0 if built else None
     sample = [i for i, r in enumerate(rows) if r.question.strip()]  # rows without a question only add facts
@@ -100,7 +106,7 @@ def run_routing(
     t0 = time.perf_counter()
     kb.warm()
     warmup_s = time.perf_counter() - t0
-    engine = Engine(loaded)
+    engine = Engine(loaded) if loaded is not None else None
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=("\n",))
     routed_ok = in_top_k = answered = oracle = 0
     overheads: list[float] = []
@@ -113,7 +119,7 @@ def run_routing(
         route_times.append(route_ms)
         routed_ok += bool(hits) and hits[0].id == f"f{i}"
         in_top_k += any(h.id == f"f{i}" for h in hits)
-        if not answers:
+        if engine is None or not answers:
             overheads.append(route_ms)
             continue
         text, build_ms = _answer(engine, [h.text for h in hits], row.question, settings)
@@ -135,8 +141,8 @@ def run_routing(
         "routing_dim": kb.routing_dim,
         "store": kb.where,
         "embedder": kb.embedder.name,
-        "model": loaded.name,
-        "dtype": dtype_name(loaded.dtype),  # the lazy KV build is one forward at this precision
+        "model": loaded.name if loaded is not None else None,
+        "dtype": dtype_name(loaded.dtype) if loaded is not None else None,  # the lazy KV build's precision
         "routing_accuracy": routed_ok / n,
         "answer_fact_in_top_k": in_top_k / n,
         "answer_accuracy": answered / n if answers else None,

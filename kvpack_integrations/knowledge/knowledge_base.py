@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ _PAGE = 5_000
 _RESERVED = ("bank", "kvpack_order")
 DEFAULT_LEXICAL_WEIGHT = 1.0
 _LEXICAL_CANDIDATES = 8  # BM25's best rows that join the banked candidates (at least 2k)
+_EMPTY_BANK_SLACK = 8  # extra nearest banks fetched, to read past empty ones
+_KB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,58}[A-Za-z0-9]")  # Chroma's collection-name rule, ASCII
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,11 @@ class KnowledgeBase:
         dims: int | None = None,
         create: bool = True,
     ) -> None:
-        if (
-            not isinstance(name, str)
-            or not 2 <= len(name) <= 60
-            or not name.replace("-", "").replace("_", "").isalnum()
-        ):
-            raise InvalidInputError(f"invalid knowledge-base name {name!r}: 2-60 letters, digits, '-' or '_'")
+        if not isinstance(name, str) or not _KB_NAME.fullmatch(name):
+            raise InvalidInputError(
+                f"invalid knowledge-base name {name!r}: 2-60 ASCII letters, digits, '-' or '_', starting and "
+                "ending with a letter or digit"
+            )
         if bank_size < 1:
             raise InvalidInputError(f"bank_size must be >= 1, got {bank_size}")
         self.name = name
@@ -393,13 +395,27 @@ class KnowledgeBase:
         if len(mirror) == 0:
             raise EmptyKnowledgeError(f"knowledge base {self.name!r} at {self.where} holds no facts")
         vector = self._embed([query])[0]
+        # banks nearest first; k-means can leave a bank empty (fewer distinct facts than banks), and an
+        # empty bank is skipped so that `probes` banks with facts are read
         nearest = self._banks.query(
-            query_embeddings=[vector.tolist()], n_results=min(probes, self.n_banks), include=["metadatas"]
+            query_embeddings=[vector.tolist()],
+            n_results=min(probes + _EMPTY_BANK_SLACK, self.n_banks),
+            include=["metadatas"],
         )
-        rows = set(mirror.rows_in(int(m["bank"]) for m in nearest["metadatas"][0]))
+        rows: set[int] = set()
+        read = 0
+        for meta in nearest["metadatas"][0]:
+            members = set(mirror.rows_in([int(meta["bank"])]))
+            if members:
+                rows |= members
+                read += 1
+                if read == probes:
+                    break
         lexical = dict(mirror.lexical.top(query, max(2 * k, _LEXICAL_CANDIDATES))) if lexical_weight else {}
         rows.update(lexical)
         wanted = {mirror.ids[r]: r for r in rows}
+        if not wanted:  # every bank probed was empty and no word matched
+            return []
         found = self._facts.get(ids=list(wanted), include=["embeddings", "documents", "metadatas"])
         similarity = np.asarray(found["embeddings"], dtype=np.float32).reshape(len(found["ids"]), -1) @ vector
         ranked = sorted(

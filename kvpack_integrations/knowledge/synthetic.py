@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..segments.serialization import atomic_write_bytes
 
 _ONSETS = [
     "b",
@@ -145,10 +146,9 @@ def synthetic_facts(n: int, seed: int = 0) -> Iterator[dict[str, str]]:
 
 
 def write_synthetic(path: str | Path, n: int, seed: int = 0) -> Path:
-    """Write `synthetic_facts(n, seed)` as JSONL (the `kvpack eval routing --facts` format)."""
+    """Write `synthetic_facts(n, seed)` as JSONL (the `kvpack eval routing --facts` format), atomically: a
+    bad `n` or an interrupted run leaves an existing file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for row in synthetic_facts(n, seed):
-            fh.write(json.dumps(row) + "\n")
+    rows = "".join(json.dumps(row) + "\n" for row in synthetic_facts(n, seed))
+    atomic_write_bytes(path, rows.encode("utf-8"))
     return path

@@ -49,7 +49,7 @@ from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
 from ..steering.vector import SteeringVector
 from .messages import call_documents, to_turns
-from .steering_callback import ROLE_KEY, steering_for_run
+from .steering_callback import ROLE_KEY, pending_steering, steering_for_run
 
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 _STRUCTURED_METHODS = ("json_schema", "function_calling", "json_mode")
@@ -140,6 +140,14 @@ class KVPackChatModel(BaseChatModel):
             "stop": self.stop,
         }
 
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """LangChain's cache key: steering a run's callback chooses changes the answer, so it counts."""
+        base = super()._get_llm_string(stop=stop, **kwargs)
+        vectors = pending_steering(kwargs.get(ROLE_KEY))
+        if not vectors:
+            return base
+        return base + "|steering=" + ",".join(f"{v.name}:{v.alpha:g}:{v.digest}" for v in vectors)
+
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider="kvpack",
@@ -182,7 +190,11 @@ class KVPackChatModel(BaseChatModel):
         stop: list[str] | None,
         kwargs: dict[str, Any],
         loaded: LoadedModel,
+        *,
+        take_run: bool = True,
     ) -> tuple[ChatRequest, list[str]]:
+        """The engine request; `take_run=False` (rendering only, no model call) leaves the steering run
+        pending for the call it belongs to."""
         kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own switch, already acted on
         unknown = set(kwargs) - {
             "tools",
@@ -203,7 +215,10 @@ class KVPackChatModel(BaseChatModel):
         tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or []]
         names = [t["function"]["name"] for t in tools]
         schema = _response_schema(kwargs.get("response_format"))
-        by_role, steering_notes = steering_for_run(kwargs.get(ROLE_KEY))
+        if take_run:
+            by_role, steering_notes = steering_for_run(kwargs.get(ROLE_KEY))
+        else:
+            by_role, steering_notes = pending_steering(kwargs.get(ROLE_KEY)), []
         strategy = kwargs.get("strategy", self.strategy)
         fmt = kwargs.get("knowledge_format", self.knowledge_format)
         if fmt is not None and not isinstance(fmt, KnowledgeFormat):

@@ -27,18 +27,19 @@ ROLE_KEY = "agent_role"
 
 
 class _Run:
-    """The steering of one chat model run; `live` turns off when the run ends."""
+    """The steering of one chat model run (LangChain's run id, the callback, the run's metadata role)."""
 
-    def __init__(self, callback: KVPackSteeringCallback, role: str | None) -> None:
-        self.callback, self.role, self.live = callback, role, True
+    def __init__(self, callback: KVPackSteeringCallback, role: str | None, run_id: Any) -> None:
+        self.callback, self.role, self.run_id = callback, role, run_id
 
 
-# Set by the callback when a chat model run starts, in the context the model's code then runs in (the
-# handler runs inline; worker threads and tasks copy the context): `BaseChatModel.stream` does not hand
-# the run manager to `_stream`, so the run's callbacks and metadata cannot be read from it there. The
-# run ends in a task that may hold only a copy of that context, so ending flips the shared object's
-# `live` flag instead of resetting the variable.
-_ACTIVE: ContextVar[_Run | None] = ContextVar("kvpack_steering", default=None)
+# Runs started by the callback and not yet taken by a model call, oldest first, in the context the
+# model's code then runs in (the handler runs inline; worker threads and tasks copy the context, and
+# share this list): `BaseChatModel.stream` does not hand the run manager to `_stream`, so the run's
+# callbacks and metadata cannot be read from it there. Each model call takes one run (a batch starts
+# one per prompt, then calls the model per prompt in order), so a stream left half-read cannot steer
+# the calls after it; a run that ends untaken (a cache hit, an error) is dropped by its id.
+_PENDING: ContextVar[list[_Run] | None] = ContextVar("kvpack_steering", default=None)
 
 
 class KVPackSteeringCallback(BaseCallbackHandler):
@@ -60,32 +61,52 @@ class KVPackSteeringCallback(BaseCallbackHandler):
     def vectors_for(self, role: str | None) -> tuple[SteeringVector, ...]:
         return self.roles.get(role, ()) if role else ()
 
-    def on_chat_model_start(self, serialized: Any, messages: Any, *, metadata: Any = None, **kwargs: Any) -> None:
-        _ACTIVE.set(_Run(self, (metadata or {}).get(ROLE_KEY)))
+    def on_chat_model_start(
+        self, serialized: Any, messages: Any, *, run_id: Any = None, metadata: Any = None, **kwargs: Any
+    ) -> None:
+        pending = _PENDING.get()
+        if pending is None:
+            pending = []
+            _PENDING.set(pending)
+        pending.append(_Run(self, (metadata or {}).get(ROLE_KEY), run_id))
 
-    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
-        _end_run()
+    def on_llm_end(self, response: Any, *, run_id: Any = None, **kwargs: Any) -> None:
+        _drop(run_id)
 
-    def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
-        _end_run()
+    def on_llm_error(self, error: BaseException, *, run_id: Any = None, **kwargs: Any) -> None:
+        _drop(run_id)
 
 
-def _end_run() -> None:
-    run = _ACTIVE.get()
-    if run is not None:
-        run.live = False
+def _drop(run_id: Any) -> None:
+    pending = _PENDING.get()
+    if pending:
+        pending[:] = [run for run in pending if run.run_id != run_id]
+
+
+def _resolve(run: _Run | None, role: str | None) -> tuple[str | None, tuple[SteeringVector, ...], list[str]]:
+    if run is None:
+        note = f"agent role {role!r} given but no KVPackSteeringCallback is attached to the run: unsteered"
+        return role, (), [note] if role else []
+    role = role or run.role
+    vectors = run.callback.vectors_for(role)
+    if not vectors:
+        known = ", ".join(run.callback.roles)
+        return role, (), [f"steering callback attached but role {role!r} has no vector (roles: {known}): unsteered"]
+    return role, vectors, [f"agent role {role!r} steered"]
 
 
 def steering_for_run(role: str | None) -> tuple[tuple[SteeringVector, ...], list[str]]:
-    """Vectors for the running chat model call: its role (`role` from bind, else the run metadata's)."""
-    run = _ACTIVE.get()
-    if run is None or not run.live:
-        return (), []
-    callback = run.callback
-    role = role or run.role
-    vectors = callback.vectors_for(role)
-    if not vectors:
-        known = ", ".join(callback.roles)
-        return (), [f"steering callback attached but role {role!r} has no vector (roles: {known}): unsteered"]
-    callback.applied.append((str(role), tuple(v.name for v in vectors)))
-    return vectors, [f"agent role {role!r} steered"]
+    """Vectors for the chat model call now running, which takes its run: its role (`role` from bind,
+    else the run metadata's)."""
+    pending = _PENDING.get()
+    run = pending.pop(0) if pending else None
+    role, vectors, notes = _resolve(run, role)
+    if run is not None and vectors:
+        run.callback.applied.append((str(role), tuple(v.name for v in vectors)))
+    return vectors, notes
+
+
+def pending_steering(role: str | None) -> tuple[SteeringVector, ...]:
+    """The vectors the next model call will take, without taking them (LangChain's cache key)."""
+    pending = _PENDING.get()
+    return _resolve(pending[0] if pending else None, role)[1]

@@ -30,7 +30,8 @@ class TextTwin:
 def text_stuffed_messages(model: KVPackChatModel, messages: LanguageModelInput, **kwargs: Any) -> TextTwin:
     """Plain system/user/assistant messages whose chat-template rendering equals this call's prompt."""
     loaded = model.loaded_model(kwargs.get("model"))
-    request, _ = model._request(model._convert_input(messages).to_messages(), kwargs.pop("stop", None), kwargs, loaded)
+    stop = kwargs.pop("stop", None)
+    request, _ = model._request(model._convert_input(messages).to_messages(), stop, kwargs, loaded, take_run=False)
     engine = shared_engine(loaded)
     with engine.lock:  # rendering may load a bound pack into the shared prefix tree
         prompt, _, _ = prepare(engine, request)

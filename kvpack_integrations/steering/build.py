@@ -1,8 +1,9 @@
 """Building a steering vector from contrastive pairs: mean V(positive) - mean V(negative), per layer.
 
 Each text is rendered with the model's chat template as an assistant turn (the role whose style we
-steer), run once, and its values are averaged over the text's own tokens (the template's tokens are
-left out: they are the same on both sides). Rows of a pairs file are `{"positive": ..., "negative": ...}`.
+steer; after a fixed user turn where the template insists on one), run once, and its values are
+averaged over the text's own tokens (the template's tokens are left out: they are the same on both
+sides). Rows of a pairs file are `{"positive": ..., "negative": ...}`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..composition.cache_ops import empty_cache
-from ..errors import CompositionError, InvalidInputError
+from ..errors import CompositionError, InvalidInputError, TemplateError
 from ..prompts.rendering import render_messages
 from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
@@ -44,12 +45,30 @@ def load_pairs(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
+# the user turn templates that insist on user/assistant alternation (Mistral, Gemma) get before the text;
+# the same on both sides of every pair, so it cancels out of the difference
+_OPENING = "Reply."
+
+
 def mean_values(loaded: LoadedModel, text: str) -> torch.Tensor:
     """Values of `text` as an assistant turn, averaged over its tokens: [num_layers, kv_heads, head_dim]."""
-    rendered = render_messages(loaded.tokenizer, [{"role": "assistant", "content": text}], add_generation_prompt=False)
-    lo, hi = rendered.part(0).tokens
+    turn = {"role": "assistant", "content": text}
+    try:
+        rendered = render_messages(loaded.tokenizer, [turn], add_generation_prompt=False)
+        index = 0
+    except TemplateError:  # the template wants a user turn first
+        opening = {"role": "user", "content": _OPENING}
+        rendered = render_messages(loaded.tokenizer, [opening, turn], add_generation_prompt=False)
+        index = 1
+    lo, hi = rendered.part(index).tokens
     if hi <= lo:
         raise InvalidInputError(f"the text {text[:40]!r} renders to no tokens")
+    window = loaded.sliding_window
+    if window is not None and len(rendered.token_ids) >= window:  # sliding layers would drop the first values
+        raise InvalidInputError(
+            f"this model's sliding-window layers keep the last {window - 1} positions, and the text "
+            f"{text[:40]!r} renders to {len(rendered.token_ids)} tokens: use shorter steering texts"
+        )
     cache = empty_cache(loaded)
     ids = torch.tensor([list(rendered.token_ids)], dtype=torch.long, device=loaded.device)
     with torch.no_grad():

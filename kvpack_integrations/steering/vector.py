@@ -8,6 +8,7 @@ and are saved as safetensors with the model fingerprint, so one built for anothe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -74,6 +75,14 @@ class SteeringVector:
             raise InvalidInputError(f"alpha must be a finite number, got {self.alpha!r}")
         if not self.layers or any(not 0 <= layer < fp.num_layers for layer in self.layers):
             raise InvalidInputError(f"layers {self.layers} are empty or outside the model's {fp.num_layers} layers")
+
+    @property
+    def digest(self) -> str:
+        """Short id of what the vector does (deltas, layers, model; not alpha): caches key on it."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(self.deltas.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(f"{self.layers}|{self.fingerprint.digest}".encode())
+        return h.hexdigest()
 
     # -- variants ----------------------------------------------------------------------------------
 
