@@ -62,6 +62,37 @@ def test_build_ask_list_roundtrip(capsys, tmp_path, model_dir, facts_file) -> No
     assert kv["usage"]["prefilled_tokens"] < rag["usage"]["prefilled_tokens"]
     code, listing = run(capsys, "list", *common)
     assert [k["kb"] for k in listing["knowledge_bases"]] == ["demo"]
+    # a damaged pack is listed as such, beside the whole ones
+    broken = tmp_path / "s" / "packs" / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{")
+    code, listing = run(capsys, "list", *common)
+    assert code == 0 and [k["kb"] for k in listing["knowledge_bases"]] == ["broken", "demo"]
+    assert "error" in listing["knowledge_bases"][0] and listing["knowledge_bases"][1]["facts"] == 3
+
+
+def test_json_errors_of_every_kind(capsys, tmp_path, model_dir) -> None:
+    """--json ends with one JSON line for usage errors and errors that are not kvpack's too; an --output
+    that cannot be written loses no results."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rebalance", "--kb", "x", "--banks", "two", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert exit_info.value.code == 2 and json.loads(out[-1]) == {
+        "error": "argument --banks: invalid int value: 'two'",
+        "type": "UsageError",
+    }
+    facts = tmp_path / "syn.jsonl"
+    run(capsys, "synthesize", "20", "--output", str(facts), "--json")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    args = ["eval", "routing", "--facts", str(facts), "--kb-dir", str(tmp_path / "kb"), "--routing-only"]
+    code, out = run(capsys, *args, "--output", str(blocked / "sum.json"), "--json")
+    assert code == 2 and out["routing_accuracy"] == 1.0 and "could not write" in out["output_error"]
+    (tmp_path / "f.txt").write_text("A fact.\n")
+    code, out = run(
+        capsys, "build", str(tmp_path / "f.txt"), "--kb", "d", "--model", model_dir, "--store", str(blocked), "--json"
+    )
+    assert code == 1 and out["type"] == "NotADirectoryError" and "Not a directory" in out["error"]
 
 
 def test_jsonl_facts_and_half_precision(capsys, tmp_path, model_dir) -> None:

@@ -209,3 +209,30 @@ def test_langchain_retriever_reads_the_knowledge_base(kb: KnowledgeBase, tmp_pat
     assert len(retriever.invoke(FACTS[9], k=3)) == 3
     with pytest.raises(UnknownKnowledgeBaseError):
         KVPackRetriever(kb="missing", backend="chroma", chroma_path=str(tmp_path / "kb"))
+
+
+def test_an_add_cut_short_leaves_a_base_the_next_add_completes(tmp_path: Path, monkeypatch) -> None:
+    """Metadata Chroma would refuse is caught before any batch is written; a first add interrupted after
+    a batch (Ctrl-C, a dead server) leaves its facts counted, and the next add clusters them all."""
+    base = KnowledgeBase("cut", tmp_path / "kb", bank_size=2)
+    facts = FACTS[:6]
+    with pytest.raises(InvalidInputError, match="metadata of fact 3: values of \\['src'\\]"):
+        base.add(facts[:4], metadatas=[{}, {}, {}, {"src": {"nested": 1}}], batch_size=2, progress=False)
+    assert len(base) == 0
+    real = base._facts.add
+    calls = {"n": 0}
+
+    def dies_on_the_second_batch(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(base._facts, "add", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        base.add(facts[:4], ids=["a", "b", "c", "d"], batch_size=2, progress=False)
+    monkeypatch.undo()
+    assert len(base) == 2 and base.n_banks == 0
+    base.add(facts[2:], ids=["c", "d", "e", "f"], batch_size=2, progress=False)
+    assert len(base) == 6 and base.n_banks == 3 and base.facts() == facts  # insertion order kept
+    assert base.route(facts[4], k=1)[0].id == "e"

@@ -97,9 +97,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _finish(args: argparse.Namespace, summary: dict[str, Any], text: str) -> int:
+    """Write --output, then print; a file that cannot be written loses no results (they are printed,
+    with the reason) and the exit code says it failed."""
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        except OSError as exc:
+            summary = {**summary, "output_error": f"could not write {args.output}: {exc}"}
+            emit(args, summary, text + f"\n{summary['output_error']}")
+            return 2
     emit(args, summary, text)
     return 0
 

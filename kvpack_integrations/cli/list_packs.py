@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import CorruptSegmentError
 from .common import add_common_args, emit, pack_store
 
 
@@ -17,7 +18,11 @@ def run(args: argparse.Namespace) -> int:
     store = pack_store(args)
     rows = []
     for name in store.names():
-        m = store.manifest(name)
+        try:
+            m = store.manifest(name)
+        except CorruptSegmentError as exc:  # one damaged pack does not hide the others
+            rows.append({"kb": name, "error": str(exc), "bytes": store.size_bytes(name)})
+            continue
         rows.append(
             {
                 "kb": name,
@@ -30,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
         )
     text = (
         "\n".join(
-            f"{r['kb']}: {r['facts']} facts, {r['tokens']} tokens, {r['model']}, {r['storage_dtype']}" for r in rows
+            f"{r['kb']}: damaged ({r['error']})"
+            if "error" in r
+            else f"{r['kb']}: {r['facts']} facts, {r['tokens']} tokens, {r['model']}, {r['storage_dtype']}"
+            for r in rows
         )
         or f"no knowledge bases in {store.root}"
     )

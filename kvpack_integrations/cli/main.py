@@ -5,14 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+from typing import NoReturn
 
 from ..errors import KVPackError
 from . import ask, build, demo, evaluate, list_packs, packet, rebalance, steer, synthesize
 from .common import quiet_libraries
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def make_parser(json_errors: bool = False) -> argparse.ArgumentParser:
+    """The parser; with `json_errors`, a usage error also prints the `{"error", "type"}` line --json promises."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            if json_errors:
+                sys.stdout.write(json.dumps({"error": message, "type": "UsageError"}) + "\n")
+            super().error(message)
+
+    parser = Parser(
         prog="kvpack", description="Knowledge as pre-computed KV-cache segments for local transformers models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,15 +32,24 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    args = make_parser(json_errors="--json" in arguments).parse_args(arguments)
     quiet_libraries()
+    wants_json = getattr(args, "json", False)
     try:
         return int(args.run(args))
     except KVPackError as exc:
-        if getattr(args, "json", False):
+        if wants_json:
             sys.stdout.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
         sys.stderr.write(f"kvpack: error: {exc}\n")
         return 2
+    except Exception as exc:
+        if not wants_json:
+            raise
+        # not one of ours (a bug, a library's or the system's error): --json still ends with one JSON line
+        traceback.print_exc()
+        sys.stdout.write(json.dumps({"error": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__}) + "\n")
+        return 1
 
 
 if __name__ == "__main__":

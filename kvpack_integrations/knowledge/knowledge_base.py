@@ -254,12 +254,19 @@ class KnowledgeBase:
         if len(ids) != len(texts) or len(metas) != len(texts):
             raise InvalidInputError(f"{len(texts)} facts but {len(ids)} ids and {len(metas)} metadata entries")
         self._check_ids(ids)
-        for m in metas:
+        for position, m in enumerate(metas):
             clash = [k for k in _RESERVED if k in m]
             if clash:
                 raise InvalidInputError(f"metadata keys {clash} are reserved by the knowledge base")
+            # checked before anything is written: Chroma would refuse the batch holding it, after earlier ones
+            wrong = [k for k, v in m.items() if not isinstance(k, str) or not isinstance(v, (str, int, float, bool))]
+            if wrong:
+                raise InvalidInputError(
+                    f"metadata of fact {position}: values of {wrong[:3]} are not a string, number or boolean"
+                )
         order, generation = self._state()
-        first = order == 0
+        # the first add clusters; so does the next one if the first was cut short before it could
+        first = order == 0 or self.n_banks == 0
         mirror = self._mirror if self._mirror is not None and len(self._mirror) == order else None
         fitted = self._fit_projection(texts, batch_size, progress) if self._needs_projection() else None
         bar = tqdm(total=len(texts), desc=f"storing into {self.name}", unit="fact", disable=not progress)
@@ -278,9 +285,9 @@ class KnowledgeBase:
             )
             if mirror is not None and not first:
                 mirror.add(list(ids[lo : lo + batch_size]), list(chunk), banks)
+            self._stamp(size=order + lo + len(chunk), generation=generation)  # an interrupted add stays counted
             bar.update(len(chunk))
         bar.close()
-        self._stamp(size=order + len(texts), generation=generation)
         self._mirror = mirror
         if first:
             self.rebalance(progress=progress)
@@ -357,14 +364,16 @@ class KnowledgeBase:
             np.linalg.norm(model.cluster_centers_, axis=1, keepdims=True), 1e-12
         )
         sizes = np.bincount(labels, minlength=banks)
-        old = self._banks.get(include=[])["ids"]
-        if old:
-            self._banks.delete(ids=old)
-        self._banks.add(
-            ids=[f"bank-{b}" for b in range(banks)],
+        new = [f"bank-{b}" for b in range(banks)]
+        # the new centroids go in before the old ones leave: an interrupted rebalance never leaves no banks
+        self._banks.upsert(
+            ids=new,
             embeddings=centroids.tolist(),
             metadatas=[{"bank": b, "size": int(sizes[b])} for b in range(banks)],
         )
+        stale = sorted(set(self._banks.get(include=[])["ids"]) - set(new))
+        if stale:
+            self._banks.delete(ids=stale)
         for lo in tqdm(range(0, n, _PAGE), desc="assigning banks", disable=not progress or n <= _PAGE):
             metas = [{**m, "bank": int(b)} for m, b in zip(data["metadatas"][lo : lo + _PAGE], labels[lo : lo + _PAGE])]
             self._facts.update(ids=data["ids"][lo : lo + _PAGE], metadatas=metas)
