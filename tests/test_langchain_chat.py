@@ -76,6 +76,27 @@ def test_tool_artifacts_equal_text_and_next_step_prefills_only_new_tokens(model_
     assert step2.usage_metadata["input_token_details"]["cache_read"] >= step1.usage_metadata["input_tokens"]
 
 
+def test_tool_artifacts_in_another_order_or_twice(model_root) -> None:
+    """An artifact may list its documents in another order than the content, or hold one twice: the
+    documents are placed in the content's order (the answer equals text stuffing), and the one that
+    does not occur again gets a note instead of failing the request."""
+    chat = _chat(model_root)
+    a, b = DOCS[0], DOCS[1]
+    history = _tool_history([Document(b), Document(a)])  # content: b then a
+    reordered = [
+        *history[:3],
+        ToolMessage(history[3].content, tool_call_id="call_1", artifact=[Document(a), Document(b)]),
+    ]
+    assert chat.invoke(reordered).content == chat.invoke(history, strategy="text").content
+    twice = [
+        *history[:3],
+        ToolMessage(history[3].content, tool_call_id="call_1", artifact=[Document(b), Document(b), Document(a)]),
+    ]
+    reply = chat.invoke(twice)
+    assert reply.content == chat.invoke(history, strategy="text").content
+    assert any("not again" in n for n in reply.response_metadata["kvpack"]["notes"])
+
+
 def test_bound_knowledge_base_is_served_from_the_store(model_root, store) -> None:
     directory = save_model_dir("qwen2", model_root)
     loaded = load_model(directory)

@@ -628,3 +628,41 @@ def test_query_engine_from_kb_gives_the_retriever_the_llms_model(model_root, pac
         "kb", store=_store(pack_store, "llama"), llm=llm, retriever_options={"packet_store": None}
     )
     assert override.retriever.packet_store is None
+
+
+def test_no_parallel_tool_calls_holds_when_streaming(model_root, monkeypatch) -> None:
+    """`allow_parallel_tool_calls=False` keeps the first call on every path: FunctionAgent streams by
+    default, and only the non-streaming path used to trim. The engine is replaced by a reply holding two
+    calls (a tiny random model does not write two valid ones); the trimming under test is the LLM's."""
+    import asyncio
+
+    import kvpack_integrations.llama_index.llm as llm_module
+    from kvpack_integrations.engine.chat import ChatDelta, ChatReply
+    from kvpack_integrations.engine.tool_calls import ParsedToolCall
+    from kvpack_integrations.engine.usage import Usage
+
+    def two_calls(engine, request):
+        calls = [ParsedToolCall("search", {"query": q}, q * 9) for q in "ab"]
+        yield ChatDelta("", ChatReply("", calls, [], Usage(5, 0, 5), "tool_calls"))
+
+    def search(query: str) -> str:
+        """search"""
+        return query
+
+    monkeypatch.setattr(llm_module, "stream_chat", two_calls)
+    tool = FunctionTool.from_defaults(search)
+    llm = _llm(model_root)
+
+    def n(response) -> int:
+        return len(llm.get_tool_calls_from_response(response, error_on_no_tool_call=False))
+
+    for parallel, want in ((False, 1), (True, 2)):
+        assert n(llm.chat_with_tools([tool], "q", allow_parallel_tool_calls=parallel)) == want
+        assert n(list(llm.stream_chat_with_tools([tool], "q", allow_parallel_tool_calls=parallel))[-1]) == want
+
+        async def streamed(parallel: bool = parallel):
+            return [
+                r async for r in await llm.astream_chat_with_tools([tool], "q", allow_parallel_tool_calls=parallel)
+            ][-1]
+
+        assert n(asyncio.run(streamed())) == want

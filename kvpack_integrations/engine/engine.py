@@ -6,11 +6,12 @@ so decoding can grow it freely.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from transformers import DynamicCache
@@ -52,6 +53,21 @@ class Prefilled:
     started_at: float
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _holding_lock(method: _Method) -> _Method:
+    """Run an engine method under `engine.lock`: it reads or writes the shared prefix tree, and the engine
+    is shared by every caller of a model, not only the chat path (which already holds the lock)."""
+
+    @functools.wraps(method)
+    def locked(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_Method, locked)
+
+
 class Engine:
     """Generation on one loaded model with an in-memory prefix cache (a radix tree of segments)."""
 
@@ -80,12 +96,14 @@ class Engine:
             self._packets = PacketComposer(self.loaded)
         return self._packets
 
+    @_holding_lock
     def cache_prefix(self, ids: Sequence[int], boundaries: Sequence[int]) -> tuple[list[KVSegment], int]:
         """Materialise segments of `ids` cut at `boundaries` (reusing the tree); returns (segments, prefilled)."""
         if not boundaries or boundaries[-1] > len(ids):
             raise InvalidInputError("boundaries must be non-empty and within the token sequence")
         return materialize(self.loaded, self.tree, ids, boundaries)
 
+    @_holding_lock
     def compose(self, prompt_ids: Sequence[int], strategy: str = "exact") -> ComposedCache:
         """Cache for the longest reusable prefix (`exact`), or an empty one (`text`: plain text stuffing)."""
         if strategy == "exact":
@@ -94,6 +112,7 @@ class Engine:
             return ComposedCache(cache=empty_cache(self.loaded), cached_tokens=0, strategy="text", exact=True)
         raise InvalidInputError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
 
+    @_holding_lock
     def prefill(
         self,
         prompt_ids: Sequence[int],

@@ -90,18 +90,23 @@ def _tool_turn(message: ToolMessage, index: int, out: Translated) -> ChatTurn:
     docs = documents_from_artifact(message.artifact)
     if docs and not text.strip():
         text = join_documents(d.page_content for d in docs)
-    located = []
-    for d in docs:
-        if d.page_content and d.page_content in text:
-            located.append(d.page_content)
-            handle = handle_of(d)
-            if handle is not None:
-                out.handles.append(handle)
-        else:
+    # documents are placed as the prompt will find them: in the content's order, each after the one
+    # before (an artifact may list them in another order, or hold one twice)
+    first_seen = {id(d): text.find(d.page_content) if d.page_content else -1 for d in docs}
+    located, cursor = [], 0
+    for d in sorted(docs, key=lambda d: first_seen[id(d)]):
+        at = text.find(d.page_content, cursor) if first_seen[id(d)] >= 0 else -1
+        if at < 0:
             out.notes.append(
-                f"message {index}: an artifact document does not occur in the tool's content; "
+                f"message {index}: an artifact document does not occur in the tool's content (or not again); "
                 "the model sees the content only"
             )
+            continue
+        located.append(d.page_content)
+        cursor = at + len(d.page_content)
+        handle = handle_of(d)
+        if handle is not None:
+            out.handles.append(handle)
     return ChatTurn(
         "tool",
         text,

@@ -58,7 +58,17 @@ if TYPE_CHECKING:
 
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 _KNOWN_CALL_KWARGS = frozenset(
-    {"tools", "tool_choice", "nodes", "knowledge_format", "strategy", "steering", ROLE_KEY, *_CALL_OPTIONS}
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "nodes",
+        "knowledge_format",
+        "strategy",
+        "steering",
+        ROLE_KEY,
+        *_CALL_OPTIONS,
+    }
 )
 
 
@@ -229,10 +239,14 @@ class KVPackLLM(FunctionCallingLLM):
         """Translate now (bad input fails at the call, not at the first chunk); decode as iterated."""
         loaded = self.loaded_model()
         request, notes = self._request(messages, kwargs, loaded)
-        return self._responses(shared_engine(loaded), request, notes)
+        single_call = kwargs.get("parallel_tool_calls") is False
+        return self._responses(shared_engine(loaded), request, notes, single_call)
 
-    def _responses(self, engine: Engine, request: ChatRequest, notes: list[str]) -> Generator[ChatResponse, None, None]:
-        """Chat responses as the engine decodes, the last with usage and tool calls."""
+    def _responses(
+        self, engine: Engine, request: ChatRequest, notes: list[str], single_call: bool = False
+    ) -> Generator[ChatResponse, None, None]:
+        """Chat responses as the engine decodes, the last with usage and tool calls (only the first call
+        with `single_call`: `allow_parallel_tool_calls=False` holds on every path, streaming included)."""
         text = ""
         for delta in stream_chat(engine, request):
             if delta.reply is None:
@@ -240,6 +254,8 @@ class KVPackLLM(FunctionCallingLLM):
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta.text)
                 continue
             delta.reply.usage.notes.extend(notes)
+            if single_call:
+                delta.reply.tool_calls = delta.reply.tool_calls[:1]
             yield self._response(delta.reply, engine.loaded, delta.text)
 
     def _response(self, reply: ChatReply, loaded: LoadedModel, delta: str) -> ChatResponse:
@@ -350,7 +366,13 @@ class KVPackLLM(FunctionCallingLLM):
         specs = openai_tools(tools)
         if tool_choice is None and tool_required:
             tool_choice = "required"
-        return {"messages": messages, "tools": specs, "tool_choice": tool_choice, **kwargs}
+        return {
+            "messages": messages,
+            "tools": specs,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": allow_parallel_tool_calls,
+            **kwargs,
+        }
 
     def _validate_chat_with_tools_response(
         self,
