@@ -334,12 +334,28 @@ def test_build_switches_to_a_chroma_knowledge_base_when_facts_exceed_the_window(
     facts = tmp_path / "many.txt"
     facts.write_text("\n".join(f"Fact number {i} says the widget weighs {i} grams." for i in range(80)))
     common = ["--kb", "many", "--model", small, "--store", str(tmp_path / "s"), "--kb-dir", str(tmp_path / "kb")]
+    from kvpack_integrations import build_pack, load_model
+    from kvpack_integrations.composition import RadixTree
+    from kvpack_integrations.segments import PackStore
+
+    loaded = load_model(small)  # first a pack of the same name, from a fact file that fitted
+    build_pack(loaded, RadixTree(loaded.fingerprint), PackStore(tmp_path / "s"), "many", ["The widget is red."])
     code, built = run(capsys, "build", str(facts), *common, "--json")
     assert code == 0 and built["backend"] == "chroma" and "context window of 256" in built["reason"]
-    assert built["facts"] == 80 and built["banks"] == 4
+    assert built["facts"] == 80 and built["banks"] == 4 and built["replaced_pack"] is True
     facts.write_text(facts.read_text() + "\nA new fact about the widget's colour: blue.")
     code, again = run(capsys, "build", str(facts), *common, "--json")  # the same base grows by the new fact
     assert code == 0 and again["added"] == 1 and again["already_present"] == 80 and again["facts"] == 81
+    assert again["replaced_pack"] is False
+    # ask answers from the Chroma base (the old pack is gone): the routed facts are the knowledge
+    question = "How much does the widget of fact number 17 weigh?"
+    code, asked = run(capsys, "ask", question, *common, "--k", "2", "--max-new-tokens", "3", "--json")
+    assert code == 0 and asked["backend"] == "chroma" and len(asked["routed"]) == 2
+    assert "Fact number 17 says" in asked["routed"][0]["text"] and asked["usage"]["exact"] is True
+    code, rag = run(capsys, "ask", question, *common, "--k", "2", "--max-new-tokens", "3", "--mode", "rag", "--json")
+    assert code == 0 and rag["answer"] == asked["answer"]
+    code, err = run(capsys, "ask", question, *common[:-2], "--kb-dir", str(tmp_path / "nokb"), "--json")
+    assert code == 2 and "no pack in" in err["error"] and "no Chroma knowledge base" in err["error"]
 
 
 def test_steer_build_and_ask_with_steering(capsys, tmp_path, model_dir, facts_file) -> None:

@@ -1,5 +1,7 @@
 """`kvpack ask QUESTION --kb NAME [--mode kv|rag|packet|blend]`: answer from a pack (exact), from the same
-facts as text, or from the facts' packets (approximate)."""
+facts as text, or from the facts' packets (approximate). A name that is a Chroma knowledge base rather
+than a pack (`kvpack build` makes one for facts past the context window) is routed first: its `--k`
+best facts are the knowledge, their KV computed now (exact, as a pack would hold it)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,18 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..engine.engine import Engine
 from ..engine.settings import GenerationSettings
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, UnknownKnowledgeBaseError
+from ..knowledge.knowledge_base import KnowledgeBase
 from ..knowledge.packs import knowledge_prompt, load_pack
 from ..packet.composer import PacketComposer
 from ..packet.layout import packet_prompt
-from .common import add_common_args, emit, loaded_model, pack_store
+from ..prompts.knowledge import KnowledgeFormat
+from ..segments.pack_store import PackManifest, PackStore
+from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store
 from .steer import parse_steer_option
 
 
@@ -40,15 +46,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steer", action="append", default=[], metavar="FILE[:ALPHA]", help="apply a steering vector (repeatable)"
     )
+    p.add_argument("--k", type=int, default=4, help="facts routed to the question (Chroma knowledge bases)")
+    add_chroma_args(p)
     add_common_args(p)
     p.set_defaults(run=run)
+
+
+def _knowledge(args: argparse.Namespace, store: PackStore) -> tuple[PackManifest | None, list[dict[str, Any]]]:
+    """The pack named `--kb`, else the facts its Chroma knowledge base routes the question to."""
+    if store.exists(args.kb):
+        return store.manifest(args.kb), []
+    try:
+        kb = KnowledgeBase(args.kb, args.kb_dir, host=args.host, port=args.port, embedder=args.embedder, create=False)
+    except UnknownKnowledgeBaseError:
+        known = ", ".join(store.names()) or "none"
+        raise UnknownKnowledgeBaseError(
+            f"no knowledge base named {args.kb!r}: no pack in {store.root} (known: {known}) and no Chroma "
+            f"knowledge base in {args.host or args.kb_dir or 'the default Chroma directory'}; build it with "
+            "`kvpack build`"
+        ) from None
+    hits = kb.route(args.question, k=args.k)
+    return None, [{"id": h.id, "text": h.text, "score": round(h.score, 4)} for h in hits]
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise InvalidInputError("the question is empty")
     store = pack_store(args)
-    manifest = store.manifest(args.kb)  # unknown kb fails before the model loads
+    manifest, routed = _knowledge(args, store)  # an unknown kb fails before the model loads
+    facts = list(manifest.facts) if manifest is not None else [r["text"] for r in routed]
+    fmt = manifest.knowledge_format if manifest is not None else KnowledgeFormat()
+    raw = manifest.raw if manifest is not None else False
     loaded = loaded_model(args)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -60,19 +88,17 @@ def run(args: argparse.Namespace) -> int:
     steering = [parse_steer_option(spec, loaded.fingerprint) for spec in args.steer]
     engine = Engine(loaded)
     t0 = time.perf_counter()
-    if args.mode == "kv":
-        manifest = load_pack(loaded, engine.tree, store, args.kb)
+    if args.mode == "kv" and manifest is not None:
+        load_pack(loaded, engine.tree, store, args.kb)
     if args.mode in ("packet", "blend"):
-        if manifest.raw:
+        if raw:
             raise InvalidInputError(f"pack {args.kb!r} is raw (untemplated): it cannot be composed from packets")
         composer = PacketComposer(loaded, args.packet_store, args.packet_adapter or "shipped")
-        split = packet_prompt(loaded.tokenizer, manifest.facts, args.question, manifest.knowledge_format)
+        split = packet_prompt(loaded.tokenizer, facts, args.question, fmt)
         composed = composer.compose(engine, split, args.mode).composed
         chunks = engine.stream(list(split.tail), settings, composed=composed, started_at=t0, steering=steering)
     else:
-        prompt = knowledge_prompt(
-            loaded.tokenizer, manifest.facts, args.question, manifest.knowledge_format, raw=manifest.raw
-        )
+        prompt = knowledge_prompt(loaded.tokenizer, facts, args.question, fmt, raw=raw)
         strategy = "exact" if args.mode == "kv" else "text"
         chunks = engine.stream(prompt.token_ids, settings, strategy=strategy, started_at=t0, steering=steering)
     parts, usage, finish = [], None, None
@@ -94,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "finish_reason": finish,
         "usage": usage.to_dict(),
         "model": loaded.name,
+        **({"backend": "chroma", "routed": routed} if manifest is None else {}),
     }
     text = "" if args.stream else answer
     text += (

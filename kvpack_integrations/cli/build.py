@@ -16,7 +16,7 @@ from ..packet.composer import PacketComposer
 from ..prompts.knowledge import DEFAULT_INSTRUCTION, KnowledgeFormat
 from ..runtime.device import resolve_dtype
 from ..runtime.loader import LoadedModel
-from .common import add_common_args, emit, loaded_model, pack_store
+from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,10 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="build a Chroma knowledge base with k-means banks instead of a pack (automatic when the facts do "
         "not fit the model's context window); KV is then computed lazily for the facts a query routes to",
     )
-    p.add_argument("--kb-dir", type=Path, default=None, help="embedded Chroma directory (default: $KVPACK_KB)")
-    p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--embedder", default=None, help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
+    add_chroma_args(p)
     p.add_argument("--dims", type=int, default=None, help="store PCA-reduced routing vectors (fewer bytes per fact)")
     p.add_argument(
         "--packets",
@@ -79,6 +76,10 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
     new = [(i, f) for i, f in unique.items() if i not in present]
     if new:
         kb.add([f for _, f in new], ids=[i for i, _ in new])
+    store = pack_store(args)
+    replaced = store.exists(args.kb)
+    if replaced:  # the name is the Chroma base now: `kvpack ask --kb` must not answer from the old pack
+        store.delete(args.kb)
     seconds = time.perf_counter() - t0
     payload = {
         "kb": args.kb,
@@ -88,6 +89,7 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
         "added": len(new),
         "already_present": len(present),
         "duplicates_in_file": len(facts) - len(unique),
+        "replaced_pack": replaced,
         "banks": kb.n_banks,
         "bytes": kb.disk_bytes(),
         "seconds": round(seconds, 3),

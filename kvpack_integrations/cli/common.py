@@ -30,6 +30,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
 
 
+def add_chroma_args(
+    parser: argparse.ArgumentParser,
+    kb_dir_help: str = "embedded Chroma directory (default: $KVPACK_KB)",
+    embedder_help: str = "sentence-transformers id or path (default all-MiniLM-L6-v2)",
+) -> None:
+    """Where a Chroma knowledge base lives: an embedded directory or a server, and its embedder."""
+    parser.add_argument("--kb-dir", type=Path, default=None, help=kb_dir_help)
+    parser.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--embedder", default=None, help=embedder_help)
+
+
 def quiet_libraries() -> None:
     """Keep library chatter off stdout/stderr so `--json` output stays clean."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

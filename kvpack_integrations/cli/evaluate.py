@@ -18,7 +18,7 @@ from ..evaluation.steering import SteeringEvalOptions, run_steering
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..runtime.default_model import kvpack_home
-from .common import add_common_args, emit, loaded_model, pack_store
+from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store
 
 
 def _shared(p: argparse.ArgumentParser) -> None:
@@ -50,10 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="weight of BM25 in the hybrid score (0: the paper's dense-only routing)",
     )
     p.add_argument("--dims", type=int, default=None, help="store PCA-reduced routing vectors (new knowledge bases)")
-    p.add_argument("--kb-dir", type=Path, default=None, help="Chroma directory (default: a new one under $KVPACK_HOME)")
-    p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--embedder", default=None, help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
+    add_chroma_args(p, kb_dir_help="Chroma directory (default: a new one under $KVPACK_HOME)")
     p.add_argument("--routing-only", action="store_true", help="skip the answers (no language model)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from ..knowledge.knowledge_base import KnowledgeBase
-from .common import emit
+from .common import add_chroma_args, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rebalance", help="re-cluster a Chroma knowledge base into k-means banks")
     p.add_argument("--kb", required=True, help="knowledge-base name")
     p.add_argument("--banks", type=int, default=None, help="number of banks (default: ceil(facts / bank size))")
-    p.add_argument("--kb-dir", type=Path, default=None, help="embedded Chroma directory (default: $KVPACK_KB)")
-    p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--embedder", default=None, help="the embedder the knowledge base was built with")
+    add_chroma_args(p, embedder_help="the embedder the knowledge base was built with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
