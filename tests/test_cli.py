@@ -311,6 +311,10 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     assert again["n_banks"] == 5 and again["routing_accuracy"] == 1.0
     code, err = run(capsys, "rebalance", "--kb", "nope", "--kb-dir", str(tmp_path / "kb"), "--json")
     assert code == 2 and "no knowledge base named 'nope'" in err["error"]
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"fact": null, "question": "q?", "answer": "a"}\n')
+    code, err = run(capsys, "eval", "routing", "--facts", str(nulls), "--routing-only", "--json")
+    assert code == 2 and "must be strings, the fact non-empty" in err["error"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"fact": "x"}\n')
     code, err = run(capsys, "eval", "routing", "--facts", str(bad), "--model", model_dir, "--json")

@@ -89,6 +89,9 @@ def test_reduced_routing_vectors(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="needs at least 32 facts in its first add"):
         small.add(FACTS[:10], progress=False)
     assert len(small) == 0  # nothing stored by the refused add
+    # still empty, the base takes the settings it is opened with: the failed dims do not stick to the name
+    assert KnowledgeBase("small", tmp_path / "small").routing_dim == full.routing_dim
+    small = KnowledgeBase("small", tmp_path / "small", dims=32)
     small.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
     assert small.disk_bytes() < full.disk_bytes()
     again = KnowledgeBase("small", tmp_path / "small", create=False)  # the PCA is read back from Chroma

@@ -50,9 +50,12 @@ def load_routing_rows(path: str | Path) -> list[RoutingRow]:
             continue
         try:
             raw = json.loads(line)
-            rows.append(RoutingRow(str(raw["fact"]), str(raw["question"]), str(raw["answer"])))
+            fields = (raw["fact"], raw["question"], raw["answer"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise InvalidInputError(f"{path}:{no}: expected {{fact, question, answer}} ({exc})") from None
+        if not all(isinstance(f, str) for f in fields) or not fields[0].strip():
+            raise InvalidInputError(f"{path}:{no}: fact, question and answer must be strings, the fact non-empty")
+        rows.append(RoutingRow(*fields))
     if not rows:
         raise InvalidInputError(f"{path} holds no rows")
     return rows

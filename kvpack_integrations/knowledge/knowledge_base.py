@@ -124,19 +124,26 @@ class KnowledgeBase:
         dim = self.embedder.dimension
         if dims is not None and (not isinstance(dims, int) or not 1 <= dims <= dim):
             raise InvalidInputError(f"dims must be an integer from 1 to the embedder's {dim} dimensions, got {dims!r}")
-        self._facts = self._client.get_or_create_collection(
-            f"{name}-facts",
-            metadata={
-                "hnsw:space": "cosine",
-                "format": FORMAT,
-                "embedder": self.embedder.name,
-                "dim": dim,
-                "routing_dim": dims or dim,
-                "bank_size": bank_size,
-            },
-            embedding_function=None,
-        )
+        settings = {
+            "hnsw:space": "cosine",
+            "format": FORMAT,
+            "embedder": self.embedder.name,
+            "dim": dim,
+            "routing_dim": dims or dim,
+            "bank_size": bank_size,
+        }
+        self._facts = self._client.get_or_create_collection(f"{name}-facts", metadata=settings, embedding_function=None)
         meta = dict(self._facts.metadata or {})
+        same_embedder = meta.get("embedder") == settings["embedder"] and meta.get("dim") == settings["dim"]
+        resettable = ("routing_dim", "bank_size")  # another embedder stays an error, below, even when empty
+        if same_embedder and self._facts.count() == 0 and any(meta.get(k) != settings[k] for k in resettable):
+            # nothing stored yet (a first build that failed, e.g. fewer facts than dims): the base takes the
+            # settings it is opened with, rather than keeping the failed ones for good
+            for suffix in ("facts", "projection", "banks"):
+                if f"{name}-{suffix}" in existing or suffix == "facts":
+                    self._client.delete_collection(f"{name}-{suffix}")
+            self._facts = self._client.create_collection(f"{name}-facts", metadata=settings, embedding_function=None)
+            meta = dict(self._facts.metadata or {})
         if meta.get("format") != FORMAT:
             raise InvalidInputError(f"collection {name}-facts at {self.where} is not a kvpack knowledge base")
         if meta.get("embedder") != self.embedder.name or int(meta.get("dim", -1)) != dim:
