@@ -86,11 +86,14 @@ def test_reduced_routing_vectors(tmp_path: Path) -> None:
     full = KnowledgeBase("full", tmp_path / "full")
     full.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
     small = KnowledgeBase("small", tmp_path / "small", dims=32)
-    with pytest.raises(InvalidInputError, match="needs at least 32 facts in its first add"):
+    with pytest.raises(InvalidInputError, match=r"needs at least 32 facts in its first add.*\(384: full vectors\)"):
         small.add(FACTS[:10], progress=False)
     assert len(small) == 0  # nothing stored by the refused add
-    # still empty, the base takes the settings it is opened with: the failed dims do not stick to the name
-    assert KnowledgeBase("small", tmp_path / "small").routing_dim == full.routing_dim
+    # still empty, the base takes other dims asked for explicitly (the failed ones do not stick to the
+    # name); a plain or read-only open changes nothing
+    assert KnowledgeBase("small", tmp_path / "small").routing_dim == 32
+    assert KnowledgeBase("small", tmp_path / "small", create=False).routing_dim == 32
+    assert KnowledgeBase("small", tmp_path / "small", dims=full.routing_dim).routing_dim == full.routing_dim
     small = KnowledgeBase("small", tmp_path / "small", dims=32)
     small.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
     assert small.disk_bytes() < full.disk_bytes()

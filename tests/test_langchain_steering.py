@@ -166,3 +166,46 @@ def test_a_run_steers_only_its_own_call(setup) -> None:
         set_llm_cache(None)
     assert _usage(steered)["steering"] == ["formal+terse:1"] and _usage(unsteered)["steering"] == []
     assert unsteered.content == plain.content and again.content == steered.content
+
+
+def test_concurrent_calls_keep_their_own_roles(setup) -> None:
+    """Calls on other threads, or a batch with one config per input, each take their own run's role, also
+    after an earlier steered call in the parent context and with a slow handler widening the window."""
+    import contextvars
+    import threading
+    import time
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    chat, formal, terse = setup
+    steer = KVPackSteeringCallback(roles={"writer": formal, "reviewer": terse})
+
+    class Slow(BaseCallbackHandler):  # a tracer or logger after the steering callback
+        def on_chat_model_start(self, *args, **kwargs) -> None:
+            time.sleep(0.3)
+
+    chat.invoke("Hi.", config={"callbacks": [steer], "metadata": {"agent_role": "writer"}})  # the parent's run
+    got: dict[str, list[str]] = {}
+
+    def call(role: str, extra: list) -> None:
+        config = {"callbacks": [steer, *extra], "metadata": {"agent_role": role}}
+        got[role] = _usage(chat.invoke("Describe the drone.", config=config))["steering"]
+
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(call, "writer", [Slow()])),
+        threading.Thread(target=contextvars.copy_context().run, args=(call, "reviewer", [])),
+    ]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert got == {"writer": ["formal:0.5"], "reviewer": ["terse:0.5"]}
+    batch = chat.batch(
+        ["Describe the drone."] * 2,
+        config=[
+            {"callbacks": [steer, Slow()], "metadata": {"agent_role": "writer"}},
+            {"callbacks": [steer], "metadata": {"agent_role": "reviewer"}},
+        ],
+    )
+    assert [_usage(r)["steering"] for r in batch] == [["formal:0.5"], ["terse:0.5"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -186,6 +187,16 @@ def test_a_rebuild_interrupted_between_renames_gets_its_pack_back(qwen, store: P
     assert not [p.name for p in store.packs_dir.iterdir() if p.name.startswith((".old-", ".build-"))]
     store.delete("kb")
     assert store.names() == [] and not target.exists()
+    # a delete takes leftover asides with it: nothing comes back under the deleted name
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    shutil.copytree(target, target.with_name(".old-kb-789"))
+    store.delete("kb")
+    assert store.names() == [] and not target.exists()
+    # reading a name that is not there writes nothing (a read-only store stays readable)
+    fresh = PackStore(store.root.parent / "fresh")
+    with pytest.raises(UnknownKnowledgeBaseError):
+        fresh.manifest("nosuch")
+    assert not (fresh.root / "packs" / ".locks").exists()
 
 
 def test_rebuilding_a_pack_while_it_is_read(qwen, store: PackStore) -> None:

@@ -135,10 +135,15 @@ class KnowledgeBase:
         self._facts = self._client.get_or_create_collection(f"{name}-facts", metadata=settings, embedding_function=None)
         meta = dict(self._facts.metadata or {})
         same_embedder = meta.get("embedder") == settings["embedder"] and meta.get("dim") == settings["dim"]
-        resettable = ("routing_dim", "bank_size")  # another embedder stays an error, below, even when empty
-        if same_embedder and self._facts.count() == 0 and any(meta.get(k) != settings[k] for k in resettable):
-            # nothing stored yet (a first build that failed, e.g. fewer facts than dims): the base takes the
-            # settings it is opened with, rather than keeping the failed ones for good
+        if (
+            create
+            and dims is not None
+            and same_embedder
+            and meta.get("routing_dim") != dims
+            and self._facts.count() == 0
+        ):
+            # nothing stored yet (a first build that failed, e.g. fewer facts than dims), and other dims asked
+            # for explicitly: the base takes them, rather than keeping the failed ones for good
             for suffix in ("facts", "projection", "banks"):
                 if f"{name}-{suffix}" in existing or suffix == "facts":
                     self._client.delete_collection(f"{name}-{suffix}")

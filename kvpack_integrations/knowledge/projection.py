@@ -33,7 +33,8 @@ class Projection:
         if len(vectors) < dims:
             raise InvalidInputError(
                 f"a knowledge base reduced to {dims} dims needs at least {dims} facts in its first add "
-                f"to fit the projection, got {len(vectors)}: add more at once, or pass dims=None"
+                f"to fit the projection, got {len(vectors)}: add more at once, or open the still-empty knowledge "
+                f"base with other dims ({vectors.shape[1]}: full vectors)"
             )
         mean = vectors.mean(axis=0)
         _, _, vt = np.linalg.svd(vectors - mean, full_matrices=False)

@@ -27,19 +27,27 @@ ROLE_KEY = "agent_role"
 
 
 class _Run:
-    """The steering of one chat model run (LangChain's run id, the callback, the run's metadata role)."""
+    """The steering of one chat model run (LangChain's run id, the callback, the run's metadata role);
+    `taken` once a model call claimed it, `ended` once the run is over."""
 
     def __init__(self, callback: KVPackSteeringCallback, role: str | None, run_id: Any) -> None:
         self.callback, self.role, self.run_id = callback, role, run_id
+        self.taken = self.ended = False
+
+    @property
+    def open(self) -> bool:
+        return not (self.taken or self.ended)
 
 
-# Runs started by the callback and not yet taken by a model call, oldest first, in the context the
-# model's code then runs in (the handler runs inline; worker threads and tasks copy the context, and
-# share this list): `BaseChatModel.stream` does not hand the run manager to `_stream`, so the run's
-# callbacks and metadata cannot be read from it there. Each model call takes one run (a batch starts
-# one per prompt, then calls the model per prompt in order), so a stream left half-read cannot steer
-# the calls after it; a run that ends untaken (a cache hit, an error) is dropped by its id.
-_PENDING: ContextVar[list[_Run] | None] = ContextVar("kvpack_steering", default=None)
+# Runs started by the callback, in the context the model's code then runs in (the handler runs inline;
+# worker threads and tasks copy the context): `BaseChatModel.stream` does not hand the run manager to
+# `_stream`, so the run's callbacks and metadata cannot be read from it there. The variable holds a
+# tuple, replaced (never changed in place) at each start, so contexts copied earlier (other threads,
+# other tasks) never see this context's runs; the runs themselves are shared objects, so a call in a
+# copied context can claim one and an end in a copied context can close one. Each model call claims
+# the oldest open run (a batch starts one per prompt, then calls the model per prompt in order): a
+# stream left half-read cannot steer the calls after it.
+_PENDING: ContextVar[tuple[_Run, ...]] = ContextVar("kvpack_steering", default=())
 
 
 class KVPackSteeringCallback(BaseCallbackHandler):
@@ -64,23 +72,24 @@ class KVPackSteeringCallback(BaseCallbackHandler):
     def on_chat_model_start(
         self, serialized: Any, messages: Any, *, run_id: Any = None, metadata: Any = None, **kwargs: Any
     ) -> None:
-        pending = _PENDING.get()
-        if pending is None:
-            pending = []
-            _PENDING.set(pending)
-        pending.append(_Run(self, (metadata or {}).get(ROLE_KEY), run_id))
+        still_open = tuple(run for run in _PENDING.get() if run.open)
+        _PENDING.set((*still_open, _Run(self, (metadata or {}).get(ROLE_KEY), run_id)))
 
     def on_llm_end(self, response: Any, *, run_id: Any = None, **kwargs: Any) -> None:
-        _drop(run_id)
+        _end(run_id)
 
     def on_llm_error(self, error: BaseException, *, run_id: Any = None, **kwargs: Any) -> None:
-        _drop(run_id)
+        _end(run_id)
 
 
-def _drop(run_id: Any) -> None:
-    pending = _PENDING.get()
-    if pending:
-        pending[:] = [run for run in pending if run.run_id != run_id]
+def _end(run_id: Any) -> None:
+    for run in _PENDING.get():
+        if run.run_id == run_id:
+            run.ended = True
+
+
+def _oldest_open() -> _Run | None:
+    return next((run for run in _PENDING.get() if run.open), None)
 
 
 def _resolve(run: _Run | None, role: str | None) -> tuple[str | None, tuple[SteeringVector, ...], list[str]]:
@@ -98,8 +107,9 @@ def _resolve(run: _Run | None, role: str | None) -> tuple[str | None, tuple[Stee
 def steering_for_run(role: str | None) -> tuple[tuple[SteeringVector, ...], list[str]]:
     """Vectors for the chat model call now running, which takes its run: its role (`role` from bind,
     else the run metadata's)."""
-    pending = _PENDING.get()
-    run = pending.pop(0) if pending else None
+    run = _oldest_open()
+    if run is not None:
+        run.taken = True
     role, vectors, notes = _resolve(run, role)
     if run is not None and vectors:
         run.callback.applied.append((str(role), tuple(v.name for v in vectors)))
@@ -108,5 +118,4 @@ def steering_for_run(role: str | None) -> tuple[tuple[SteeringVector, ...], list
 
 def pending_steering(role: str | None) -> tuple[SteeringVector, ...]:
     """The vectors the next model call will take, without taking them (LangChain's cache key)."""
-    pending = _PENDING.get()
-    return _resolve(pending[0] if pending else None, role)[1]
+    return _resolve(_oldest_open(), role)[1]

@@ -233,10 +233,11 @@ class PacketComposer:
 def _preamble_cache(engine: Engine, preamble: Sequence[int]) -> DynamicCache:
     """The preamble's K/V from the engine's exact prefix tree, prefilled once (and remembered) on a miss."""
     ids = list(preamble)
-    composed = engine.compose([*ids, 0])
-    cache, cached = composed.cache, composed.cached_tokens
-    if cached < len(ids):
-        forward(engine.loaded, cache, ids[cached:])
-        for segment in segments_from_cache(engine.loaded, cache, ids, [len(ids)], start=cached):
-            engine.tree.insert(ids[:cached], segment)
+    with engine.lock:  # the tree is the engine's, shared with every other caller of the model
+        composed = engine.compose([*ids, 0])
+        cache, cached = composed.cache, composed.cached_tokens
+        if cached < len(ids):
+            forward(engine.loaded, cache, ids[cached:])
+            for segment in segments_from_cache(engine.loaded, cache, ids, [len(ids)], start=cached):
+                engine.tree.insert(ids[:cached], segment)
     return cache

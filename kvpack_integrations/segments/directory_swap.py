@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -61,20 +62,27 @@ def replace_directory(new: Path, target: Path) -> Path | None:
     return aside
 
 
-def restore_aside(target: Path) -> bool:
-    """If `target` is missing and a crash left its previous directory renamed aside, put the newest back
-    (older ones are leftovers and go). Call it holding `directory_lock(target)`."""
-    if target.exists():
-        return False
-    asides = []
+def asides(target: Path) -> list[Path]:
+    """Previous directories of `target` renamed aside and not yet removed, oldest first."""
+    found = []
     for path in target.parent.glob(f".old-{target.name}-*"):
         suffix = path.name.rsplit("-", 1)[-1]
         if suffix.isdigit():
-            asides.append((int(suffix), path))
-    if not asides:
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def restore_aside(target: Path) -> bool:
+    """If `target` is missing and a crash left its previous directory renamed aside, put the newest back
+    and remove older ones. Call it holding `directory_lock(target)`."""
+    if target.exists():
         return False
-    asides.sort()
-    asides[-1][1].rename(target)
+    found = asides(target)
+    if not found:
+        return False
+    found[-1].rename(target)
+    for stale in found[:-1]:
+        shutil.rmtree(stale, ignore_errors=True)
     return True
 
 

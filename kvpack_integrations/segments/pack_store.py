@@ -31,7 +31,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.file_modes import folder_mode
 from ..runtime.fingerprint import Fingerprint
-from .directory_swap import directory_lock, replace_directory, restore_aside
+from .directory_swap import asides, directory_lock, replace_directory, restore_aside
 from .segment import KVSegment
 from .serialization import atomic_write_bytes, load_segment, save_segment
 
@@ -152,10 +152,16 @@ class PackStore:
         )
 
     def _restore(self, name: str) -> None:
+        """Bring back a pack a crash left renamed aside; a reader that may not write the store (read-only,
+        another user's) just does not find it, as before."""
         target = self.pack_dir(name)
-        if not target.exists():
+        if target.exists() or not asides(target):
+            return
+        try:
             with directory_lock(target):
                 restore_aside(target)
+        except OSError:
+            return
 
     def exists(self, name: str) -> bool:
         return (self.pack_dir(name) / "manifest.json").is_file()
@@ -235,11 +241,11 @@ class PackStore:
         its segments."""
         target = self.pack_dir(name)
         with directory_lock(target):
-            if not target.exists():
-                return
-            doomed = target.with_name(f".deleting-{name}-{time.time_ns()}")
-            target.rename(doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+            doomed = [*asides(target)]  # a stale aside must not come back as the deleted pack
+            if target.exists():
+                doomed.append(target.rename(target.with_name(f".deleting-{name}-{time.time_ns()}")))
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
 
     def size_bytes(self, name: str) -> int:
         return sum(p.stat().st_size for p in self.pack_dir(name).rglob("*") if p.is_file())
