@@ -51,6 +51,8 @@ def test_layer_ranges() -> None:
     assert resolve_layers("0.5-1.0", 4) == (2, 3) == resolve_layers((0.5, 1.0), 4)
     assert resolve_layers([3, 1, 1], 4) == (1, 3)
     assert resolve_layers("mid", 2) == (1,)  # never empty, even on a very shallow model
+    assert resolve_layers((0.95, 1.0), 4) == (3,)  # a narrow range at the top is the last layer, not none
+    assert resolve_layers("0.9-1.0", 2) == (1,)
     for bad, match in [("middle", "unknown layer range"), ((0.8, 0.2), "fraction range"), ([9], "outside")]:
         with pytest.raises(InvalidInputError, match=match):
             resolve_layers(bad, 4)

@@ -44,7 +44,9 @@ def resolve_layers(spec: str | Sequence[int] | tuple[float, float], num_layers: 
         lo, hi = float(items[0]), float(items[1])
         if not 0.0 <= lo < hi <= 1.0:
             raise InvalidInputError(f"a layer fraction range needs 0 <= start < end <= 1, got ({lo}, {hi})")
-        first, last = round(lo * num_layers), max(round(hi * num_layers), round(lo * num_layers) + 1)
+        # at least one layer: a narrow range near the top (0.95-1.0 of 4 layers) is the last layer
+        first = min(round(lo * num_layers), num_layers - 1)
+        last = max(round(hi * num_layers), first + 1)
         return tuple(range(first, min(last, num_layers)))
     if not items or not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
         raise InvalidInputError(f"layers must be a name, a fraction range or a non-empty list of indices, got {spec!r}")
