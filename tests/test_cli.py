@@ -43,6 +43,9 @@ def test_build_ask_list_roundtrip(capsys, tmp_path, model_dir, facts_file) -> No
     common = ["--model", model_dir, "--store", str(tmp_path / "s"), "--json"]
     code, built = run(capsys, "build", str(facts_file), "--kb", "demo", *common)
     assert code == 0 and built["facts"] == 3 and built["segments"] == 5 and built["exact"] is True
+    assert "ignored" not in built
+    code, again = run(capsys, "build", str(facts_file), "--kb", "demo", "--dims", "8", *common)
+    assert code == 0 and again["ignored"].startswith("--dims: the facts fit a pack")  # said, not dropped silently
     code, kv = run(capsys, "ask", "Which company makes the battery?", "--kb", "demo", "--max-new-tokens", "12", *common)
     code2, rag = run(
         capsys,

@@ -113,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
     loaded = loaded_model(args)
     if not _fits(loaded, facts, args.instruction):
         return run_chroma(args, facts, f"the facts exceed {loaded.name}'s context window of {loaded.context_window}")
+    unused = [
+        flag
+        for flag, value in (("--kb-dir", args.kb_dir), ("--embedder", args.embedder), ("--dims", args.dims))
+        if value
+    ]
     store = pack_store(args)
     storage = resolve_dtype(args.storage_dtype, loaded.device) if args.storage_dtype else None
     report = build_pack(
@@ -138,11 +143,14 @@ def run(args: argparse.Namespace) -> int:
         "store": str(store.root),
         **build_packets(args, list(m.facts), m.knowledge_format),
     }
+    if unused:  # Chroma options given, but the facts fit one pack: say so rather than drop them silently
+        payload["ignored"] = f"{', '.join(unused)}: the facts fit a pack; add --chroma for a Chroma knowledge base"
     note = "" if m.lossless else f" (stored in {m.storage_dtype}: approximate, not exact)"
     emit(
         args,
         payload,
         f"built {m.name!r}: {len(m.facts)} facts, {m.token_count} tokens, {len(m.segment_ids)} segments, "
-        f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f} s{note}\nstore: {store.root}",
+        f"{report.bytes_on_disk / 1e6:.1f} MB in {report.seconds:.1f} s{note}\nstore: {store.root}"
+        + (f"\nignored {payload['ignored']}" if unused else ""),
     )
     return 0
