@@ -137,6 +137,7 @@ def test_bad_input(kb: KnowledgeBase, tmp_path: Path) -> None:
             KnowledgeBase(name, tmp_path / "kb")
 
 
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters:sklearn.exceptions.ConvergenceWarning")
 def test_routing_reads_past_empty_banks(tmp_path: Path) -> None:
     """Fewer distinct facts than banks: k-means leaves banks empty, and a query nearest to one still gets
     the facts of the nearest bank that has any (it crashed Chroma with an empty id list)."""
