@@ -109,7 +109,7 @@ def run_routing(
     t0 = time.perf_counter()
     kb.warm()
     warmup_s = time.perf_counter() - t0
-    engine = Engine(loaded) if loaded is not None else None
+    engine = Engine(loaded) if answers and loaded is not None else None  # None: route only
     settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=("\n",))
     routed_ok = in_top_k = answered = oracle = 0
     overheads: list[float] = []
@@ -122,7 +122,7 @@ def run_routing(
         route_times.append(route_ms)
         routed_ok += bool(hits) and hits[0].id == f"f{i}"
         in_top_k += any(h.id == f"f{i}" for h in hits)
-        if engine is None or not answers:
+        if engine is None:
             overheads.append(route_ms)
             continue
         text, build_ms = _answer(engine, [h.text for h in hits], row.question, settings)

@@ -185,9 +185,8 @@ class PacketComposer:
         if not prompt.documents:
             raise InvalidInputError("packet composition needs at least one document")
         adapter = self.adapter_for(method)
-        check_packet_window(
-            self.loaded, len(prompt.preamble) + sum(wrapped_length(d, adapter) for d in prompt.documents)
-        )
+        soft = sum(wrapped_length(d, adapter) - len(d) for d in prompt.documents)
+        check_packet_window(self.loaded, len(prompt.preamble) + sum(len(d) for d in prompt.documents) + soft)
         packets, built = self.load(prompt.documents, method)
         cache = compose_packets(
             self.loaded, _preamble_cache(engine, prompt.preamble), packets, self.spec, move=method != "naive"
@@ -196,7 +195,6 @@ class PacketComposer:
         if method in ("blend", "epic"):
             recomputed, selection = self._recompute(cache, prompt, method)
         note = self._note(method, prompt, recomputed, built)
-        soft = sum(wrapped_length(d, adapter) - len(d) for d in prompt.documents)
         composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=[note], soft_tokens=soft)
         return PacketComposition(composed, recomputed, selection, built)
 

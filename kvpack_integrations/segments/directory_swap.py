@@ -25,6 +25,7 @@ except ImportError:  # not POSIX: writers are not serialised across processes
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_ASIDE = ".old-"  # a directory renamed aside is `.old-NAME-<ns>`
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -52,7 +53,7 @@ def replace_directory(new: Path, target: Path) -> Path | None:
         return None
     if _exchange(new, target):
         return new  # the previous directory now has the name the new one was built under
-    aside = target.with_name(f".old-{target.name}-{time.time_ns()}")
+    aside = target.with_name(f"{_ASIDE}{target.name}-{time.time_ns()}")
     target.rename(aside)
     try:
         new.rename(target)
@@ -62,14 +63,27 @@ def replace_directory(new: Path, target: Path) -> Path | None:
     return aside
 
 
+def _parse_aside(path: Path) -> tuple[str, int] | None:
+    """(name, ns) of a directory renamed aside, None for anything else."""
+    if not path.name.startswith(_ASIDE):
+        return None
+    name, _, suffix = path.name.removeprefix(_ASIDE).rpartition("-")
+    return (name, int(suffix)) if name and suffix.isdigit() else None
+
+
 def asides(target: Path) -> list[Path]:
     """Previous directories of `target` renamed aside and not yet removed, oldest first."""
     found = []
-    for path in target.parent.glob(f".old-{target.name}-*"):
-        suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit():
-            found.append((int(suffix), path))
+    for path in target.parent.glob(f"{_ASIDE}{target.name}-*"):
+        parsed = _parse_aside(path)
+        if parsed is not None and parsed[0] == target.name:
+            found.append((parsed[1], path))
     return [path for _, path in sorted(found)]
+
+
+def names_aside(parent: Path) -> set[str]:
+    """Names in `parent` that have a previous directory renamed aside."""
+    return {parsed[0] for path in parent.glob(f"{_ASIDE}*") if (parsed := _parse_aside(path)) is not None}
 
 
 def restore_aside(target: Path) -> bool:

@@ -31,7 +31,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.file_modes import folder_mode
 from ..runtime.fingerprint import Fingerprint
-from .directory_swap import asides, directory_lock, replace_directory, restore_aside
+from .directory_swap import asides, directory_lock, names_aside, replace_directory, restore_aside
 from .segment import KVSegment
 from .serialization import atomic_write_bytes, load_segment, save_segment
 
@@ -143,8 +143,7 @@ class PackStore:
     def names(self) -> list[str]:
         if not self.packs_dir.is_dir():
             return []
-        for aside in self.packs_dir.glob(".old-*-*"):  # a rebuild a crash interrupted: its pack comes back
-            name = aside.name.removeprefix(".old-").rsplit("-", 1)[0]
+        for name in names_aside(self.packs_dir):  # a rebuild a crash interrupted: its pack comes back
             if _NAME.match(name):
                 self._restore(name)
         return sorted(
