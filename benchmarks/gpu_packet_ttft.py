@@ -9,9 +9,10 @@ the packet methods load every document's cache from the packet store (files writ
 read from the page cache), re-rotate the keys and prefill the tail. `packet_resident` is `packet` with
 the packets kept on the GPU between queries (`PacketComposer(resident_bytes=...)`), as an agent loop
 that composes the same documents again gets them. Medians of `--repeats` runs after one warm-up;
-methods alternate order between runs. `load_variants_ms` times other ways to bring the same packet
-files onto the GPU (leads for the store's load path). Results are written after every shape, so a
-run cut short keeps what it measured.
+methods alternate order between runs. `load_variants_ms` times the store's load (each file read
+whole into page-locked memory, 8 files at once, copied asynchronously) beside other ways to bring the
+same packet files onto the GPU, the memory-mapped load the store used before among them. Results
+are written after every shape, so a run cut short keeps what it measured.
 
 Usage: python benchmarks/gpu_packet_ttft.py --out FILE [--shapes 10x150,20x200] [--repeats 5] [--resident-gib 32]
        python benchmarks/gpu_packet_ttft.py --tiny --out FILE   (a 2-layer model on the CPU: checks the script)
@@ -26,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from kvpack_integrations.evaluation.packet_eval import PacketEvalOptions, Packet
 from kvpack_integrations.packet.adapter import PacketAdapter  # noqa: E402
 from kvpack_integrations.packet.composer import PacketComposer  # noqa: E402
 from kvpack_integrations.packet.layout import packet_prompt  # noqa: E402
-from kvpack_integrations.packet.store import packet_path  # noqa: E402
+from kvpack_integrations.packet.store import load_packets, packet_path  # noqa: E402
 from tests.support.tiny_models import make_tokenizer  # noqa: E402
 
 METHODS = ("full", "packet", "rerotated", "blend", "epic")
@@ -66,7 +66,6 @@ LLAMA_31_8B = dict(
     },
     tie_word_embeddings=False,
 )
-LOAD_THREADS = 8
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -109,19 +108,29 @@ def shape_prompt(loaded: Any, documents: int, tokens: int, seed: int) -> Any:
 
 
 def load_variants(composer: PacketComposer, documents: Any, repeats: int) -> dict[str, float]:
-    """Median ms to bring the documents' packets onto the device, four ways: the composer's store load
-    (`load_packet`: memory-mapped file, then `.to`), the file read whole first, safetensors straight to
-    the device, and (CUDA only) staging through pinned host memory, one file after another or
-    `LOAD_THREADS` at once. Leads for a faster store path."""
+    """Median ms to bring the documents' packets onto the device, several ways: the composer's store load
+    (`load_packets`: each file read whole into page-locked memory, `LOAD_THREADS` files at once, copied
+    asynchronously), the same on one thread, the memory-mapped load the store used before (safetensors'
+    `safe_open`, then `.to`), safetensors straight to the device, and safetensors' `load` of the bytes."""
     from safetensors import safe_open
     from safetensors.torch import load as load_bytes
 
     device = composer.loaded.device
     cuda = device.type == "cuda"
-    paths = [packet_path(composer.store, d, composer.adapter, composer.loaded.fingerprint) for d in documents]
+    fingerprint = composer.loaded.fingerprint
+    paths = [packet_path(composer.store, d, composer.adapter, fingerprint) for d in documents]
+    requests = list(zip(paths, documents))
 
     def store() -> None:
         composer.load(documents, "packet")
+
+    def store_one_thread() -> None:
+        load_packets(requests, fingerprint, composer.loaded.dtype, device, composer.adapter, threads=1)
+
+    def mapped() -> None:
+        for path in paths:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.get_tensor("keys").to(device), fh.get_tensor("values").to(device)
 
     def read_whole() -> None:
         for path in paths:
@@ -133,23 +142,19 @@ def load_variants(composer: PacketComposer, documents: Any, repeats: int) -> dic
             with safe_open(str(path), framework="pt", device=str(device)) as fh:
                 fh.get_tensor("keys"), fh.get_tensor("values")
 
-    def pin_one(path: Path) -> None:
+    packets, _ = composer.load(documents, "packet")  # the page-locked, asynchronous path: bit for bit the file
+    for packet, path in zip(packets, paths):
         with safe_open(str(path), framework="pt") as fh:
-            for name in ("keys", "values"):
-                fh.get_tensor(name).pin_memory().to(device, non_blocking=True)
-
-    def pinned() -> None:
-        for path in paths:
-            pin_one(path)
-
-    def pinned_threads() -> None:  # the copies into pinned memory on several cores at once
-        with ThreadPoolExecutor(LOAD_THREADS) as pool:
-            list(pool.map(pin_one, paths))
-
-    ways = {"store": store, "read_whole": read_whole, "safetensors_to_device": to_device}
-    if cuda:
-        ways["pinned"] = pinned
-        ways[f"pinned_{LOAD_THREADS}_threads"] = pinned_threads
+            same = [torch.equal(fh.get_tensor(n).to(device), getattr(packet, n)) for n in ("keys", "values")]
+        if not all(same):
+            raise RuntimeError(f"the store's load of {path} differs from the file")
+    ways = {
+        "store": store,
+        "store_one_thread": store_one_thread,
+        "mapped_previous_store": mapped,
+        "read_whole": read_whole,
+        "safetensors_to_device": to_device,
+    }
     out = {}
     for name, way in ways.items():
         runs = []

@@ -1,8 +1,10 @@
-"""Ways to read packet files on this CPU: is the store's memory-mapped load the one to keep?
+"""Ways to read packet files on this CPU: does the store's whole-file read cost anything here?
 
-The store (`load_packet`) maps each safetensors file and copies from the page cache as the tensors are
-used. The alternatives a GPU session may prefer (`gpu_packet_ttft.py` times them there) read each file
-whole into fresh memory first, and spread files over threads. Here they are timed on packet files of
+The store (`load_packets`) reads each file whole into one buffer (page-locked on a GPU, so the copy to
+the device is asynchronous; `gpu_packet_ttft.py` times that there) and checks it; on a CPU it reads one
+file after another. The alternatives: the memory-mapped load the store used before (safetensors'
+`safe_open`, copying from the page cache as the tensors are used), safetensors' `load` of the bytes,
+and files spread over threads. Here they are timed on packet files of
 the default model's shape (30 layers, 3 KV heads of 64, bfloat16, 180 positions: a document of 164
 tokens in 16 soft tokens), written by the product's own `save_packet`, with the page cache warm and
 with the files' pages evicted first (`posix_fadvise(DONTNEED)`: a store larger than memory). Every way
@@ -43,15 +45,22 @@ def write_packets(root: Path, count: int) -> list[Path]:
     for i in range(count):
         g = torch.Generator().manual_seed(i)
         kv = [torch.randn(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, generator=g).bfloat16() for _ in range(2)]
-        packet = PacketCache(tuple(range(i, i + TOKENS)), tuple(kv[0].unbind(0)), tuple(kv[1].unbind(0)))
+        packet = PacketCache(tuple(range(i, i + TOKENS)), kv[0], kv[1])
         paths.append(save_packet(root / f"{i}.safetensors", packet, FINGERPRINT))
     return paths
 
 
-def mapped(path: Path) -> None:
+def store(path: Path) -> None:
     document = tuple(range(int(path.stem), int(path.stem) + TOKENS))
     packet = load_packet(path, FINGERPRINT, torch.bfloat16, "cpu", document, None)
-    torch.stack(packet.keys), torch.stack(packet.values)  # one copy of every byte, as composition makes
+    packet.keys.clone(), packet.values.clone()  # one copy of every byte, as composition makes
+
+
+def mapped(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        fh.get_tensor("keys").clone(), fh.get_tensor("values").clone()  # the same one copy
 
 
 def read_whole(path: Path) -> None:
@@ -59,6 +68,9 @@ def read_whole(path: Path) -> None:
 
     tensors = load(path.read_bytes())
     tensors["keys"].clone(), tensors["values"].clone()  # the same one copy
+
+
+WAYS = (("store (read whole, checked)", store), ("mapped", mapped), ("safetensors load of the bytes", read_whole))
 
 
 def evict(paths: list[Path]) -> None:
@@ -97,7 +109,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in paths)
         rows = []
         for cold in (False, True):
-            for name, one in (("mapped (the store's load)", mapped), ("read whole", read_whole)):
+            for name, one in WAYS:
                 for threads in (1, 2, 8):
                     ms = timed(paths, one, threads, cold, args.repeats)
                     cache = "evicted" if cold else "warm"

@@ -27,12 +27,12 @@ class PacketCache:
     """One wrapped document's K/V at positions 0..m-1 (m = header + document + trailer tokens)."""
 
     document: tuple[int, ...]
-    keys: tuple[torch.Tensor, ...]  # per layer [kv_heads, m, head_dim]
-    values: tuple[torch.Tensor, ...]
+    keys: torch.Tensor  # [layers, kv_heads, m, head_dim], one block: composing it is one copy per packet
+    values: torch.Tensor
 
     @property
     def length(self) -> int:
-        return int(self.keys[0].shape[-2])
+        return int(self.keys.shape[-2])
 
 
 def wrapped_embeddings(loaded: LoadedModel, adapter: PacketAdapter, document: Sequence[int]) -> torch.Tensor:
@@ -85,9 +85,9 @@ def cache_packet(loaded: LoadedModel, adapter: PacketAdapter | None, document: S
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
         if k is None or v is None:
             raise CompositionError(f"{type(layer).__name__} cache layers keep no keys/values: no packets")
-        keys.append(k[0].detach().clone())
-        values.append(v[0].detach().clone())
-    return PacketCache(tuple(document), tuple(keys), tuple(values))
+        keys.append(k[0].detach())
+        values.append(v[0].detach())
+    return PacketCache(tuple(document), torch.stack(keys), torch.stack(values))
 
 
 def compose_packets(
@@ -100,9 +100,9 @@ def compose_packets(
     `move=False` leaves each packet's keys at positions 0..m-1 (naive concatenation, an ablation)."""
     head = preamble.get_seq_length()
     total = head + sum(p.length for p in packets)
-    first = packets[0].keys[0] if packets else None
-    if first is None:
+    if not packets:
         raise CompositionError("no packets to compose")
+    first = packets[0].keys[0]
     layers = len(preamble.layers) if head else len(packets[0].keys)
     keys = torch.empty((layers, first.shape[0], total, first.shape[-1]), dtype=first.dtype, device=first.device)
     values = torch.empty_like(keys)
@@ -115,9 +115,8 @@ def compose_packets(
     start = head
     for packet in packets:
         end = start + packet.length
-        stacked = torch.stack(packet.keys)
-        keys[:, :, start:end] = rerotate_layers(stacked, start, spec) if move else stacked
-        values[:, :, start:end] = torch.stack(packet.values)
+        keys[:, :, start:end] = rerotate_layers(packet.keys, start, spec) if move else packet.keys
+        values[:, :, start:end] = packet.values
         start = end
     cache = empty_cache(loaded)
     for i in range(layers):

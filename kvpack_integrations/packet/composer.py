@@ -38,7 +38,7 @@ from .compose import PacketCache, cache_packet, check_packet_window, compose_pac
 from .layout import PacketPrompt, document_ids
 from .recompute import recompute_positions, value_deviation
 from .resident import ResidentPackets
-from .store import adapter_id, load_packet, packet_path, save_packet
+from .store import adapter_id, load_packets, packet_path, save_packet
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -161,24 +161,26 @@ class PacketComposer:
         return {"composition": composition, "store": str(self.store), "adapter": adapter, "built_now": built > 0}
 
     def load(self, documents: Sequence[Sequence[int]], method: str) -> tuple[list[PacketCache], int]:
-        """Every document's packet: resident, else from the store, else built and stored; (packets, built)."""
+        """Every document's packet: resident, else from the store, else built and stored; (packets, built).
+
+        The stored ones are read together (`load_packets`: on a GPU, several files at once, each copied
+        to the device as soon as it is read)."""
         adapter = self.adapter_for(method)
-        packets, built = [], 0
-        for document in documents:
-            path = packet_path(self.store, document, adapter, self.loaded.fingerprint)
-            packet = self.resident.get(path)
-            if packet is None:
-                if path.is_file():
-                    packet = load_packet(
-                        path, self.loaded.fingerprint, self.loaded.dtype, self.loaded.device, document, adapter
-                    )
-                else:
-                    packet = cache_packet(self.loaded, adapter, document)
-                    save_packet(path, packet, self.loaded.fingerprint)
-                    built += 1
-                self.resident.put(path, packet)
-            packets.append(packet)
-        return packets, built
+        fingerprint = self.loaded.fingerprint
+        paths = [packet_path(self.store, document, adapter, fingerprint) for document in documents]
+        found = {i: packet for i, path in enumerate(paths) if (packet := self.resident.get(path)) is not None}
+        stored = [i for i, path in enumerate(paths) if i not in found and path.is_file()]
+        requests = [(paths[i], documents[i]) for i in stored]
+        fresh = dict(zip(stored, load_packets(requests, fingerprint, self.loaded.dtype, self.loaded.device, adapter)))
+        built = 0
+        for i, document in enumerate(documents):
+            if i not in found and i not in fresh:  # not in the store: cached now, and stored for the next query
+                fresh[i] = cache_packet(self.loaded, adapter, document)
+                save_packet(paths[i], fresh[i], fingerprint)
+                built += 1
+        for i, packet in fresh.items():
+            self.resident.put(paths[i], packet)
+        return [found[i] if i in found else fresh[i] for i in range(len(documents))], built
 
     def compose(self, engine: Engine, prompt: PacketPrompt, method: str = "packet") -> PacketComposition:
         """A fresh cache for preamble + documents, for `engine.prefill(prompt.tail, composed=...)`."""

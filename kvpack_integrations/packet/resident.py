@@ -19,7 +19,7 @@ from .compose import PacketCache
 
 def packet_bytes(packet: PacketCache) -> int:
     """Device bytes the packet's keys and values take."""
-    return sum(t.numel() * t.element_size() for t in (*packet.keys, *packet.values))
+    return sum(t.numel() * t.element_size() for t in (packet.keys, packet.values))
 
 
 class ResidentPackets:

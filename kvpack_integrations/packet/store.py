@@ -8,18 +8,22 @@ ids.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from ..errors import CorruptSegmentError
+from ..errors import CorruptSegmentError, InvalidInputError
 from ..runtime.fingerprint import Fingerprint
-from ..segments.tensor_files import load_tensor_file, save_tensor_file
+from ..segments.tensor_files import save_tensor_file
+from ..segments.whole_tensor_file import read_tensor_file_whole
 from .adapter import PacketAdapter
 from .compose import PacketCache, wrapped_length
 
 FORMAT = "kvpack-packet/1"
+LOAD_THREADS = 8  # files read at once onto a GPU
 
 
 def adapter_id(adapter: PacketAdapter | None) -> str:
@@ -43,11 +47,57 @@ def packet_path(
 def save_packet(path: Path, packet: PacketCache, fingerprint: Fingerprint) -> Path:
     """Keys and values in the cache's own dtype (the fingerprint fixes it), so loading converts nothing."""
     tensors = {
-        "keys": torch.stack(packet.keys),
-        "values": torch.stack(packet.values),
+        "keys": packet.keys,
+        "values": packet.values,
         "document": torch.tensor(packet.document, dtype=torch.long),
     }
     return save_tensor_file(path, tensors, file_format=FORMAT, fingerprint=fingerprint, keep_dtype=True)
+
+
+def default_load_threads(device: torch.device) -> int:
+    """Files read at once: on a GPU, reads overlap the copies of files read before them; on a CPU the
+    read is the whole load, and threads only contend (measured: `benchmarks/packet_load_cpu.py`)."""
+    return min(LOAD_THREADS, os.cpu_count() or 1) if device.type == "cuda" else 1
+
+
+def load_packets(
+    requests: Sequence[tuple[Path, Sequence[int]]],
+    expected: Fingerprint,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    adapter: PacketAdapter | None,
+    *,
+    threads: int | None = None,
+) -> list[PacketCache]:
+    """The packets of (path, document) pairs, each checked to be exactly that document's, on `device`.
+
+    Each file is read whole; for a GPU into page-locked memory, `threads` files at once, and copied
+    asynchronously as its read ends (the copies queue on the current stream, before any use of the
+    packets). A file of another document, cut short, or of other shapes is refused by name."""
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    threads = default_load_threads(device) if threads is None else threads
+    if threads < 1:
+        raise InvalidInputError(f"packet load threads must be >= 1, got {threads}")
+
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        tensors, _, _ = read_tensor_file_whole(path, file_format=FORMAT, what="packet", expected=expected, pin=pin)
+        return tensors
+
+    paths = [path for path, _ in requests]
+    if threads == 1 or len(paths) < 2:
+        read_files: Iterable[dict[str, torch.Tensor]] = map(read, paths)
+        return [_checked(p, t, expected, dtype, device, d, adapter) for (p, d), t in zip(requests, read_files)]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        futures = [pool.submit(read, path) for path in paths]
+        try:
+            return [
+                _checked(path, future.result(), expected, dtype, device, document, adapter)
+                for (path, document), future in zip(requests, futures)
+            ]
+        finally:
+            for future in futures:
+                future.cancel()  # a refused file stops the reads not yet started
 
 
 def load_packet(
@@ -58,9 +108,19 @@ def load_packet(
     document: Sequence[int],
     adapter: PacketAdapter | None,
 ) -> PacketCache:
-    """The packet of `document` wrapped in `adapter`, checked to be exactly that: a file of another
-    document, cut short, or of other shapes is refused by name rather than composed."""
-    tensors, _, _ = load_tensor_file(path, file_format=FORMAT, what="packet", expected=expected)
+    """The packet of `document` wrapped in `adapter`, checked (`load_packets` of one file)."""
+    return load_packets([(path, document)], expected, dtype, device, adapter)[0]
+
+
+def _checked(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    expected: Fingerprint,
+    dtype: torch.dtype,
+    device: torch.device,
+    document: Sequence[int],
+    adapter: PacketAdapter | None,
+) -> PacketCache:
     keys, values, stored = tensors.get("keys"), tensors.get("values"), tensors.get("document")
     if keys is None or values is None or stored is None:
         raise CorruptSegmentError(f"{path}: keys, values or document ids missing")
@@ -72,5 +132,7 @@ def load_packet(
         )
     if tuple(int(x) for x in stored.reshape(-1).tolist()) != tuple(document):
         raise CorruptSegmentError(f"{path}: holds the packet of another document")
-    keys, values = keys.to(device, dtype), values.to(device, dtype)
-    return PacketCache(tuple(document), tuple(keys.unbind(0)), tuple(values.unbind(0)))
+    asynchronous = keys.is_pinned()
+    keys = keys.to(device, dtype, non_blocking=asynchronous)
+    values = values.to(device, dtype, non_blocking=asynchronous)
+    return PacketCache(tuple(document), keys, values)

@@ -49,6 +49,13 @@ def load_tensor_file(
             tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise InvalidInputError(f"{path} is not a readable {what} ({exc})") from None
+    return tensors, meta, check_tensor_metadata(path, meta, file_format=file_format, what=what, expected=expected)
+
+
+def check_tensor_metadata(
+    path: Path, meta: Mapping[str, str], *, file_format: str, what: str, expected: Fingerprint | None
+) -> Fingerprint:
+    """The file's fingerprint, once its format tag says it is a kvpack `what` (of the `expected` model)."""
     if meta.get("format") != file_format:
         raise InvalidInputError(f"{path} is not a kvpack {what} (format {meta.get('format')!r})")
     try:
@@ -59,4 +66,4 @@ def load_tensor_file(
         raise FingerprintMismatchError(
             f"{what} {path.name} was built for another model: " + "; ".join(expected.mismatches(fingerprint))
         )
-    return tensors, meta, fingerprint
+    return fingerprint
