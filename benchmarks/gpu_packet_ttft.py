@@ -43,9 +43,10 @@ from kvpack_integrations.evaluation.packet_eval import PacketEvalOptions, Packet
 from kvpack_integrations.packet.adapter import PacketAdapter  # noqa: E402
 from kvpack_integrations.packet.composer import PacketComposer  # noqa: E402
 from kvpack_integrations.packet.layout import packet_prompt  # noqa: E402
-from kvpack_integrations.packet.store import load_packets, packet_path  # noqa: E402
+from kvpack_integrations.packet.store import default_load_threads, load_packets, packet_path  # noqa: E402
 from tests.support.tiny_models import make_tokenizer  # noqa: E402
 
+SWEEP_THREADS = (1, 4, 16)  # the store's load on other numbers of threads than the composer's
 METHODS = ("full", "packet", "rerotated", "blend", "epic")
 LLAMA_31_8B = dict(
     vocab_size=128256,
@@ -124,8 +125,10 @@ def load_variants(composer: PacketComposer, documents: Any, repeats: int) -> dic
     def store() -> None:
         composer.load(documents, "packet")
 
-    def store_one_thread() -> None:
-        load_packets(requests, fingerprint, composer.loaded.dtype, device, composer.adapter, threads=1)
+    def store_threads(threads: int) -> Any:
+        return lambda: load_packets(
+            requests, fingerprint, composer.loaded.dtype, device, composer.adapter, threads=threads
+        )
 
     def mapped() -> None:
         for path in paths:
@@ -150,7 +153,7 @@ def load_variants(composer: PacketComposer, documents: Any, repeats: int) -> dic
             raise RuntimeError(f"the store's load of {path} differs from the file")
     ways = {
         "store": store,
-        "store_one_thread": store_one_thread,
+        **{f"store_{n}_threads": store_threads(n) for n in SWEEP_THREADS},
         "mapped_previous_store": mapped,
         "read_whole": read_whole,
         "safetensors_to_device": to_device,
@@ -208,6 +211,26 @@ def time_shape(
     }
 
 
+def profile(harness: PacketHarness, resident: PacketHarness, loaded: Any, documents: int, tokens: int) -> str:
+    """torch.profiler tables of one `packet` and one `packet_resident` run of a shape: where the time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    prompt = shape_prompt(loaded, documents, tokens, seed=documents * 100_003 + tokens)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loaded.device.type == "cuda" else [])
+    tables = []
+    for name, runner in (("packet", harness), ("packet_resident", resident)):
+        runner.run("packet", prompt)  # warm (and, for the resident one, make the packets resident)
+        with torch_profile(activities=activities) as prof:
+            runner.run("packet", prompt)
+        for key in ("cpu_time_total", "self_cpu_time_total") + (
+            ("self_device_time_total",) if len(activities) > 1 else ()
+        ):
+            table = prof.key_averages().table(sort_by=key, row_limit=25)
+            tables.append(f"## {name} {documents}x{tokens}, sorted by {key}\n{table}")
+    return "\n\n".join(tables)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -215,6 +238,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--resident-gib", type=int, default=32, help="device memory for resident packets")
+    parser.add_argument(
+        "--load-threads", type=int, default=None, help="packet files read at once (default: the store's)"
+    )
+    parser.add_argument(
+        "--profile", default=None, help="a shape (NxL) to profile after timing; tables to OUT.profile.txt"
+    )
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -223,7 +252,8 @@ def main() -> None:
     loaded = build_model(device, dtype, args.tiny)
     build_s = time.perf_counter() - t0
     adapter = PacketAdapter.initial(loaded)  # untrained soft tokens: the same cost as trained ones
-    composer = PacketComposer(loaded, tempfile.mkdtemp(prefix="kvpack-gpu-packets-"), adapter, resident_bytes=0)
+    store = tempfile.mkdtemp(prefix="kvpack-gpu-packets-")
+    composer = PacketComposer(loaded, store, adapter, resident_bytes=0, load_threads=args.load_threads)
     options = PacketEvalOptions(methods=args.methods.split(","), max_new_tokens=1)
     harness = PacketHarness(loaded, composer, options)
     on_device = PacketComposer(loaded, composer.store, adapter, resident_bytes=args.resident_gib << 30)
@@ -235,6 +265,7 @@ def main() -> None:
         "device": device,
         "build_seconds": build_s,
         "repeats": args.repeats,
+        "load_threads": args.load_threads or default_load_threads(loaded.device),
         "ttft": "median ms from the start of loading the document caches (packet methods) or of the "
         "prefill (full) to the first new token, as `kvpack eval packet` times it",
         "machine": machine_info(),
@@ -246,8 +277,11 @@ def main() -> None:
         row = time_shape(harness, resident, loaded, documents, tokens, args.repeats)
         result["shapes"].append(row)
         out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps({k: row[k] for k in ("prompt_tokens", "ttft_ms", "full_over_method", "packet_load_ms")}))
+        print(json.dumps({k: row[k] for k in ("prompt_tokens", "ttft_ms", "full_over_method", "load_variants_ms")}))
         sys.stdout.flush()
+    if args.profile:
+        documents, tokens = (int(x) for x in args.profile.split("x"))
+        out.with_suffix(".profile.txt").write_text(profile(harness, resident, loaded, documents, tokens) + "\n")
 
 
 if __name__ == "__main__":

@@ -179,5 +179,6 @@ def test_gpu_timing_script_runs_on_a_tiny_model(tmp_path) -> None:
     assert set(shape["ttft_ms"]) == {"full", "packet", "rerotated", "blend", "epic", "packet_resident"}
     assert shape["recomputed_tokens"]["packet"] == 0 and shape["recomputed_tokens"]["full"] == 36
     assert shape["resident_packets"] == 3 and shape["resident_hits"] == 3  # the timed run never read the store
-    ways = {"store", "store_one_thread", "mapped_previous_store", "read_whole", "safetensors_to_device"}
+    ways = {"store", "store_1_threads", "store_4_threads", "store_16_threads", "mapped_previous_store", "read_whole"}
+    ways |= {"safetensors_to_device"}
     assert set(shape["load_variants_ms"]) == ways

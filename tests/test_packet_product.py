@@ -316,3 +316,38 @@ def test_retriever_and_chat_model_share_a_knowledge_format(tmp_path, store) -> N
             engine, ChatRequest(turns=[ChatTurn("user", QUESTION)], pack=bound, knowledge_format=fmt, settings=SETTINGS)
         )
     assert chat(engine, ChatRequest(turns=[ChatTurn("user", QUESTION)], pack=bound, settings=SETTINGS)).usage.exact
+
+
+def test_streamed_composition_is_the_listed_one_and_stops_at_a_bad_file(tmp_path) -> None:
+    """The composer composes each stored packet as its file arrives (read on threads): the cache is bit
+    for bit the one composed from a list, a damaged file halfway is named, and packets that do not fit
+    the documents' lengths are refused."""
+    from kvpack_integrations.errors import CompositionError
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    adapter = PacketAdapter.initial(loaded, 2, 2)
+    composer = PacketComposer(loaded, tmp_path, adapter, resident_bytes=0, load_threads=3)
+    engine = Engine(loaded, packets=composer)
+    split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
+    composer.ensure(split.documents)
+    streamed = composer.compose(engine, split, "packet").composed.cache
+    preamble = empty_cache(loaded)
+    forward(loaded, preamble, split.preamble)
+    listed = compose_packets(loaded, preamble, composer.load(split.documents, "packet")[0], rope_spec(loaded))
+    for a, b in zip(streamed.layers, listed.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    packets = [cache_packet(loaded, adapter, d) for d in split.documents]
+    lengths = [p.length for p in packets]
+    with pytest.raises(CompositionError, match="packet 1: a packet of shape"):
+        compose_packets(loaded, empty_cache(loaded), packets, rope_spec(loaded), lengths=[lengths[0], 99, lengths[2]])
+    with pytest.raises(CompositionError, match="packet 3: no packet"):
+        compose_packets(loaded, empty_cache(loaded), iter(packets), rope_spec(loaded), lengths=[*lengths, 4])
+    from kvpack_integrations.packet.store import packet_path
+
+    bad = packet_path(tmp_path, split.documents[1], adapter, loaded.fingerprint)
+    bad.write_bytes(bad.read_bytes()[:-3])
+    with pytest.raises(InvalidInputError, match=f"{bad.name}.*outside the file"):
+        composer.compose(engine, split, "packet")
+    assert bad.exists() and composer.resident.used_bytes == 0  # nothing rebuilt over it, nothing kept

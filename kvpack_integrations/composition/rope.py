@@ -16,7 +16,7 @@ concern: their caches cannot be composed past the window (`check_sliding_window`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,14 @@ class RopeSpec:
     rot_dim: int
     rope_type: str
     unrotated_layers: frozenset[int] = frozenset()  # layers whose attention applies no RoPE
+    _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def frequencies(self, device: torch.device) -> torch.Tensor:
+        """`inv_freq` in float64 on `device`, copied there once."""
+        freqs = self._on_device.get(device)
+        if freqs is None:
+            freqs = self._on_device[device] = self.inv_freq.double().to(device)
+        return freqs
 
 
 def rope_spec(loaded: LoadedModel) -> RopeSpec:
@@ -82,30 +90,44 @@ def _unrotated_layers(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(i for i, uses_rope in enumerate(flags) if not uses_rope)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rerotate(keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec) -> torch.Tensor:
-    """Keys [..., seq, head_dim] moved by `delta` positions (an int, or one per position); a new tensor."""
-    seq = keys.shape[-2]
-    shift = torch.as_tensor(delta, dtype=torch.float64).reshape(-1)
+def _cos_sin(delta: int | torch.Tensor, spec: RopeSpec, seq: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """cos and sin of the rotation angles [1 or seq, rot_dim // 2], float32, computed on `device` in float64
+    (exact for positions past 2**24). On a GPU nothing is copied from the host, so composing many packets
+    never waits for the device between them."""
+    if isinstance(delta, torch.Tensor):
+        shift = delta.to(device=device, dtype=torch.float64).reshape(-1)
+    else:
+        shift = torch.full((1,), float(delta), dtype=torch.float64, device=device)
     if shift.numel() not in (1, seq):
         raise CompositionError(f"{shift.numel()} position shifts for {seq} cached positions")
-    # float64: exact for positions past 2**24. One shift for all: one row of angles, broadcast over
-    # every position (and every leading dim, e.g. all layers at once), not one row per position.
-    angles = shift[:, None] * spec.inv_freq.double()[None, :]
-    emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos().float().to(keys.device), emb.sin().float().to(keys.device)
-    rotated, rest = keys[..., : spec.rot_dim].float(), keys[..., spec.rot_dim :]
-    out = rotated * cos + _rotate_half(rotated) * sin
-    return torch.cat((out.to(keys.dtype), rest), dim=-1)
+    # One shift for all: one row of angles, broadcast over every position (and every leading dim, e.g. all
+    # layers at once), not one row per position.
+    angles = shift[:, None] * spec.frequencies(device)[None, :]
+    return angles.cos().float(), angles.sin().float()
 
 
-def rerotate_layers(keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+def rerotate(
+    keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keys [..., seq, head_dim] moved by `delta` positions (an int, or one per position), into `out` (a
+    new tensor by default; a slice of a composed cache saves a copy). In float32, rounded once to the
+    keys' dtype. With x = (x1, x2) the two halves of the rotated width: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    cos, sin = _cos_sin(delta, spec, keys.shape[-2], keys.device)
+    half, rot = spec.rot_dim // 2, spec.rot_dim
+    out = torch.empty_like(keys) if out is None else out
+    x1, x2 = keys[..., :half].float(), keys[..., half:rot].float()
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:rot] = x2 * cos + x1 * sin
+    if rot < keys.shape[-1]:
+        out[..., rot:] = keys[..., rot:]
+    return out
+
+
+def rerotate_layers(
+    keys: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keys of every layer [layers, ..., seq, head_dim] moved by `delta`, except layers without RoPE."""
-    moved = rerotate(keys, delta, spec)
+    moved = rerotate(keys, delta, spec, out)
     for layer in spec.unrotated_layers:
         moved[layer] = keys[layer]
     return moved

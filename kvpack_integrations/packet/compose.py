@@ -8,8 +8,9 @@ document is recomputed, so the result is approximate: the usage report says so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import torch
 from transformers import DynamicCache
@@ -91,20 +92,32 @@ def cache_packet(loaded: LoadedModel, adapter: PacketAdapter | None, document: S
 
 
 def compose_packets(
-    loaded: LoadedModel, preamble: DynamicCache, packets: Sequence[PacketCache], spec: RopeSpec, *, move: bool = True
+    loaded: LoadedModel,
+    preamble: DynamicCache,
+    packets: Iterable[PacketCache],
+    spec: RopeSpec,
+    *,
+    move: bool = True,
+    lengths: Sequence[int] | None = None,
 ) -> DynamicCache:
     """A fresh cache: the preamble's K/V, then every packet moved to its offset (keys re-rotated).
 
-    Each packet is re-rotated once for all layers (the rotation depends only on its offset), into one
-    preallocated [layers, kv_heads, positions, head_dim] buffer per keys and values.
+    Each packet is re-rotated once for all layers (the rotation depends only on its offset), straight
+    into one preallocated [layers, kv_heads, positions, head_dim] buffer per keys and values.
+    `lengths` (each packet's positions, known from the documents) lets `packets` be a stream: each one
+    is composed as it arrives, so the device composes one packet while the next is still being read.
     `move=False` leaves each packet's keys at positions 0..m-1 (naive concatenation, an ablation)."""
-    head = preamble.get_seq_length()
-    total = head + sum(p.length for p in packets)
-    if not packets:
+    if lengths is None:
+        packets = list(packets)
+        lengths = [p.length for p in packets]
+    if not lengths:
         raise CompositionError("no packets to compose")
-    first = packets[0].keys[0]
-    layers = len(preamble.layers) if head else len(packets[0].keys)
-    keys = torch.empty((layers, first.shape[0], total, first.shape[-1]), dtype=first.dtype, device=first.device)
+    head = preamble.get_seq_length()
+    fp = loaded.fingerprint
+    if head and len(preamble.layers) != fp.num_layers:
+        raise CompositionError(f"a preamble cache of {len(preamble.layers)} layers for {fp.num_layers}")
+    shape = (fp.num_layers, fp.num_kv_heads, head + sum(lengths), fp.head_dim)
+    keys = torch.empty(shape, dtype=loaded.dtype, device=loaded.device)
     values = torch.empty_like(keys)
     for i, layer in enumerate(preamble.layers if head else ()):
         old_keys, old_values = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -112,13 +125,19 @@ def compose_packets(
             raise CompositionError(f"{type(layer).__name__} cache layers keep no keys/values: no packets")
         keys[i, :, :head] = old_keys[0]
         values[i, :, :head] = old_values[0]
-    start = head
-    for packet in packets:
-        end = start + packet.length
-        keys[:, :, start:end] = rerotate_layers(packet.keys, start, spec) if move else packet.keys
+    start, count = head, 0
+    for packet, length in zip_longest(packets, lengths):
+        if packet is None or length is None or packet.keys.shape != (*shape[:2], length, shape[-1]):
+            got = "no packet" if packet is None else f"a packet of shape {tuple(packet.keys.shape)}"
+            raise CompositionError(f"packet {count}: {got}, expected {length} positions of this model's K/V")
+        end = start + length
+        if move:
+            rerotate_layers(packet.keys, start, spec, out=keys[:, :, start:end])
+        else:
+            keys[:, :, start:end] = packet.keys
         values[:, :, start:end] = packet.values
-        start = end
+        start, count = end, count + 1
     cache = empty_cache(loaded)
-    for i in range(layers):
+    for i in range(fp.num_layers):
         cache.update(keys[i][None], values[i][None], i)
     return cache

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,7 @@ from .compose import PacketCache, cache_packet, check_packet_window, compose_pac
 from .layout import PacketPrompt, document_ids
 from .recompute import recompute_positions, value_deviation
 from .resident import ResidentPackets
-from .store import adapter_id, load_packets, packet_path, save_packet
+from .store import adapter_id, iter_packets, packet_path, save_packet
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -81,6 +81,7 @@ class PacketComposer:
     `resident_bytes`: keep up to this many bytes of packets on the model's device between queries
     (least recently used dropped first), so documents composed again skip the store; 0 keeps none;
     None: `$KVPACK_PACKET_RESIDENT_MB` megabytes, else none.
+    `load_threads`: packet files read at once (None: 8 on a GPU, bounded by the cores; 1 on a CPU).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class PacketComposer:
         blend_ratio: float = 0.15,
         epic_tokens: int = 8,
         resident_bytes: int | None = None,
+        load_threads: int | None = None,
     ) -> None:
         if not 0 < blend_ratio <= 1:
             raise InvalidInputError(f"blend_ratio must be in (0, 1], got {blend_ratio}")
@@ -110,6 +112,9 @@ class PacketComposer:
         self.blend_ratio = blend_ratio
         self.epic_tokens = epic_tokens
         self.resident = ResidentPackets(default_resident_bytes() if resident_bytes is None else resident_bytes)
+        if load_threads is not None and load_threads < 1:
+            raise InvalidInputError(f"load_threads must be >= 1, got {load_threads}")
+        self.load_threads = load_threads
         self.spec = rope_spec(loaded)  # refuses RoPE variants that cannot be re-rotated, up front
 
     def adapter_for(self, method: str) -> PacketAdapter | None:
@@ -161,26 +166,39 @@ class PacketComposer:
         return {"composition": composition, "store": str(self.store), "adapter": adapter, "built_now": built > 0}
 
     def load(self, documents: Sequence[Sequence[int]], method: str) -> tuple[list[PacketCache], int]:
-        """Every document's packet: resident, else from the store, else built and stored; (packets, built).
+        """Every document's packet: resident, else from the store, else built and stored; (packets, built)."""
+        built: list[int] = []
+        return list(self.stream(documents, method, built)), len(built)
 
-        The stored ones are read together (`load_packets`: on a GPU, several files at once, each copied
-        to the device as soon as it is read)."""
+    def stream(
+        self, documents: Sequence[Sequence[int]], method: str, built: list[int]
+    ) -> Generator[PacketCache, None, None]:
+        """`load` as a stream, in document order: resident packets at once, stored ones as their files are
+        read (`iter_packets`: on a GPU, several files at once, each copied to the device as soon as it is
+        read), missing ones cached now and stored; the index of each built one is appended to `built`."""
         adapter = self.adapter_for(method)
         fingerprint = self.loaded.fingerprint
         paths = [packet_path(self.store, document, adapter, fingerprint) for document in documents]
         found = {i: packet for i, path in enumerate(paths) if (packet := self.resident.get(path)) is not None}
-        stored = [i for i, path in enumerate(paths) if i not in found and path.is_file()]
-        requests = [(paths[i], documents[i]) for i in stored]
-        fresh = dict(zip(stored, load_packets(requests, fingerprint, self.loaded.dtype, self.loaded.device, adapter)))
-        built = 0
-        for i, document in enumerate(documents):
-            if i not in found and i not in fresh:  # not in the store: cached now, and stored for the next query
-                fresh[i] = cache_packet(self.loaded, adapter, document)
-                save_packet(paths[i], fresh[i], fingerprint)
-                built += 1
-        for i, packet in fresh.items():
-            self.resident.put(paths[i], packet)
-        return [found[i] if i in found else fresh[i] for i in range(len(documents))], built
+        stored = {i for i, path in enumerate(paths) if i not in found and path.is_file()}
+        requests = [(paths[i], documents[i]) for i in sorted(stored)]
+        device, dtype, threads = self.loaded.device, self.loaded.dtype, self.load_threads
+        from_store = iter_packets(requests, fingerprint, dtype, device, adapter, threads=threads)
+        try:
+            for i, document in enumerate(documents):
+                packet = found.get(i)
+                if packet is None:
+                    if i in stored:
+                        with torch.profiler.record_function("kvpack.load_packet"):  # named when profiled, else free
+                            packet = next(from_store)
+                    else:  # not in the store: cached now, and stored for the next query
+                        packet = cache_packet(self.loaded, adapter, document)
+                        save_packet(paths[i], packet, fingerprint)
+                        built.append(i)
+                    self.resident.put(paths[i], packet)
+                yield packet
+        finally:
+            from_store.close()
 
     def compose(self, engine: Engine, prompt: PacketPrompt, method: str = "packet") -> PacketComposition:
         """A fresh cache for preamble + documents, for `engine.prefill(prompt.tail, composed=...)`."""
@@ -189,16 +207,22 @@ class PacketComposer:
         adapter = self.adapter_for(method)
         soft = sum(wrapped_length(d, adapter) - len(d) for d in prompt.documents)
         check_packet_window(self.loaded, len(prompt.preamble) + sum(len(d) for d in prompt.documents) + soft)
-        packets, built = self.load(prompt.documents, method)
-        cache = compose_packets(
-            self.loaded, _preamble_cache(engine, prompt.preamble), packets, self.spec, move=method != "naive"
-        )
+        preamble = _preamble_cache(engine, prompt.preamble)
+        built: list[int] = []
+        packets = self.stream(prompt.documents, method, built)  # each composed as it arrives
+        lengths = [wrapped_length(d, adapter) for d in prompt.documents]
+        try:
+            with torch.profiler.record_function("kvpack.compose_packets"):
+                move = method != "naive"
+                cache = compose_packets(self.loaded, preamble, packets, self.spec, move=move, lengths=lengths)
+        finally:
+            packets.close()  # a refused packet: the reads still queued are cancelled now, not at collection
         recomputed, selection = 0, 0
         if method in ("blend", "epic"):
             recomputed, selection = self._recompute(cache, prompt, method)
-        note = self._note(method, prompt, recomputed, built)
+        note = self._note(method, prompt, recomputed, len(built))
         composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=[note], soft_tokens=soft)
-        return PacketComposition(composed, recomputed, selection, built)
+        return PacketComposition(composed, recomputed, selection, len(built))
 
     def _recompute(self, cache: DynamicCache, prompt: PacketPrompt, method: str) -> tuple[int, int]:
         ids = [*prompt.preamble, *(t for d in prompt.documents for t in d)]
