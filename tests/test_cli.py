@@ -363,6 +363,13 @@ def test_build_switches_to_a_chroma_knowledge_base_when_facts_exceed_the_window(
     assert code == 0 and rag["answer"] == asked["answer"]
     code, err = run(capsys, "ask", question, *common[:-2], "--kb-dir", str(tmp_path / "nokb"), "--json")
     assert code == 2 and "no pack in" in err["error"] and "no Chroma knowledge base" in err["error"]
+    # list shows the Chroma base (and no pack of that name any more); a missing Chroma dir is not created
+    code, listing = run(capsys, "list", "--store", str(tmp_path / "s"), "--kb-dir", str(tmp_path / "kb"), "--json")
+    assert code == 0 and listing["knowledge_bases"] == []
+    [row] = listing["chroma_knowledge_bases"]
+    assert row["kb"] == "many" and row["facts"] == 81 and row["banks"] >= 4 and row["embedder"]
+    code, listing = run(capsys, "list", "--store", str(tmp_path / "s"), "--kb-dir", str(tmp_path / "none"), "--json")
+    assert code == 0 and listing["chroma_knowledge_bases"] == [] and not (tmp_path / "none").exists()
 
 
 def test_steer_build_and_ask_with_steering(capsys, tmp_path, model_dir, facts_file) -> None:

@@ -243,3 +243,34 @@ def test_an_add_cut_short_leaves_a_base_the_next_add_completes(tmp_path: Path, m
     base.add(facts[2:], ids=["c", "d", "e", "f"], batch_size=2, progress=False)
     assert len(base) == 6 and base.n_banks == 3 and base.facts() == facts  # insertion order kept
     assert base.route(facts[4], k=1)[0].id == "e"
+
+
+def test_eval_routing_checks_a_reused_base_by_its_label(tmp_path: Path, monkeypatch) -> None:
+    """`eval routing` reuses a base only if it holds the file's facts: a labelled base answers that from
+    its label, without reading every fact; an unlabelled one (built before labels) is compared once and
+    labelled; a base of another file is refused whichever way it is known."""
+    from kvpack_integrations.evaluation.routing import RoutingRow, run_routing
+
+    rows = [RoutingRow(r["fact"], r["question"], r["answer"]) for r in synthetic_facts(12, seed=3)]
+    kb = KnowledgeBase("labels", tmp_path / "kb", bank_size=4)
+    run_routing(None, rows, kb, answers=False, limit=2)
+    assert kb.label("facts_sha256") is not None and kb.label("missing") is None
+
+    def no_full_read() -> list[str]:
+        raise AssertionError("a labelled base was read fact by fact")
+
+    monkeypatch.setattr(kb, "facts", no_full_read)
+    assert run_routing(None, rows, kb, answers=False, limit=2)["n_facts"] == 12
+    other = [RoutingRow(r.fact + " Indeed.", r.question, r.answer) for r in rows]
+    with pytest.raises(InvalidInputError, match="holds other facts than the file"):
+        run_routing(None, other, kb, answers=False)
+    monkeypatch.undo()
+    kb.set_label("facts_sha256", "")  # as a base built before labels reads: no label
+    monkeypatch.setattr(KnowledgeBase, "label", lambda self, key: None)
+    with pytest.raises(InvalidInputError, match="holds other facts than the file"):
+        run_routing(None, other, kb, answers=False)  # compared fact by fact
+    run_routing(None, rows, kb, answers=False, limit=2)
+    monkeypatch.undo()
+    assert kb.label("facts_sha256") not in (None, "")  # labelled by the comparison that passed
+    with pytest.raises(InvalidInputError, match="identifier"):
+        kb.set_label("not a key", "x")

@@ -183,3 +183,25 @@ def test_held_out_kl_ranks_a_trained_adapter_above_an_untrained_one(tmp_path) ->
         held_out_kl(loaded, [], trained, progress=False)
     with pytest.raises(FingerprintMismatchError):
         held_out_kl(make_model("qwen2"), rows, trained, progress=False)
+
+
+def test_adapter_digest_is_kept_until_the_soft_tokens_change() -> None:
+    """The digest names an adapter's packets: computed once per adapter, yet never stale after a training
+    step in place or new tensors."""
+    import hashlib
+
+    from kvpack_integrations.packet.store import adapter_id
+
+    from .support.tiny_models import make_model
+
+    adapter = PacketAdapter.initial(make_model("llama"), 2, 2)
+    raw = adapter.header.float().numpy().tobytes() + adapter.trailer.float().numpy().tobytes()
+    first = adapter_id(adapter)
+    assert first == hashlib.sha256(raw).hexdigest()[:12]  # the store's names of existing packets hold
+    assert adapter_id(adapter) == first and adapter_id(None) == "plain"
+    with torch.no_grad():
+        adapter.trailer[0, 0] += 1.0  # a training step, in place
+    second = adapter_id(adapter)
+    assert second != first
+    adapter.header = adapter.header.clone() * 2  # new tensors
+    assert adapter_id(adapter) not in (first, second)

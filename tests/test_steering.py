@@ -188,5 +188,5 @@ def test_vectors_for_templates_that_want_a_user_turn_first(family: str) -> None:
 
 def test_sliding_window_models_refuse_texts_past_the_window() -> None:
     model = make_model("phi3", sliding_window=8)
-    with pytest.raises(InvalidInputError, match="sliding-window layers keep the last 7 positions"):
+    with pytest.raises(InvalidInputError, match="each keeps its last 7 positions"):
         build_steering_vector(model, PAIRS[:1], progress=False)

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..errors import CompositionError, ContextTooLongError
+from ..errors import CompositionError, ContextTooLongError, KVPackError
 from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 from ..segments.segment import KVSegment, SegmentKind, context_hash
@@ -44,13 +44,21 @@ def check_context_window(loaded: LoadedModel, prompt_tokens: int, new_tokens: in
         )
 
 
-def check_sliding_window(loaded: LoadedModel, length: int) -> None:
-    """Sliding-window layers drop old positions, so their caches cannot be sliced past the window."""
+def check_sliding_window(
+    loaded: LoadedModel,
+    positions: int,
+    what: str = "this knowledge prefix",
+    remedy: str = "keep knowledge shorter or use text mode",
+    error: type[KVPackError] = CompositionError,
+) -> None:
+    """Sliding-window layers keep only their last `window - 1` positions: a cache reaching the window
+    would lose its first positions and shift everything after them, silently. Refused with `error`,
+    naming `what` reached it and the `remedy`."""
     window = loaded.sliding_window
-    if window is not None and length >= window:
-        raise CompositionError(
-            f"this model has sliding-window attention layers (window {window}); caching a prefix of {length} "
-            f"tokens is not supported; keep knowledge under {window - 1} tokens or use text mode"
+    if window is not None and positions >= window:
+        raise error(
+            f"{loaded.name} has sliding-window attention layers (window {window}: each keeps its last "
+            f"{window - 1} positions), and {what} spans {positions} positions: {remedy}"
         )
 
 

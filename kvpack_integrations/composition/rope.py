@@ -10,8 +10,7 @@ longrope), models with several rotary embeddings (Gemma 3's local/global layers)
 RoPE. Partial rotary (a `partial_rotary_factor` below 1, as in Phi-2) rotates only the first dims,
 as the model does. Layers without RoPE (`no_rope_layers`: SmolLM3, Llama 4) keep their keys as they
 are (`rerotate_layers`): their keys carry no position. Sliding-window layers are the caller's
-concern: their caches cannot be composed past the window (`check_sliding_window`,
-`check_packet_window`).
+concern: their caches cannot be composed past the window (`check_sliding_window`).
 """
 
 from __future__ import annotations

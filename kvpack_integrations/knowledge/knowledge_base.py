@@ -87,6 +87,38 @@ def _client(path: str | Path | None, host: str | None, port: int) -> Any:
     return client
 
 
+def list_knowledge_bases(
+    path: str | Path | None = None, *, host: str | None = None, port: int = 8000
+) -> list[dict[str, Any]]:
+    """The kvpack knowledge bases in a Chroma store (name, facts, banks, embedder, dims), read from the
+    collections' metadata: no embedder is loaded. An embedded directory that does not exist holds none
+    and is not created; a collection of another program is skipped."""
+    if host is None and not (Path(path).expanduser() if path is not None else default_kb_dir()).is_dir():
+        return []
+    client = _client(path, host, port)
+    names = {c.name if hasattr(c, "name") else str(c) for c in client.list_collections()}
+    rows = []
+    for collection in sorted(n for n in names if n.endswith("-facts")):
+        name = collection.removesuffix("-facts")
+        facts = client.get_collection(collection, embedding_function=None)
+        meta = dict(facts.metadata or {})
+        if meta.get("format") != FORMAT:
+            continue
+        banks = f"{name}-banks"
+        rows.append(
+            {
+                "kb": name,
+                "facts": int(facts.count()),
+                "banks": int(client.get_collection(banks, embedding_function=None).count()) if banks in names else 0,
+                "embedder": meta.get("embedder"),
+                "dims": meta.get("dim"),
+                "routing_dims": meta.get("routing_dim"),
+                "bank_size": meta.get("bank_size"),
+            }
+        )
+    return rows
+
+
 class KnowledgeBase:
     """Facts in Chroma with banked routing. `create=False` refuses a name that does not exist yet.
 
@@ -198,6 +230,18 @@ class KnowledgeBase:
     def _stamp(self, **changes: int) -> None:
         meta = {k: v for k, v in self._metadata().items() if not k.startswith("hnsw:")}
         self._facts.modify(metadata={**meta, **{f"kvpack_{k}": int(v) for k, v in changes.items()}})
+
+    def label(self, key: str) -> str | None:
+        """A caller's label on this base (e.g. a digest of the file it was built from), or None."""
+        value = self._metadata().get(f"kvpack_label_{key}")
+        return None if value is None else str(value)
+
+    def set_label(self, key: str, value: str) -> None:
+        """Keep `value` under `key` with the base (in its facts collection's metadata): ~1 ms to read back."""
+        if not key.isidentifier():
+            raise InvalidInputError(f"a label key must be an identifier, got {key!r}")
+        meta = {k: v for k, v in self._metadata().items() if not k.startswith("hnsw:")}
+        self._facts.modify(metadata={**meta, f"kvpack_label_{key}": str(value)})
 
     def warm(self) -> None:
         """Build this process's mirror (bank membership, BM25) now instead of at the first query."""

@@ -15,12 +15,15 @@ from itertools import zip_longest
 import torch
 from transformers import DynamicCache
 
-from ..composition.cache_ops import empty_cache
+from ..composition.cache_ops import check_sliding_window, empty_cache
 from ..composition.rope import RopeSpec, rerotate_layers
 from ..errors import CompositionError
 from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 from .adapter import PacketAdapter
+
+PACKET = "this packet (header, document and trailer)"
+PACKET_REMEDY = "keep documents shorter or use exact composition"
 
 
 @dataclass(frozen=True)
@@ -55,23 +58,11 @@ def wrapped_length(document: Sequence[int], adapter: PacketAdapter | None) -> in
     return len(document) + soft
 
 
-def check_packet_window(loaded: LoadedModel, positions: int) -> None:
-    """Sliding-window layers keep only their last `window` positions: a packet, or a composed cache,
-    reaching the window would lose its first positions and shift everything after them, silently."""
-    window = loaded.sliding_window
-    if window is not None and positions >= window:
-        raise CompositionError(
-            f"{loaded.name} has sliding-window attention layers (window {window}), and this packet composition "
-            f"spans {positions} positions (preamble, documents and soft tokens): keep it under {window} "
-            "or use exact composition"
-        )
-
-
 def cache_packet(loaded: LoadedModel, adapter: PacketAdapter | None, document: Sequence[int]) -> PacketCache:
     """The document alone at positions 0..m-1, wrapped in the adapter's soft tokens (plain with None)."""
     if not document:
         raise CompositionError("a packet needs at least one document token")
-    check_packet_window(loaded, wrapped_length(document, adapter))
+    check_sliding_window(loaded, wrapped_length(document, adapter), PACKET, PACKET_REMEDY)
     cache = empty_cache(loaded)
     with torch.no_grad():
         if adapter is None:

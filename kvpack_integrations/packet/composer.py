@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from ..composition.cache_ops import forward, segments_from_cache
+from ..composition.cache_ops import check_sliding_window, forward, segments_from_cache
 from ..composition.composed import ComposedCache
 from ..composition.rope import rope_spec
 from ..errors import InvalidInputError
@@ -34,7 +34,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.loader import LoadedModel
 from .adapter import PacketAdapter, shipped_adapter
-from .compose import PacketCache, cache_packet, check_packet_window, compose_packets, wrapped_length
+from .compose import PACKET_REMEDY, PacketCache, cache_packet, compose_packets, wrapped_length
 from .layout import PacketPrompt, document_ids
 from .recompute import recompute_positions, value_deviation
 from .resident import ResidentPackets
@@ -206,7 +206,10 @@ class PacketComposer:
             raise InvalidInputError("packet composition needs at least one document")
         adapter = self.adapter_for(method)
         soft = sum(wrapped_length(d, adapter) - len(d) for d in prompt.documents)
-        check_packet_window(self.loaded, len(prompt.preamble) + sum(len(d) for d in prompt.documents) + soft)
+        positions = len(prompt.preamble) + sum(len(d) for d in prompt.documents) + soft
+        check_sliding_window(
+            self.loaded, positions, "this packet composition (preamble, documents, soft tokens)", PACKET_REMEDY
+        )
         preamble = _preamble_cache(engine, prompt.preamble)
         built: list[int] = []
         packets = self.stream(prompt.documents, method, built)  # each composed as it arrives

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..composition.cache_ops import empty_cache
+from ..composition.cache_ops import check_sliding_window, empty_cache
 from ..errors import CompositionError, InvalidInputError, TemplateError
 from ..prompts.rendering import render_messages
 from ..runtime.cache_keyword import with_cache
@@ -63,12 +63,8 @@ def mean_values(loaded: LoadedModel, text: str) -> torch.Tensor:
     lo, hi = rendered.part(index).tokens
     if hi <= lo:
         raise InvalidInputError(f"the text {text[:40]!r} renders to no tokens")
-    window = loaded.sliding_window
-    if window is not None and len(rendered.token_ids) >= window:  # sliding layers would drop the first values
-        raise InvalidInputError(
-            f"this model's sliding-window layers keep the last {window - 1} positions, and the text "
-            f"{text[:40]!r} renders to {len(rendered.token_ids)} tokens: use shorter steering texts"
-        )
+    what = f"the steering text {text[:40]!r} in its turn"
+    check_sliding_window(loaded, len(rendered.token_ids), what, "use shorter steering texts", InvalidInputError)
     cache = empty_cache(loaded)
     ids = torch.tensor([list(rendered.token_ids)], dtype=torch.long, device=loaded.device)
     with torch.no_grad():
