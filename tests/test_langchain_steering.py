@@ -168,6 +168,29 @@ def test_a_run_steers_only_its_own_call(setup) -> None:
     assert unsteered.content == plain.content and again.content == steered.content
 
 
+def test_a_call_takes_the_run_its_run_manager_names(setup) -> None:
+    """`generate` starts one run per prompt and answers cached prompts without a model call; their runs
+    stay open until the batch ends, so a call taking "the oldest open run" would take a cached prompt's.
+    A call whose run manager names its run takes that one; without an id, the oldest open one."""
+    import contextvars
+
+    from kvpack_integrations.langchain.steering_callback import steering_for_run
+
+    _, formal, terse = setup
+    first = KVPackSteeringCallback(roles={"reviewer": formal})
+    second = KVPackSteeringCallback(roles={"reviewer": terse})
+
+    def batch() -> None:
+        first.on_chat_model_start(None, [], run_id="cached", metadata={"agent_role": "reviewer"})
+        second.on_chat_model_start(None, [], run_id="called", metadata={"agent_role": "reviewer"})
+        assert steering_for_run(None, "called")[0] == (terse,)
+        assert first.applied == [] and second.applied == [("reviewer", ("terse",))]
+        assert steering_for_run(None)[0] == (formal,)  # no id: the oldest open run, the first
+        assert steering_for_run(None, "called")[0] == ()  # taken already: nothing left to take
+
+    contextvars.copy_context().run(batch)
+
+
 def test_concurrent_calls_keep_their_own_roles(setup) -> None:
     """Calls on other threads, or a batch with one config per input, each take their own run's role, also
     after an earlier steered call in the parent context and with a slow handler widening the window."""

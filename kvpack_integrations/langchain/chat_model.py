@@ -192,9 +192,10 @@ class KVPackChatModel(BaseChatModel):
         loaded: LoadedModel,
         *,
         take_run: bool = True,
+        run_id: Any = None,
     ) -> tuple[ChatRequest, list[str]]:
         """The engine request; `take_run=False` (rendering only, no model call) leaves the steering run
-        pending for the call it belongs to."""
+        pending for the call it belongs to; `run_id` (the run manager's) names the run to take."""
         kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own switch, already acted on
         unknown = set(kwargs) - {
             "tools",
@@ -216,7 +217,7 @@ class KVPackChatModel(BaseChatModel):
         names = [t["function"]["name"] for t in tools]
         schema = _response_schema(kwargs.get("response_format"))
         if take_run:
-            by_role, steering_notes = steering_for_run(kwargs.get(ROLE_KEY))
+            by_role, steering_notes = steering_for_run(kwargs.get(ROLE_KEY), run_id)
         else:
             by_role, steering_notes = pending_steering(kwargs.get(ROLE_KEY)), []
         strategy = kwargs.get("strategy", self.strategy)
@@ -266,7 +267,8 @@ class KVPackChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         loaded = self.loaded_model(kwargs.get("model"))
-        request, notes = self._request(messages, stop, kwargs, loaded)
+        run_id = run_manager.run_id if run_manager is not None else None
+        request, notes = self._request(messages, stop, kwargs, loaded, run_id=run_id)
         reply = chat(shared_engine(loaded), request)
         reply.usage.notes.extend(notes)
         usage, response = self._metadata(reply, loaded.name)
@@ -294,7 +296,8 @@ class KVPackChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         loaded = self.loaded_model(kwargs.get("model"))
-        request, notes = self._request(messages, stop, kwargs, loaded)
+        run_id = run_manager.run_id if run_manager is not None else None
+        request, notes = self._request(messages, stop, kwargs, loaded, run_id=run_id)
         for delta in stream_chat(shared_engine(loaded), request):
             if delta.reply is None:
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta.text))

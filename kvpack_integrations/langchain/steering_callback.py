@@ -45,8 +45,9 @@ class _Run:
 # tuple, replaced (never changed in place) at each start, so contexts copied earlier (other threads,
 # other tasks) never see this context's runs; the runs themselves are shared objects, so a call in a
 # copied context can claim one and an end in a copied context can close one. Each model call claims
-# the oldest open run (a batch starts one per prompt, then calls the model per prompt in order): a
-# stream left half-read cannot steer the calls after it.
+# its own run by id where the run manager is passed, else the oldest open run (a batch starts one per
+# prompt, then calls the model per prompt in order): a stream left half-read cannot steer the calls
+# after it.
 _PENDING: ContextVar[tuple[_Run, ...]] = ContextVar("kvpack_steering", default=())
 
 
@@ -104,10 +105,13 @@ def _resolve(run: _Run | None, role: str | None) -> tuple[str | None, tuple[Stee
     return role, vectors, [f"agent role {role!r} steered"]
 
 
-def steering_for_run(role: str | None) -> tuple[tuple[SteeringVector, ...], list[str]]:
-    """Vectors for the chat model call now running, which takes its run: its role (`role` from bind,
-    else the run metadata's)."""
-    run = _oldest_open()
+def steering_for_run(role: str | None, run_id: Any = None) -> tuple[tuple[SteeringVector, ...], list[str]]:
+    """Vectors for the chat model call now running, which takes its run: the run `run_id` names (from the
+    run manager, where LangChain passes one), else the oldest open one; its role is `role` (from bind),
+    else the run metadata's. By id, a batch whose earlier prompts were answered from LangChain's cache
+    (their runs stay open until the batch ends) still steers each call by its own run."""
+    run = next((r for r in _PENDING.get() if r.run_id == run_id and r.open), None) if run_id is not None else None
+    run = run or _oldest_open()
     if run is not None:
         run.taken = True
     role, vectors, notes = _resolve(run, role)
