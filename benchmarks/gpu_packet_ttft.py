@@ -10,7 +10,7 @@ read from the page cache), re-rotate the keys and prefill the tail. `packet_resi
 the packets kept on the GPU between queries (`PacketComposer(resident_bytes=...)`), as an agent loop
 that composes the same documents again gets them. Medians of `--repeats` runs after one warm-up;
 methods alternate order between runs. `load_variants_ms` times the store's load (each file read
-whole into page-locked memory, 8 files at once, copied asynchronously) beside other ways to bring the
+whole into page-locked memory, 16 files at once, copied asynchronously) beside other ways to bring the
 same packet files onto the GPU, the memory-mapped load the store used before among them. Results
 are written after every shape, so a run cut short keeps what it measured.
 
@@ -110,7 +110,7 @@ def shape_prompt(loaded: Any, documents: int, tokens: int, seed: int) -> Any:
 
 def load_variants(composer: PacketComposer, documents: Any, repeats: int) -> dict[str, float]:
     """Median ms to bring the documents' packets onto the device, several ways: the composer's store load
-    (`load_packets`: each file read whole into page-locked memory, `LOAD_THREADS` files at once, copied
+    (`load_packets`: each file read whole into page-locked memory, 16 files at once, copied
     asynchronously), the same on one thread, the memory-mapped load the store used before (safetensors'
     `safe_open`, then `.to`), safetensors straight to the device, and safetensors' `load` of the bytes."""
     from safetensors import safe_open

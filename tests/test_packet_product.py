@@ -320,34 +320,72 @@ def test_retriever_and_chat_model_share_a_knowledge_format(tmp_path, store) -> N
 
 def test_streamed_composition_is_the_listed_one_and_stops_at_a_bad_file(tmp_path) -> None:
     """The composer composes each stored packet as its file arrives (read on threads): the cache is bit
-    for bit the one composed from a list, a damaged file halfway is named, and packets that do not fit
-    the documents' lengths are refused."""
+    for bit the one composed from packets computed afresh, a damaged file halfway is named and nothing
+    of that query is kept, and packets that do not fit the documents' lengths are refused."""
     from kvpack_integrations.errors import CompositionError
 
     from .support.tiny_models import make_model
 
     loaded = make_model("llama")
     adapter = PacketAdapter.initial(loaded, 2, 2)
-    composer = PacketComposer(loaded, tmp_path, adapter, resident_bytes=0, load_threads=3)
+    composer = PacketComposer(loaded, tmp_path, adapter, resident_bytes=10**9, load_threads=3)
     engine = Engine(loaded, packets=composer)
     split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
     composer.ensure(split.documents)
     streamed = composer.compose(engine, split, "packet").composed.cache
+    composer.resident.clear()
     preamble = empty_cache(loaded)
     forward(loaded, preamble, split.preamble)
-    listed = compose_packets(loaded, preamble, composer.load(split.documents, "packet")[0], rope_spec(loaded))
+    fresh = [cache_packet(loaded, adapter, d) for d in split.documents]
+    listed = compose_packets(loaded, preamble, fresh, rope_spec(loaded))
     for a, b in zip(streamed.layers, listed.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-    packets = [cache_packet(loaded, adapter, d) for d in split.documents]
-    lengths = [p.length for p in packets]
+    lengths = [p.length for p in fresh]
     with pytest.raises(CompositionError, match="packet 1: a packet of shape"):
-        compose_packets(loaded, empty_cache(loaded), packets, rope_spec(loaded), lengths=[lengths[0], 99, lengths[2]])
+        compose_packets(loaded, empty_cache(loaded), fresh, rope_spec(loaded), lengths=[lengths[0], 99, lengths[2]])
     with pytest.raises(CompositionError, match="packet 3: no packet"):
-        compose_packets(loaded, empty_cache(loaded), iter(packets), rope_spec(loaded), lengths=[*lengths, 4])
+        compose_packets(loaded, empty_cache(loaded), iter(fresh), rope_spec(loaded), lengths=[*lengths, 4])
     from kvpack_integrations.packet.store import packet_path
 
     bad = packet_path(tmp_path, split.documents[1], adapter, loaded.fingerprint)
     bad.write_bytes(bad.read_bytes()[:-3])
-    with pytest.raises(InvalidInputError, match=f"{bad.name}.*outside the file"):
+    with pytest.raises(InvalidInputError, match=f"{bad.name}: its tensors end at byte"):
         composer.compose(engine, split, "packet")
-    assert bad.exists() and composer.resident.used_bytes == 0  # nothing rebuilt over it, nothing kept
+    assert bad.exists() and len(composer.resident) == 1  # the packet read before the bad one, nothing rebuilt
+
+
+def test_a_document_twice_in_a_query_is_built_once(tmp_path) -> None:
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    composer = PacketComposer(loaded, tmp_path, PacketAdapter.initial(loaded, 2, 2), resident_bytes=0)
+    documents = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).documents
+    packets, built = composer.load([documents[0], documents[1], documents[0]], "packet")
+    assert built == 2 and packets[0] is packets[2]
+    packets, built = composer.load([documents[0], documents[0]], "packet")  # from the store: read once
+    assert built == 0 and packets[0] is packets[1]
+
+
+def test_threaded_reads_stay_a_bounded_window_ahead(tmp_path, monkeypatch) -> None:
+    """Reads run at most 2 x threads files ahead of the packet handed out: a long query never holds every
+    file's (page-locked) buffer at once."""
+    from kvpack_integrations.packet import store
+    from kvpack_integrations.packet.compose import PacketCache
+    from kvpack_integrations.runtime.fingerprint import Fingerprint
+
+    fp = Fingerprint("LlamaForCausalLM", 2, 2, 4, 100, "test", "test", "bfloat16")
+    requests = []
+    for i in range(20):
+        kv = torch.zeros(2, 2, 3, 4, dtype=torch.bfloat16)
+        packet = PacketCache((i, i + 1, i + 2), kv, kv.clone())
+        requests.append((store.save_packet(tmp_path / f"{i}.safetensors", packet, fp), packet.document))
+    reads = []
+    real = store.read_tensor_file_whole
+    monkeypatch.setattr(store, "read_tensor_file_whole", lambda path, **kw: reads.append(path) or real(path, **kw))
+    stream = store.iter_packets(requests, fp, torch.bfloat16, "cpu", None, threads=2)
+    next(stream)
+    import time
+
+    time.sleep(0.2)  # let the pool run as far ahead as it may
+    assert 2 <= len(reads) <= 5  # the one handed out and at most 4 ahead, not all 20
+    stream.close()

@@ -117,3 +117,34 @@ def test_gemma3_rotary_embeddings_per_layer_type_are_refused_as_such() -> None:
     )
     with pytest.raises(CompositionError, match=r"several rotary embeddings .*full_attention_inv_freq"):
         rope_spec(loaded)
+
+
+def _rotate_as_before(keys: torch.Tensor, delta, spec) -> torch.Tensor:
+    """The re-rotation as first written (angles on the host, x cos + rotate_half(x) sin, then cat): the
+    stored benchmarks' keys, which the device-side rewrite must give bit for bit."""
+    shift = torch.as_tensor(delta, dtype=torch.float64).reshape(-1)
+    angles = shift[:, None] * spec.inv_freq.double()[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    rotated, rest = keys[..., : spec.rot_dim].float(), keys[..., spec.rot_dim :]
+    half = rotated.shape[-1] // 2
+    out = rotated * cos + torch.cat((-rotated[..., half:], rotated[..., :half]), dim=-1) * sin
+    return torch.cat((out.to(keys.dtype), rest), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rerotation_is_bit_for_bit_the_first_version(dtype) -> None:
+    from dataclasses import replace
+
+    from kvpack_integrations.composition.rope import RopeSpec
+
+    g = torch.Generator().manual_seed(0)
+    for rot in (64, 32):  # full and partial rotary
+        spec = RopeSpec(1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot)), rot, "default")
+        keys = torch.randn(3, 2, 40, 64, generator=g).to(dtype)
+        for delta in (5, 70_001, 2**25 + 3, torch.arange(40) * 7):
+            assert torch.equal(rerotate(keys, delta, spec), _rotate_as_before(keys, delta, spec)), (rot, delta)
+        with pytest.raises(CompositionError, match="must not share the keys' memory"):
+            rerotate(keys, 5, spec, out=keys)
+        scaled = replace(spec, inv_freq=spec.inv_freq / 8)  # a copy computes its own device frequencies
+        assert torch.equal(rerotate(keys, 5, scaled), _rotate_as_before(keys, 5, scaled))

@@ -59,16 +59,29 @@ def test_unaligned_tensors_are_copied_not_misread(tmp_path) -> None:
         assert torch.equal(got["v"], values), pad
 
 
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
         ([1, 2], b"", "header must be an object"),
-        ({"__metadata__": [1]}, b"", "metadata must be an object"),
-        ({"v": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 8, "outside the file"),
-        ({"v": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "shape \\[3\\] needs more"),
-        ({"v": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "outside the file"),
+        ({"__metadata__": [1]}, b"", "metadata must be an object of strings"),
+        ({"__metadata__": {"n": 1}}, b"", "metadata must be an object of strings"),
+        ({"v": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "end at byte"),
+        ({"v": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "shape \\[3\\] needs 12"),
+        ({"v": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, "integers >= 0"),
+        ({"v": {"dtype": "F32", "shape": [2.9], "data_offsets": [0, 8]}}, b"\0" * 8, "integers >= 0"),
+        ({"v": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, "integers >= 0"),
+        ({"v": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, b"\0" * 8, "integers >= 0"),
+        ({"v": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, "outside the file"),
+        ({"v": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, b"\0" * 8, "a list of 2 integers"),
         ({"v": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, "unsupported entry"),
         ({"v": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "unsupported entry"),
+        ({"v": "F32"}, b"", "unsupported entry"),
+        ({"k": F32x2, "v": F32x2}, b"\0" * 8, "does not start where the one before it ends"),  # overlapping
+        ({"v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "does not start where"),  # gap
+        ({"v": F32x2}, b"\0" * 12, "end at byte"),  # bytes after the last tensor
     ],
 )
 def test_damaged_headers_are_refused_by_name(tmp_path, header, data, message) -> None:
@@ -90,6 +103,16 @@ def test_short_and_empty_files_are_refused(tmp_path) -> None:
     path.write_bytes(struct.pack("<Q", 4) + b"{nop")
     with pytest.raises(InvalidInputError, match="unreadable safetensors header"):
         parse_safetensors(path, read_whole(path, pin=False))
+    path.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(InvalidInputError, match="header claims 1000000000 bytes"):
+        parse_safetensors(path, read_whole(path, pin=False))
+    for raw in (
+        b'{"v": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 8]}}',
+        b"[" * 100_000 + b"]" * 100_000,
+    ):
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+        with pytest.raises(InvalidInputError, match="unreadable"):
+            parse_safetensors(path, read_whole(path, pin=False))
     with pytest.raises(InvalidInputError, match="packet file not found"):
         read_tensor_file_whole(tmp_path / "missing", file_format="f", what="packet")
 
@@ -119,7 +142,7 @@ def test_one_bad_file_in_a_threaded_batch_is_named(tmp_path) -> None:
     requests = [(save_packet(tmp_path / f"{i}.safetensors", p, FINGERPRINT), p.document) for i, p in enumerate(packets)]
     bad = requests[3][0]
     bad.write_bytes(bad.read_bytes()[:-7])  # cut short after it was written
-    with pytest.raises(InvalidInputError, match=f"{bad.name}.*outside the file"):
+    with pytest.raises(InvalidInputError, match=f"{bad.name}: its tensors end at byte"):
         load_packets(requests, FINGERPRINT, torch.bfloat16, "cpu", None, threads=3)
     swapped = [requests[0], (requests[1][0], requests[2][1])]  # a file holding another document
     with pytest.raises(CorruptSegmentError, match="another document"):

@@ -33,7 +33,7 @@ class RopeSpec:
     rot_dim: int
     rope_type: str
     unrotated_layers: frozenset[int] = frozenset()  # layers whose attention applies no RoPE
-    _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def frequencies(self, device: torch.device) -> torch.Tensor:
         """`inv_freq` in float64 on `device`, copied there once."""
@@ -111,6 +111,8 @@ def rerotate(
     """Keys [..., seq, head_dim] moved by `delta` positions (an int, or one per position), into `out` (a
     new tensor by default; a slice of a composed cache saves a copy). In float32, rounded once to the
     keys' dtype. With x = (x1, x2) the two halves of the rotated width: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    if out is not None and out.untyped_storage().data_ptr() == keys.untyped_storage().data_ptr():
+        raise CompositionError("rerotate writes the second half from the first: `out` must not share the keys' memory")
     cos, sin = _cos_sin(delta, spec, keys.shape[-2], keys.device)
     half, rot = spec.rot_dim // 2, spec.rot_dim
     out = torch.empty_like(keys) if out is None else out

@@ -11,7 +11,7 @@ trained parameters; one pair per model, saved as safetensors with the model fing
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,6 @@ FORMAT = "kvpack-packet-adapter/1"
 class PacketAdapter:
     header: torch.Tensor  # [header_tokens, hidden]
     trailer: torch.Tensor  # [trailer_tokens, hidden]
-    _digest: tuple[tuple[int, ...], str] | None = field(default=None, init=False, repr=False, compare=False)
     fingerprint: Fingerprint
     trained_steps: int = 0
     notes: str = ""
@@ -73,16 +72,12 @@ class PacketAdapter:
             raise InvalidInputError(f"the adapter's soft tokens have width {self.header.shape[1]}, the model {hidden}")
 
     def digest(self) -> str:
-        """A short digest of the soft tokens, naming the packets wrapped in them.
-
-        Hashing an 8B model's soft tokens takes about a third of a millisecond, once per document of
-        every query; the digest is kept, keyed by the tensors' identities and versions (an in-place
-        training step, or new tensors, change the key)."""
-        key = tuple(n for t in (self.header, self.trailer) for n in (id(t), t.data_ptr(), t._version))
-        if self._digest is None or self._digest[0] != key:
-            raw = b"".join(t.detach().float().cpu().numpy().tobytes() for t in (self.header, self.trailer))
-            self._digest = (key, hashlib.sha256(raw).hexdigest()[:12])
-        return self._digest[1]
+        """A short digest of the soft tokens, naming the packets wrapped in them (a retrained adapter gets
+        new packets). Computed afresh (a third of a millisecond at hidden 4096): callers that name many
+        packets compute it once per query (`PacketComposer`), never a cached value that a write through
+        `.data` or a shared numpy array would leave stale."""
+        raw = b"".join(t.detach().float().cpu().numpy().tobytes() for t in (self.header, self.trailer))
+        return hashlib.sha256(raw).hexdigest()[:12]
 
     def save(self, path: str | Path) -> Path:
         meta = {"trained_steps": str(self.trained_steps), "notes": self.notes}

@@ -9,8 +9,9 @@ document is recomputed, so the result is approximate: the usage report says so.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import zip_longest
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -33,10 +34,17 @@ class PacketCache:
     document: tuple[int, ...]
     keys: torch.Tensor  # [layers, kv_heads, m, head_dim], one block: composing it is one copy per packet
     values: torch.Tensor
+    ready: Any = field(default=None, compare=False, repr=False)  # a CUDA event: its copy to the device ended
 
     @property
     def length(self) -> int:
         return int(self.keys.shape[-2])
+
+    def wait_ready(self) -> None:
+        """Make the current stream wait for the packet's asynchronous copy (a packet loaded on one stream,
+        or resident, may be composed on another); no host synchronisation."""
+        if self.ready is not None:
+            torch.cuda.current_stream(self.keys.device).wait_event(self.ready)
 
 
 def wrapped_embeddings(loaded: LoadedModel, adapter: PacketAdapter, document: Sequence[int]) -> torch.Tensor:
@@ -118,9 +126,13 @@ def compose_packets(
         values[i, :, :head] = old_values[0]
     start, count = head, 0
     for packet, length in zip_longest(packets, lengths):
-        if packet is None or length is None or packet.keys.shape != (*shape[:2], length, shape[-1]):
+        want = (*shape[:2], length, shape[-1])
+        if packet is None or length is None or packet.keys.shape != want or packet.values.shape != want:
             got = "no packet" if packet is None else f"a packet of shape {tuple(packet.keys.shape)}"
+            if packet is not None and packet.keys.shape == want:
+                got = f"values of shape {tuple(packet.values.shape)}"
             raise CompositionError(f"packet {count}: {got}, expected {length} positions of this model's K/V")
+        packet.wait_ready()
         end = start + length
         if move:
             rerotate_layers(packet.keys, start, spec, out=keys[:, :, start:end])

@@ -81,7 +81,7 @@ class PacketComposer:
     `resident_bytes`: keep up to this many bytes of packets on the model's device between queries
     (least recently used dropped first), so documents composed again skip the store; 0 keeps none;
     None: `$KVPACK_PACKET_RESIDENT_MB` megabytes, else none.
-    `load_threads`: packet files read at once (None: 8 on a GPU, bounded by the cores; 1 on a CPU).
+    `load_threads`: packet files read at once (None: 16 on a GPU, bounded by the cores; 1 on a CPU).
     """
 
     def __init__(
@@ -133,9 +133,9 @@ class PacketComposer:
     def ensure(self, documents: Sequence[Sequence[int]], method: str = "packet") -> int:
         """Cache and store every document the store lacks (index time); returns how many were built."""
         adapter = self.adapter_for(method)
-        built = 0
+        key, built = adapter_id(adapter), 0
         for document in documents:
-            path = packet_path(self.store, document, adapter, self.loaded.fingerprint)
+            path = packet_path(self.store, document, key, self.loaded.fingerprint)
             if not path.is_file():
                 save_packet(path, cache_packet(self.loaded, adapter, document), self.loaded.fingerprint)
                 built += 1
@@ -178,15 +178,19 @@ class PacketComposer:
         read), missing ones cached now and stored; the index of each built one is appended to `built`."""
         adapter = self.adapter_for(method)
         fingerprint = self.loaded.fingerprint
-        paths = [packet_path(self.store, document, adapter, fingerprint) for document in documents]
+        key = adapter_id(adapter)  # once per query: hashing the soft tokens per document costs ms on an 8B model
+        paths = [packet_path(self.store, document, key, fingerprint) for document in documents]
         found = {i: packet for i, path in enumerate(paths) if (packet := self.resident.get(path)) is not None}
-        stored = {i for i, path in enumerate(paths) if i not in found and path.is_file()}
+        first = {path: i for i, path in reversed(list(enumerate(paths)))}  # each path's first position
+        stored = {i for i, path in enumerate(paths) if i not in found and first[path] == i and path.is_file()}
         requests = [(paths[i], documents[i]) for i in sorted(stored)]
         device, dtype, threads = self.loaded.device, self.loaded.dtype, self.load_threads
         from_store = iter_packets(requests, fingerprint, dtype, device, adapter, threads=threads)
+        again = {path for path in paths if paths.count(path) > 1}
+        made: dict[Path, PacketCache] = {}  # a document twice in one query is built (or read) once
         try:
             for i, document in enumerate(documents):
-                packet = found.get(i)
+                packet = found.get(i) or made.get(paths[i])
                 if packet is None:
                     if i in stored:
                         with torch.profiler.record_function("kvpack.load_packet"):  # named when profiled, else free
@@ -195,6 +199,8 @@ class PacketComposer:
                         packet = cache_packet(self.loaded, adapter, document)
                         save_packet(paths[i], packet, fingerprint)
                         built.append(i)
+                    if paths[i] in again:  # kept for its next place only: a streamed packet is let go once composed
+                        made[paths[i]] = packet
                     self.resident.put(paths[i], packet)
                 yield packet
         finally:

@@ -18,8 +18,10 @@ from .compose import PacketCache
 
 
 def packet_bytes(packet: PacketCache) -> int:
-    """Device bytes the packet's keys and values take."""
-    return sum(t.numel() * t.element_size() for t in (packet.keys, packet.values))
+    """Bytes the packet's keys and values hold: their storages, counted once each (a packet read on a
+    CPU is a view of its whole file's buffer, document ids and header included)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (packet.keys, packet.values)}
+    return sum(storages.values())
 
 
 class ResidentPackets:

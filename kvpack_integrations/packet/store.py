@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from collections.abc import Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,13 +33,14 @@ def adapter_id(adapter: PacketAdapter | None) -> str:
 
 
 def packet_path(
-    root: str | Path, document: Sequence[int], adapter: PacketAdapter | None, fingerprint: Fingerprint
+    root: str | Path, document: Sequence[int], adapter: PacketAdapter | str | None, fingerprint: Fingerprint
 ) -> Path:
     """`root/<model>/<adapter>/<document>.safetensors`: models that share a tokenizer (a base model and its
     fine-tune, one model in two dtypes) get the same document ids but other caches, so each model has
-    its own folder in a shared store."""
+    its own folder in a shared store. `adapter` may be its `adapter_id`, computed once for many paths."""
     doc = hashlib.sha256(",".join(map(str, document)).encode()).hexdigest()[:20]
-    return Path(root).expanduser() / fingerprint.digest / adapter_id(adapter) / f"{doc}.safetensors"
+    folder = adapter if isinstance(adapter, str) else adapter_id(adapter)
+    return Path(root).expanduser() / fingerprint.digest / folder / f"{doc}.safetensors"
 
 
 def save_packet(path: Path, packet: PacketCache, fingerprint: Fingerprint) -> Path:
@@ -99,12 +101,20 @@ def iter_packets(
             yield _checked(path, read(path), expected, dtype, device, document, adapter)
         return
     with ThreadPoolExecutor(min(threads, len(requests))) as pool:
-        futures = [pool.submit(read, path) for path, _ in requests]
+        pending: deque[Future[dict[str, torch.Tensor]]] = deque()
+        queued = iter(requests)
         try:
-            for (path, document), future in zip(requests, futures):
-                yield _checked(path, future.result(), expected, dtype, device, document, adapter)
+            for path, document in requests:
+                # at most 2 x threads files read ahead: a query's packets never all sit in (page-locked)
+                # host memory at once, and each buffer is let go once its packet is handed over
+                while len(pending) < 2 * threads and (nxt := next(queued, None)) is not None:
+                    pending.append(pool.submit(read, nxt[0]))
+                tensors = pending.popleft().result()
+                packet = _checked(path, tensors, expected, dtype, device, document, adapter)
+                del tensors
+                yield packet
         finally:
-            for future in futures:
+            for future in pending:
                 future.cancel()  # a refused file, or a consumer that stops early, stops the reads not yet started
 
 
@@ -140,7 +150,10 @@ def _checked(
         )
     if tuple(int(x) for x in stored.reshape(-1).tolist()) != tuple(document):
         raise CorruptSegmentError(f"{path}: holds the packet of another document")
-    asynchronous = keys.is_pinned()
-    keys = keys.to(device, dtype, non_blocking=asynchronous)
-    values = values.to(device, dtype, non_blocking=asynchronous)
-    return PacketCache(tuple(document), keys, values)
+    if not keys.is_pinned():
+        return PacketCache(tuple(document), keys.to(device, dtype), values.to(device, dtype))
+    keys = keys.to(device, dtype, non_blocking=True)
+    values = values.to(device, dtype, non_blocking=True)
+    ready = torch.cuda.Event()  # the copies' end, for a use on another stream (`PacketCache.wait_ready`)
+    ready.record()
+    return PacketCache(tuple(document), keys, values, ready)
