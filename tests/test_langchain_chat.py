@@ -182,9 +182,15 @@ def test_forced_tool_calls_are_valid_on_random_weights(model_root, family: str) 
     assert call["name"] in ("add", "lookup") and len(call["id"]) == 9
     if call["name"] == "add":
         assert isinstance(call["args"]["a"], int) and isinstance(call["args"]["b"], int)
-    named = chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?")
-    assert named.tool_calls[0]["name"] == "lookup" and isinstance(named.tool_calls[0]["args"]["city"], str)
+    named = chat.bind_tools([add, lookup], tool_choice="add").invoke("What is 2 + 3?")
+    assert named.tool_calls[0]["name"] == "add" and isinstance(named.tool_calls[0]["args"]["b"], int)
     assert named.response_metadata["finish_reason"] == "tool_calls"
+    # a string argument runs until the model closes it or max_tokens ends (random weights seldom close
+    # one): either way a valid call, and "length" with a note exactly when it was cut
+    where = chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?")
+    assert where.tool_calls[0]["name"] == "lookup" and isinstance(where.tool_calls[0]["args"]["city"], str)
+    cut = any("max_tokens ran out" in n for n in where.response_metadata["kvpack"]["notes"])
+    assert where.response_metadata["finish_reason"] == ("length" if cut else "tool_calls")
     # a budget too small for the call still yields a valid call, flagged as cut short
     short = chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?", max_tokens=12)
     assert short.tool_calls[0]["name"] == "lookup" and isinstance(short.tool_calls[0]["args"]["city"], str)
@@ -224,6 +230,29 @@ def test_structured_output_validates_on_random_weights(model_root, method: str) 
     raw = chat.with_structured_output(Person.model_json_schema(), method=method, include_raw=True).invoke("Who?")
     assert raw["parsing_error"] is None and set(raw["parsed"]) >= {"name", "age"}
     assert isinstance(raw["raw"], AIMessage)
+
+
+def test_structured_output_takes_any_json_schema_dict(model_root) -> None:
+    """A dict is a JSON schema as given (a root anyOf, $ref or enum), not an empty object: only
+    OpenAI-tool-shaped dicts are converted."""
+    import jsonschema
+
+    pet = {
+        "title": "Pet",
+        "anyOf": [
+            {"type": "object", "properties": {"cat_name": {"type": "string"}}, "required": ["cat_name"]},
+            {"type": "object", "properties": {"dog_age": {"type": "integer"}}, "required": ["dog_age"]},
+        ],
+    }
+    ref = {"$ref": "#/$defs/size", "$defs": {"size": {"enum": ["small", "large"]}}}
+    chat = KVPackChatModel(model=save_model_dir("llama", model_root), max_tokens=48)
+    for schema in (pet, ref):
+        for seed in range(2):
+            value = chat.with_structured_output(schema, method="json_schema").invoke("Describe it.", seed=seed)
+            jsonschema.validate(value, schema)
+            assert value not in ({}, None), schema
+    tool = {"name": "pet", "description": "A pet.", "parameters": pet["anyOf"][1]}
+    assert set(chat.with_structured_output(tool, method="json_schema").invoke("Age?")) == {"dog_age"}
 
 
 def test_free_form_json_mode(model_root) -> None:

@@ -193,6 +193,8 @@ def test_marked_but_unusable_calls_are_problems(text: str) -> None:
         "The weather in Paris is sunny.",
         'Here is the data: {"temp": 3}',
         '{"temp": 3, "name": "x"}',
+        '{"name": "Alice"}',  # an answer in JSON, not a call to a tool named Alice
+        '[{"name": "Alice", "id": "a1"}, {"name": "Bob", "id": "b2"}]',
         'print("hello")',
         "get_weather is a tool I could call.",
         "",

@@ -15,7 +15,8 @@ Choices documented here because callers rely on them:
 * When the token budget runs out the output is still completed so that it parses and validates: text
   from then on is appended without being fed to the model, optional parts are left out, and required
   values get the smallest valid filler (`""`, `0`, `false`, the first enum member, `[]`, a minimal
-  object). `finish_reason` is then "length".
+  object). `finish_reason` is then "length". A string runs until the model closes it or the budget
+  ends (`max_string_tokens` caps it; a string cut there also gives "length").
 * `{}` (or `true`) at the root, and `{"type": "object"}` without properties, is a free-form object
   with at most 8 keys chosen by the model; nested `{}` is any primitive or such an object.
 * Recursive `$ref`s are rejected up front (`check_schema`); so are remote refs and unknown types.
@@ -26,6 +27,7 @@ Choices documented here because callers rely on them:
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import time
@@ -60,6 +62,7 @@ class GuidedResult:
     token_ids: list[int]
     usage: Usage
     finish_reason: str
+    strings_cut: int = 0  # string values cut at `max_string_tokens` (each makes finish_reason "length")
 
 
 # --- vocabulary classes -------------------------------------------------------------------------------
@@ -303,17 +306,25 @@ class GuidedDecoder:
     """
 
     def __init__(
-        self, engine: Engine, state: Prefilled, settings: GenerationSettings, *, max_string_tokens: int = 64
+        self,
+        engine: Engine,
+        state: Prefilled,
+        settings: GenerationSettings,
+        *,
+        max_string_tokens: int | None = None,
     ) -> None:
-        if max_string_tokens < 1:
-            raise InvalidInputError(f"max_string_tokens must be >= 1, got {max_string_tokens}")
+        if max_string_tokens is not None and max_string_tokens < 1:
+            raise InvalidInputError(
+                f"max_string_tokens must be >= 1 (or None: the token budget), got {max_string_tokens}"
+            )
         self.engine = engine
         self.state = state
         self.settings = settings
         self.max_string_tokens = max_string_tokens
         self.text = ""
         self.token_ids: list[int] = []
-        self.truncated = False  # some text was written without being fed (the budget ran out)
+        self.truncated = False  # some text was written without being fed (the budget ran out), or a string cut
+        self.strings_cut = 0
         self.first_token_at: float | None = None
         self._pending = ""  # literal text written but not yet fed, so it tokenizes together with what follows
         self._logits = state.logits
@@ -571,7 +582,9 @@ class GuidedDecoder:
         allowed = masks["string"] | masks["string_close"] | masks["string_partial"]
         parts: list[str] = []
         pending_bytes: list[int] = []  # tokens of a multi-byte character not yet complete
-        for _ in range(self.max_string_tokens):
+        steps = itertools.count() if self.max_string_tokens is None else range(self.max_string_tokens)
+        closed = False
+        for _ in steps:
             if not self._live():
                 break
             token = self._sample(allowed)
@@ -585,6 +598,7 @@ class GuidedDecoder:
                     pending_bytes = []
                 continue
             if bool(masks["string_close"][token]) or not bool(masks["string"][token]):
+                closed = True
                 break
             if pending_bytes:  # a character left incomplete: keep what the tokens spell, replacement mark included
                 decoded = self._decode_run(pending_bytes)
@@ -596,6 +610,9 @@ class GuidedDecoder:
             decoded = self._decode_run(pending_bytes)
             parts.append(decoded)
             self.text += decoded
+        if not closed and self._live():  # cut at `max_string_tokens`, not by the model: say so
+            self.truncated = True
+            self.strings_cut += 1
         self.emit('"')
         return "".join(parts)
 
@@ -756,19 +773,27 @@ def generate_json(
     prompt_ids: Sequence[int],
     schema: Mapping[str, Any],
     settings: GenerationSettings | None = None,
+    *,
+    max_string_tokens: int | None = None,
     **prefill_kwargs: Any,
 ) -> GuidedResult:
     """Prefill `prompt_ids` and write a JSON value for `schema`; takes `Engine.prefill`'s keywords."""
     check_schema(schema)
     settings = settings or GenerationSettings()
-    return decode_json(engine, engine.prefill(prompt_ids, settings, **prefill_kwargs), schema, settings)
+    state = engine.prefill(prompt_ids, settings, **prefill_kwargs)
+    return decode_json(engine, state, schema, settings, max_string_tokens=max_string_tokens)
 
 
 def decode_json(
-    engine: Engine, state: Prefilled, schema: Mapping[str, Any], settings: GenerationSettings
+    engine: Engine,
+    state: Prefilled,
+    schema: Mapping[str, Any],
+    settings: GenerationSettings,
+    *,
+    max_string_tokens: int | None = None,
 ) -> GuidedResult:
     """Write a JSON value for `schema` from an already prefilled prompt (its cache is private to it)."""
-    decoder = GuidedDecoder(engine, state, settings)
+    decoder = GuidedDecoder(engine, state, settings, max_string_tokens=max_string_tokens)
     decoder.value(schema)
     usage = decoder.finish_usage()  # feeds the closing literal first, so truncation is known below
     return GuidedResult(
@@ -777,4 +802,5 @@ def decode_json(
         token_ids=list(decoder.token_ids),
         usage=usage,
         finish_reason="length" if decoder.truncated else "stop",
+        strings_cut=decoder.strings_cut,
     )

@@ -220,6 +220,13 @@ class _Collector:
                 return
         self.calls.append(ParsedToolCall(name=name, arguments=arguments, id=new_call_id()))
 
+    def _plausible(self, obj: Mapping[str, Any]) -> bool:
+        """Unmarked JSON is a call only if it names a bound tool or carries arguments: `{"name": "Alice"}`
+        is an answer, not a call to a tool named Alice."""
+        inner = obj["function"] if isinstance(obj.get("function"), Mapping) else obj
+        has_args = bool(set(inner) & {"arguments", "parameters", "args"})
+        return has_args or self.tools is None or inner.get("name") in self.tools
+
     def add_json(self, text: str, *, required: bool) -> str | None:
         """Calls from JSON text; returns the prose after them, or None if the text holds no calls.
 
@@ -227,7 +234,7 @@ class _Collector:
         """
         values, rest = _json_scan(text)
         values = _flatten(values)
-        if values and all(_call_shaped(v) for v in values):
+        if values and all(_call_shaped(v) and (required or self._plausible(v)) for v in values):
             for v in values:
                 self.add_object(v, json.dumps(v, ensure_ascii=False))
             return rest

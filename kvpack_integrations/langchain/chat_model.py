@@ -394,7 +394,8 @@ class KVPackChatModel(BaseChatModel):
 
 def _json_schema(schema: dict | type) -> dict[str, Any]:
     """A plain JSON schema from a pydantic class, TypedDict, OpenAI tool dict or JSON schema."""
-    if isinstance(schema, dict) and "function" not in schema and ("properties" in schema or "type" in schema):
+    tool_shaped = isinstance(schema, dict) and ("function" in schema or {"name", "parameters"} <= set(schema))
+    if isinstance(schema, dict) and not tool_shaped:  # any JSON schema: a root anyOf, $ref, enum ... as given
         return dict(schema)
     return convert_to_openai_tool(schema)["function"].get("parameters", {"type": "object", "properties": {}})
 
