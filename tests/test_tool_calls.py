@@ -255,3 +255,32 @@ def test_tool_choice_spellings_and_refusals() -> None:
             normalize_tool_choice(bad, names)
     with pytest.raises(InvalidInputError, match="no tools are given"):
         normalize_tool_choice("search", [])
+
+
+@pytest.mark.parametrize(
+    ("family", "reply"),
+    [
+        ("llama", 'Let me check.<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}'),
+        ("mistral", 'Let me check.[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]'),
+        (
+            "qwen2",
+            'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}'
+            "\n</tool_call>",
+        ),
+    ],
+)
+def test_call_markers_that_are_special_tokens_survive_decoding(family: str, reply: str) -> None:
+    """The engine's text drops special tokens, and some templates' call markers are special tokens: calls
+    after prose must still be found (they were read as prose and stray JSON)."""
+    from kvpack_integrations.engine.tool_calls import call_text
+
+    from .support.tiny_models import make_tokenizer
+
+    tokenizer = make_tokenizer(family)
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    text = tokenizer.decode(ids, skip_special_tokens=True)  # what the engine's text stream gives
+    content, calls, problems = parse_tool_calls(call_text(tokenizer, ids, text), TOOLS)
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris", "days": 2})], text
+    assert content == "Let me check." and problems == []
+    plain = tokenizer.encode("No call here.</s>", add_special_tokens=False)
+    assert call_text(tokenizer, plain, "No call here.") == "No call here."  # other special tokens stay dropped

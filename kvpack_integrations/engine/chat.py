@@ -28,7 +28,7 @@ from .engine import Engine, Prefilled
 from .json_decoding import GuidedDecoder, check_schema, decode_json
 from .settings import GenerationSettings
 from .stored_handles import check_stored_handles
-from .tool_calls import ParsedToolCall, new_call_id, parse_tool_calls
+from .tool_calls import ParsedToolCall, call_text, new_call_id, parse_tool_calls
 from .usage import Usage
 
 TOOL_CHOICES = ("auto", "none", "required")
@@ -233,10 +233,13 @@ def _free_text(
 ) -> Generator[ChatDelta, None, ChatReply]:
     """Plain decoding; unless `streamed` (tools offered), the reply is parsed, with repair, for tool calls."""
     parts: list[str] = []
+    ids: list[int] = []
     usage: Usage | None = None
     finish = "length"
     for chunk in engine.decode(state, settings):
         parts.append(chunk.text)
+        if chunk.token_id is not None:
+            ids.append(chunk.token_id)
         if streamed and chunk.text:
             yield ChatDelta(text=chunk.text)
         if chunk.usage is not None:
@@ -246,7 +249,7 @@ def _free_text(
     if streamed:
         return ChatReply(text, [], [], usage, finish)
     try:
-        content, calls, problems = parse_tool_calls(text, params)
+        content, calls, problems = parse_tool_calls(call_text(engine.loaded.tokenizer, ids, text), params)
     except (TypeError, ValueError, RecursionError) as exc:  # degenerate output must not fail the request
         content, calls, problems = text, [], [f"the reply could not be parsed for tool calls: {exc}"]
     return ChatReply(content, calls, problems, usage, "tool_calls" if calls else finish)

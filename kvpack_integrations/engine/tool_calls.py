@@ -23,7 +23,7 @@ import json
 import re
 import secrets
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +32,14 @@ from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..prompts.tools import format_tool_call_block as format_tool_call
 from .json_decoding import resolve_schema
 
-__all__ = ["ParsedToolCall", "format_tool_call", "new_call_id", "parse_tool_calls", "repair_json"]
+__all__ = ["ParsedToolCall", "call_text", "format_tool_call", "new_call_id", "parse_tool_calls", "repair_json"]
 _ID_ALPHABET = string.ascii_letters + string.digits
 _HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _FUNCTION_TAG = re.compile(r"<function=([\w.\-]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _FENCE = re.compile(r"```[\w-]*[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
 _MISTRAL_ARGS = re.compile(r"([\w.\-]+)\[ARGS\]")
 _PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
+CALL_MARKERS = (*_PREFIXES, "[ARGS]", TOOL_CALL_OPEN, TOOL_CALL_CLOSE, "<function=", "</function>")
 _NOT_JSON = object()
 _PY_LITERALS = {"True": "true", "False": "false", "None": "null"}
 
@@ -157,6 +158,29 @@ def _json_scan(text: str) -> tuple[list[Any], str]:
         if values:  # the rest (stray closers dropped) is only meaningful in the unrepaired text
             return values, candidate[end:].lstrip(" \t\r\n,}]").strip() if candidate is text else ""
     return [], ""
+
+
+def call_text(tokenizer: Any, ids: Sequence[int], text: str) -> str:
+    """The reply as tool-call parsing needs it. Ordinary decoding drops special tokens, and some models'
+    call markers are special tokens (Llama 3.1's `<|python_tag|>`, Mistral's `[TOOL_CALLS]` and `[ARGS]`):
+    `Let me check.<|python_tag|>{...}` would read as prose followed by stray JSON. The ids are decoded
+    again keeping those markers (every other special token still dropped); `text` as it was otherwise,
+    or where the two disagree beyond the markers (a stop sequence cut the text)."""
+    full = str(tokenizer.decode(list(ids), skip_special_tokens=False))
+    if not any(m in full and m not in text for m in CALL_MARKERS):
+        return text
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or []}
+    specials |= {str(t) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values() if t.special}
+    kept = full
+    for special in sorted(specials - set(CALL_MARKERS), key=len, reverse=True):
+        kept = kept.replace(special, "")
+
+    def unmarked(x: str) -> str:
+        for marker in CALL_MARKERS:
+            x = x.replace(marker, "")
+        return x
+
+    return kept if unmarked(kept) == unmarked(text) else text
 
 
 # --- call objects ----------------------------------------------------------------------------------
