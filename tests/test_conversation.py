@@ -124,3 +124,28 @@ def test_a_role_order_the_template_forbids_is_named() -> None:
     ]
     with pytest.raises(TemplateError, match=r"refuses this order of turns \(user -> assistant -> tool -> user\)"):
         render_conversation(tok, turns, tools=TOOLS)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_text_beside_tool_calls_and_several_calls_in_one_turn(family: str) -> None:
+    """Llama 3.1's and Mistral's templates render only the calls of an assistant turn that calls tools
+    (its text is left out, and said so), and Llama 3.1's takes one call per turn (a turn with two is
+    rendered as two turns, said so); Qwen's shows both. Each used to fail the request."""
+    tok = make_tokenizer(family)
+    first, second = (
+        ToolCallTurn("search", {"query": "battery"}, "abcdefghi"),
+        ToolCallTurn("search", {"query": "drone"}, "jklmnopqr"),
+    )
+    turns = [
+        ChatTurn("user", QUESTION),
+        ChatTurn("assistant", "Let me check.", tool_calls=(first, second)),
+        ChatTurn("tool", DOCS[0], tool_call_id="abcdefghi", name="search"),
+        ChatTurn("tool", DOCS[1], tool_call_id="jklmnopqr", name="search"),
+    ]
+    prompt = render_conversation(tok, turns, tools=TOOLS)
+    text = prompt.rendered.text
+    assert all(s in text for s in ('"battery"', '"drone"', "Tessel-9", DOCS[1]))  # Llama escapes quotes
+    shown = "Let me check." in text
+    assert shown == (family == "qwen2")
+    assert any("leaves out the text" in n for n in prompt.notes) == (not shown)
+    assert any("one tool call per assistant turn" in n for n in prompt.notes) == (family == "llama")

@@ -157,7 +157,7 @@ def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, l
     prompt = render_conversation(
         engine.loaded.tokenizer, request.turns, knowledge=knowledge, knowledge_format=fmt, tools=request.tools
     )
-    return prompt, notes, t0
+    return prompt, [*notes, *prompt.notes], t0
 
 
 def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:

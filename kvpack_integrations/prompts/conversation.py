@@ -77,6 +77,7 @@ class ConversationPrompt:
     document_spans: tuple[tuple[int, int], ...] = ()
     template_messages: tuple[Mapping[str, Any], ...] = ()
     native_tools: bool = False
+    notes: tuple[str, ...] = ()  # what the template changed in the conversation, for the usage report
 
     @property
     def token_ids(self) -> list[int]:
@@ -146,6 +147,36 @@ def _merge_same_roles(messages: list[dict[str, Any]], separator: str) -> list[di
     return out
 
 
+def _one_call_per_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant turn with several tool calls as consecutive turns of one call each (its text on the first)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        calls = m.get("tool_calls") or []
+        if len(calls) < 2:
+            out.append(m)
+            continue
+        out += [{**m, "content": m["content"] if i == 0 else "", "tool_calls": [c]} for i, c in enumerate(calls)]
+    return out
+
+
+def _template_notes(
+    rendered: RenderedPrompt, given: list[dict[str, Any]], rendered_as: list[dict[str, Any]]
+) -> tuple[str, ...]:
+    """What the template changed in the conversation, said in the usage report."""
+    notes = []
+    if len(rendered_as) > len(given) and any(len(m.get("tool_calls") or []) > 1 for m in given):
+        notes.append(
+            "this chat template takes one tool call per assistant turn: turns with several calls were rendered "
+            "as one turn per call"
+        )
+    if rendered.dropped:
+        notes.append(
+            "this chat template leaves out the text of an assistant turn that calls tools: the model does not see it "
+            "(text stuffing through the same template would not show it either)"
+        )
+    return tuple(notes)
+
+
 def _to_template_messages(
     turns: Sequence[ChatTurn], system: str | None, native_tools: bool, separator: str
 ) -> list[dict[str, Any]]:
@@ -177,10 +208,13 @@ def _render(
     separator: str,
     thinking: bool | None,
 ) -> tuple[RenderedPrompt, list[dict[str, Any]]]:
-    """Render; templates that demand strict alternation get consecutive same-role turns merged."""
+    """Render; templates that demand strict alternation get consecutive same-role turns merged, templates
+    that take one tool call per assistant turn (Llama 3.1) get a turn of several calls split."""
     try:
         return render_messages(tokenizer, messages, tools=tools, thinking=thinking), messages
     except TemplateError as exc:
+        if "single tool" in str(exc).lower() and (split := _one_call_per_turn(messages)) != messages:
+            return render_messages(tokenizer, split, tools=tools, thinking=thinking), split
         if "alternate" not in str(exc).lower():
             raise
         merged = _merge_same_roles(messages, separator)
@@ -233,8 +267,8 @@ def render_conversation(
             raise TemplateError("this chat template moves the system message and there is no user turn to hold it")
         rest[first] = ChatTurn("user", f"{system}{fmt.separator}{rest[first].content}")
         system = None
-    messages = _to_template_messages(rest, system, native_tools, fmt.separator)
-    rendered, messages = _render(tokenizer, messages, tools if native_tools else None, fmt.separator, thinking)
+    given = _to_template_messages(rest, system, native_tools, fmt.separator)
+    rendered, messages = _render(tokenizer, given, tools if native_tools else None, fmt.separator, thinking)
     return ConversationPrompt(
         rendered=rendered,
         knowledge_tokens=_knowledge_tokens(rendered, knowledge, fmt),
@@ -242,6 +276,7 @@ def render_conversation(
         document_spans=_document_spans(rendered, rest),
         template_messages=tuple(messages),
         native_tools=native_tools,
+        notes=_template_notes(rendered, given, messages),
     )
 
 

@@ -38,6 +38,7 @@ class RenderedPrompt:
     offsets: tuple[tuple[int, int], ...]
     parts: tuple[PartSpan, ...]
     system_folded: bool = False
+    dropped: tuple[int, ...] = ()  # messages calling tools whose text the template leaves out (Llama 3.1, Mistral)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -170,11 +171,18 @@ def render_messages(
     ids, offsets = encode_with_offsets(tokenizer, text)
 
     parts = []
+    dropped = []
     cursor = 0
     for i, m in enumerate(msgs):
-        start, end = _locate(text, m["content"], cursor)
+        if m.get("tool_calls") and m["content"].strip() and find_in_rendering(text, m["content"], cursor) is None:
+            dropped.append(i)  # the template renders only the calls: nothing of the text to locate
+            start, end = cursor, cursor
+        else:
+            start, end = _locate(text, m["content"], cursor)
         first = next((t for t, (_, e) in enumerate(offsets) if e > start), len(ids))
         last = next((t for t in range(len(ids) - 1, -1, -1) if offsets[t][0] < end), first - 1) + 1
         parts.append(PartSpan(index=i, role=m["role"], chars=(start, end), tokens=(first, max(first, last))))
         cursor = end
-    return RenderedPrompt(text=text, token_ids=ids, offsets=offsets, parts=tuple(parts), system_folded=folded)
+    return RenderedPrompt(
+        text=text, token_ids=ids, offsets=offsets, parts=tuple(parts), system_folded=folded, dropped=tuple(dropped)
+    )
