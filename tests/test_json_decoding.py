@@ -274,3 +274,17 @@ def test_strings_run_to_the_budget_by_default() -> None:
         assert (result.finish_reason == "length") == (len(result.token_ids) >= 150)
         lengths.append(len(result.token_ids))
     assert max(lengths) > 80, lengths
+
+
+def test_keywords_beside_any_of_constrain_every_branch() -> None:
+    """`properties` and `type` next to `anyOf` hold in each branch: `a` is an integer whichever branch
+    (a's type used to be dropped, so `{"a": "text"}` came out)."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+        "anyOf": [{"required": ["a"]}, {"required": ["b"]}],
+    }
+    for family in FAMILIES:
+        for seed in range(6):
+            result = run(family, schema, temperature=1.3, seed=seed, max_new_tokens=80)
+            jsonschema.validate(result.value, schema)

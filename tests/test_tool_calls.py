@@ -284,3 +284,11 @@ def test_call_markers_that_are_special_tokens_survive_decoding(family: str, repl
     assert content == "Let me check." and problems == []
     plain = tokenizer.encode("No call here.</s>", add_special_tokens=False)
     assert call_text(tokenizer, plain, "No call here.") == "No call here."  # other special tokens stay dropped
+
+
+def test_enum_members_that_are_not_strings_are_coerced_from_strings() -> None:
+    tools = {"pick": {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}, "on": {"enum": [True]}}}}
+    _, calls, problems = parse_tool_calls('{"name": "pick", "arguments": {"n": "2", "on": "true"}}', tools)
+    assert problems == [] and calls[0].arguments == {"n": 2, "on": True}
+    _, calls, _ = parse_tool_calls('{"name": "pick", "arguments": {"n": "2.0"}}', tools)
+    assert calls[0].arguments == {"n": "2.0"}  # 2.0 is no member of an integer enum: left as written

@@ -20,8 +20,11 @@ Choices documented here because callers rely on them:
 * `{}` (or `true`) at the root, and `{"type": "object"}` without properties, is a free-form object
   with at most 8 keys chosen by the model; nested `{}` is any primitive or such an object.
 * Recursive `$ref`s are rejected up front (`check_schema`); so are remote refs and unknown types.
+* Keywords beside `anyOf`/`oneOf` are merged into every branch.
 * Not enforced: string `minLength`/`maxLength`/`pattern`/`format`, numeric bounds beyond "no minus
-  sign when `minimum` >= 0", `uniqueItems`, and `oneOf` exclusivity (treated as `anyOf`).
+  sign when `minimum` >= 0", `multipleOf`, `uniqueItems`, `oneOf` exclusivity (treated as `anyOf`),
+  `not`, `if`/`then`/`else`, `contains`, `propertyNames`, `patternProperties`, `minProperties`/
+  `maxProperties`, `dependentRequired`/`dependentSchemas`.
 """
 
 from __future__ import annotations
@@ -210,6 +213,19 @@ def resolve_schema(root: Any, schema: Any) -> Any:
             continue
         return schema
     raise InvalidInputError("$ref chain too long; is the schema recursive?")
+
+
+def with_siblings(root: Any, schema: Mapping[str, Any], branches: Sequence[Any]) -> list[Any]:
+    """`anyOf`/`oneOf` branches with the keywords beside them merged in: `{"type": "object", "properties":
+    {...}, "anyOf": [{"required": ["a"]}, ...]}` constrains every branch by its properties too."""
+    siblings = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf", "nullable", *_ANNOTATIONS)}
+    if not siblings:
+        return list(branches)
+    out = []
+    for branch in branches:
+        branch = resolve_schema(root, branch)
+        out.append(_merge(siblings, branch) if isinstance(branch, Mapping) else branch)
+    return out
 
 
 def _types(schema: Mapping[str, Any]) -> list[str]:
@@ -542,7 +558,7 @@ class GuidedDecoder:
             return [self._literal(v) for v in schema["enum"]]
         branches = schema.get("anyOf") or schema.get("oneOf")
         if branches:
-            out = [alt for branch in branches for alt in self._alternatives(branch)]
+            out = [alt for branch in with_siblings(self._root, schema, branches) for alt in self._alternatives(branch)]
         else:
             kinds = _types(schema) or ["string", "number", "boolean", "null", "object"]
             out = [alt for kind in kinds for alt in self._typed(kind, schema)]

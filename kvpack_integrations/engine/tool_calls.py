@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import InvalidInputError
 from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..prompts.tools import format_tool_call_block as format_tool_call
-from .json_decoding import resolve_schema
+from .json_decoding import resolve_schema, with_siblings
 
 __all__ = ["ParsedToolCall", "call_text", "format_tool_call", "new_call_id", "parse_tool_calls", "repair_json"]
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -317,10 +317,17 @@ def _coerce(value: Any, schema: Any, root: Any) -> Any:
         return value
     if "enum" in sub and value not in sub["enum"] and isinstance(value, str):
         folded = [e for e in sub["enum"] if isinstance(e, str) and e.lower() == value.strip().lower()]
-        return folded[0] if folded else value
+        if folded:
+            return folded[0]
+        try:  # "2" for the integer member 2
+            parsed = json.loads(value.strip())
+        except ValueError:
+            return value
+        members = [e for e in sub["enum"] if not isinstance(e, str) and e == parsed and type(e) is type(parsed)]
+        return members[0] if members else value
     branches = sub.get("anyOf") or sub.get("oneOf")
     if isinstance(branches, list):
-        resolved = [_resolve(root, b) for b in branches]
+        resolved = [_resolve(root, b) for b in with_siblings(root, sub, branches)]
         for b in resolved:  # already fits a branch: recurse into that one
             if any(_matches(value, k) for k in _schema_types(b)):
                 return _coerce(value, b, root)
