@@ -10,8 +10,9 @@ exactly, and sampling settings (temperature, top-k, top-p, seed) apply to every 
 
 Choices documented here because callers rely on them:
 
-* Object properties come in schema order. Required ones are always written; for an optional one the
-  model chooses between writing it, skipping ahead to a later property, or closing the object.
+* Object properties come in schema order (but see unions below). Required ones are always written;
+  for an optional one the model chooses between writing it, skipping ahead to a later property, or
+  closing the object.
 * When the token budget runs out the output is still completed so that it parses and validates: text
   from then on is appended without being fed to the model, optional parts are left out, and required
   values get the smallest valid filler (`""`, `0`, `false`, the first enum member, `[]`, a minimal
@@ -20,7 +21,8 @@ Choices documented here because callers rely on them:
 * `{}` (or `true`) at the root, and `{"type": "object"}` without properties, is a free-form object
   with at most 8 keys chosen by the model; nested `{}` is any primitive or such an object.
 * Recursive `$ref`s are rejected up front (`check_schema`); so are remote refs and unknown types.
-* Keywords beside `anyOf`/`oneOf` are merged into every branch.
+* Keywords beside `anyOf`/`oneOf` are merged into every branch. In a union of objects, each branch's
+  required `const`/`enum` properties (its discriminator) are written first.
 * Not enforced: string `minLength`/`maxLength`/`pattern`/`format`, numeric bounds beyond "no minus
   sign when `minimum` >= 0", `multipleOf`, `uniqueItems`, `oneOf` exclusivity (treated as `anyOf`),
   `not`, `if`/`then`/`else`, `contains`, `propertyNames`, `patternProperties`, `minProperties`/
@@ -219,12 +221,38 @@ def with_siblings(root: Any, schema: Mapping[str, Any], branches: Sequence[Any])
     """`anyOf`/`oneOf` branches with the keywords beside them merged in: `{"type": "object", "properties":
     {...}, "anyOf": [{"required": ["a"]}, ...]}` constrains every branch by its properties too."""
     siblings = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf", "nullable", *_ANNOTATIONS)}
-    if not siblings:
-        return list(branches)
     out = []
     for branch in branches:
         branch = resolve_schema(root, branch)
-        out.append(_merge(siblings, branch) if isinstance(branch, Mapping) else branch)
+        out.append(_merge(siblings, branch) if isinstance(branch, Mapping) and siblings else branch)
+    return out
+
+
+def _discriminators_first(root: Any, branches: list[Any]) -> list[Any]:
+    """Object branches of a union with their required `const`/`enum` properties written first.
+
+    A union is told apart by its first differing literal: `{"name": "` opens both `Cat` and `Dog` when
+    `name` comes first, and the first branch would always win; `{"pet_type": "dog"` decides at once.
+    JSON objects are unordered, so this changes no meaning."""
+    if sum(1 for b in branches if isinstance(b, Mapping) and b.get("properties")) < 2:
+        return branches
+
+    def fixed(sub: Any) -> bool:
+        sub = resolve_schema(root, sub)
+        return isinstance(sub, Mapping) and ("const" in sub or "enum" in sub)
+
+    out = []
+    for branch in branches:
+        props = branch.get("properties") if isinstance(branch, Mapping) else None
+        if isinstance(props, Mapping):
+            required = set(branch.get("required") or [])
+            first = [k for k in props if k in required and fixed(props[k])]
+            if first:
+                branch = {
+                    **branch,
+                    "properties": {k: props[k] for k in [*first, *(k for k in props if k not in first)]},
+                }
+        out.append(branch)
     return out
 
 
@@ -558,7 +586,8 @@ class GuidedDecoder:
             return [self._literal(v) for v in schema["enum"]]
         branches = schema.get("anyOf") or schema.get("oneOf")
         if branches:
-            out = [alt for branch in with_siblings(self._root, schema, branches) for alt in self._alternatives(branch)]
+            branches = _discriminators_first(self._root, with_siblings(self._root, schema, branches))
+            out = [alt for branch in branches for alt in self._alternatives(branch)]
         else:
             kinds = _types(schema) or ["string", "number", "boolean", "null", "object"]
             out = [alt for kind in kinds for alt in self._typed(kind, schema)]
