@@ -369,3 +369,21 @@ def test_bound_pack_rules(model_root, store) -> None:
     assert after.usage_metadata["input_tokens"] > first.usage_metadata["input_tokens"]
     plain = KVPackChatModel(model=directory, max_tokens=MAX).invoke(QUESTION, documents=FACTS, strategy="text")
     assert after.content == plain.content
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_text_twin_renders_to_the_same_prompt(model_root, family: str) -> None:
+    """The plain messages a text-only model must be sent (`text_stuffed_messages`) render, through the
+    model's own chat template, to exactly the prompt KVPackChatModel built: knowledge, system text and
+    all (Gemma's template has no system role: the twin folds it as the rendering did)."""
+    from kvpack_integrations.langchain.text_twin import text_stuffed_messages
+
+    chat = _chat(model_root, family)
+    twin = text_stuffed_messages(chat, [SystemMessage("Answer briefly."), HumanMessage(QUESTION)], documents=DOCS)
+    assert any(isinstance(m, SystemMessage) for m in twin.messages) == (family not in ("gemma", "mistral"))
+    roles = {SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant"}
+    plain = [{"role": roles[type(m)], "content": m.content} for m in twin.messages]
+    tokenizer = chat.loaded_model().tokenizer
+    thinking = {"enable_thinking": False} if "enable_thinking" in tokenizer.chat_template else {}  # as rendered
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, **thinking)
+    assert list(tokenizer(text, add_special_tokens=False)["input_ids"]) == twin.token_ids

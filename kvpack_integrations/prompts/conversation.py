@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import TemplateError
 from .knowledge import KnowledgeFormat
-from .rendering import RenderedPrompt, find_in_rendering, render_messages
+from .rendering import RenderedPrompt, find_in_rendering, fold_system, render_messages
 from .tools import (
     fallback_tool_response,
     fallback_tools_block,
@@ -274,7 +274,7 @@ def render_conversation(
         knowledge_tokens=_knowledge_tokens(rendered, knowledge, fmt),
         knowledge_cuts=_knowledge_cuts(rendered, knowledge, fmt),
         document_spans=_document_spans(rendered, rest),
-        template_messages=tuple(messages),
+        template_messages=tuple(fold_system(messages) if rendered.system_folded else messages),  # as rendered
         native_tools=native_tools,
         notes=_template_notes(rendered, given, messages),
     )

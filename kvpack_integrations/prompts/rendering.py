@@ -72,7 +72,7 @@ def _template_kwargs(tokenizer: Any, thinking: bool | None) -> dict[str, Any]:
     return {}
 
 
-def _fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Templates without a system role (Gemma) get the system text at the top of the first user turn."""
     system, rest = messages[0], messages[1:]
     if not rest or rest[0].get("role") != "user":
@@ -161,7 +161,7 @@ def render_messages(
         if not msgs or msgs[0]["role"] != "system" or "system" not in str(exc).lower():
             raise TemplateError(f"chat template failed: {exc}") from exc
         try:
-            text = _apply_template(tokenizer, _fold_system(msgs), **kwargs)
+            text = _apply_template(tokenizer, fold_system(msgs), **kwargs)
         except TemplateError:
             raise
         except Exception as exc2:
