@@ -387,3 +387,36 @@ def test_text_twin_renders_to_the_same_prompt(model_root, family: str) -> None:
     thinking = {"enable_thinking": False} if "enable_thinking" in tokenizer.chat_template else {}  # as rendered
     text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True, **thinking)
     assert list(tokenizer(text, add_special_tokens=False)["input_ids"]) == twin.token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_a_forced_call_is_written_as_the_template_renders_it(model_root, family: str, monkeypatch) -> None:
+    """Under tool_choice the engine writes the call's markup itself: in the template's own format
+    (Llama 3.1 `{"name", "parameters"}`, Mistral `[TOOL_CALLS] [{..., "id"}]`, Qwen `<tool_call>`), so
+    the next step's prompt starts with this step's prompt and the call exactly as written."""
+    from kvpack_integrations.engine import json_decoding
+    from kvpack_integrations.engine.chat import prepare
+    from kvpack_integrations.engine.registry import shared_engine
+
+    written: list[str] = []
+    finish = json_decoding.GuidedDecoder.finish_usage
+
+    def spy(self):  # records what the decoder wrote, then finishes as usual
+        written.append(self.text)
+        return finish(self)
+
+    monkeypatch.setattr(json_decoding.GuidedDecoder, "finish_usage", spy)
+    chat = KVPackChatModel(model=save_model_dir(family, model_root), max_tokens=60)
+    loaded = chat.loaded_model()
+    first = [HumanMessage("What is 2 + 3?")]
+    reply = chat.bind_tools([add], tool_choice="add").invoke(first)
+    assert reply.response_metadata["finish_reason"] == "tool_calls"
+    call_id = reply.tool_calls[0]["id"]
+    second = [*first, reply, ToolMessage("5", tool_call_id=call_id)]
+
+    def rendered(messages) -> str:
+        request, _ = chat._request(messages, None, {"tools": [add]}, loaded, take_run=False)
+        with shared_engine(loaded).lock:
+            return prepare(shared_engine(loaded), request)[0].rendered.text
+
+    assert rendered(second).startswith(rendered(first) + written[-1]), written[-1]

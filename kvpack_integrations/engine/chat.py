@@ -19,9 +19,9 @@ from ..errors import InvalidInputError
 from ..knowledge.bound import BoundPack
 from ..packet.composer import PacketComposer
 from ..packet.layout import PacketPrompt
+from ..prompts.call_format import HERMES, CallFormat, native_call_format
 from ..prompts.conversation import ChatTurn, ConversationPrompt, render_conversation
 from ..prompts.knowledge import KnowledgeFormat
-from ..prompts.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..segments.handles import SegmentHandle
 from ..steering.vector import SteeringVector
 from .engine import Engine, Prefilled
@@ -186,7 +186,9 @@ def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
     # text streams as decoded only when it is the reply itself: calls and JSON come whole, in the last delta
     streamed = forced is None and request.response_schema is None and (not params or request.tool_choice == "none")
     if forced is not None:
-        reply = _forced_tool_call(engine, state, request, params, forced)
+        tokenizer = engine.loaded.tokenizer
+        fmt = native_call_format(tokenizer, request.tools) if prompt.native_tools else HERMES
+        reply = _forced_tool_call(engine, state, request, params, forced, fmt)
     elif request.response_schema is not None:
         result = decode_json(engine, state, request.response_schema, request.settings)
         reply = ChatReply(result.text, [], [], result.usage, result.finish_reason, parsed=result.value)
@@ -256,18 +258,25 @@ def _free_text(
 
 
 def _forced_tool_call(
-    engine: Engine, state: Prefilled, request: ChatRequest, params: Mapping[str, Mapping[str, Any]], forced: str
+    engine: Engine,
+    state: Prefilled,
+    request: ChatRequest,
+    params: Mapping[str, Mapping[str, Any]],
+    forced: str,
+    fmt: CallFormat,
 ) -> ChatReply:
-    """A call is required: the engine writes the call's structure, the model picks tool and values."""
+    """A call is required: the engine writes the call's structure in the template's own format (`fmt`:
+    what the next step renders for it), the model picks tool and values."""
     names = list(params) if forced == "required" else [forced]
     decoder = GuidedDecoder(engine, state, request.settings)
-    decoder.emit(f'{TOOL_CALL_OPEN}\n{{"name": ')
+    decoder.emit(fmt.opening())
     name = names[decoder.choose([_json_string(n) for n in names])]
-    decoder.emit(', "arguments": ')
+    decoder.emit(fmt.between())
     arguments = decoder.value(params[name])
-    decoder.emit(f"}}\n{TOOL_CALL_CLOSE}")
+    call_id = new_call_id()
+    decoder.emit(fmt.closing(call_id))
     usage = decoder.finish_usage()
-    call = ParsedToolCall(name=name, arguments=dict(arguments), id=new_call_id())
+    call = ParsedToolCall(name=name, arguments=dict(arguments), id=call_id)
     if decoder.truncated:  # still a valid call; the values written after the budget ran out are fillers
         usage.notes.append(
             f"max_tokens ran out while the model wrote the call to {name!r}: the call was closed without it, "

@@ -65,7 +65,7 @@ def tokens_ending_by(offsets: Sequence[tuple[int, int]], char_pos: int) -> int:
     return count
 
 
-def _template_kwargs(tokenizer: Any, thinking: bool | None) -> dict[str, Any]:
+def template_kwargs(tokenizer: Any, thinking: bool | None) -> dict[str, Any]:
     template = tokenizer.chat_template or ""
     if thinking is not None and "enable_thinking" in str(template):
         return {"enable_thinking": thinking}
@@ -149,7 +149,7 @@ def render_messages(
     for i, m in enumerate(msgs):
         if not isinstance(m.get("content"), str) or "role" not in m:
             raise TemplateError(f"message {i} needs a 'role' and string 'content'")
-    kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, **_template_kwargs(tokenizer, thinking)}
+    kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, **template_kwargs(tokenizer, thinking)}
     if tools:
         kwargs["tools"] = list(tools)
     folded = False
