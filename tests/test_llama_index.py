@@ -403,7 +403,10 @@ def test_forced_tool_calls_and_structured_output(model_root, family: str) -> Non
     assert len(calls) == 1 and calls[0].tool_name in ("add", "lookup") and len(calls[0].tool_id) == 9
     if calls[0].tool_name == "add":
         assert isinstance(calls[0].tool_kwargs["a"], int) and isinstance(calls[0].tool_kwargs["b"], int)
-    assert response.raw["finish_reason"] == "tool_calls"
+    # a string argument runs until the model closes it or max_tokens ends (random weights seldom close
+    # one): either way a valid call, and "length" with a note exactly when it was cut
+    cut = any("max_tokens ran out" in n for n in _kvpack(response)["notes"])
+    assert response.raw["finish_reason"] == ("length" if cut else "tool_calls")
     named = llm.chat_with_tools(tools, user_msg="Where?", tool_choice="lookup")
     assert llm.get_tool_calls_from_response(named)[0].tool_name == "lookup"
     out = llm.predict_and_call(tools, user_msg="Where?", tool_choice="lookup")  # the tool really runs
