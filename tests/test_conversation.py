@@ -149,3 +149,19 @@ def test_text_beside_tool_calls_and_several_calls_in_one_turn(family: str) -> No
     assert shown == (family == "qwen2")
     assert any("leaves out the text" in n for n in prompt.notes) == (not shown)
     assert any("one tool call per assistant turn" in n for n in prompt.notes) == (family == "llama")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("said", ["battery", "Quill Energy makes"])
+def test_text_beside_calls_that_recurs_later_is_still_placed(family: str, said: str) -> None:
+    """The text beside a call may recur later (in the call's own arguments, in a tool result): whether
+    the template left it out is known from the template, not from searching the rendering for it."""
+    tok = make_tokenizer(family)
+    call = ToolCallTurn("search", {"query": "battery"}, "abcdefghi")
+    turns = [
+        ChatTurn("user", QUESTION),
+        ChatTurn("assistant", said, tool_calls=(call,)),
+        ChatTurn("tool", DOCS[0], tool_call_id="abcdefghi", name="search"),
+    ]
+    prompt = render_conversation(tok, turns, tools=TOOLS)
+    assert any("leaves out the text" in n for n in prompt.notes) == (family != "qwen2")

@@ -288,6 +288,16 @@ def test_keywords_beside_any_of_constrain_every_branch() -> None:
         for seed in range(6):
             result = run(family, schema, temperature=1.3, seed=seed, max_new_tokens=80)
             jsonschema.validate(result.value, schema)
+    # a property in both places is held to both: the outer integer type survives the branch's bounds
+    both = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "anyOf": [{"properties": {"n": {"minimum": 5}}}, {"properties": {"n": {"type": "number", "maximum": -5}}}],
+    }
+    for seed in range(6):
+        value = run("qwen2", both, temperature=1.3, seed=seed, max_new_tokens=40).value
+        assert isinstance(value["n"], int) and not isinstance(value["n"], bool), value
 
 
 def test_a_discriminator_after_a_shared_key_still_chooses_the_branch() -> None:

@@ -253,6 +253,8 @@ def test_structured_output_takes_any_json_schema_dict(model_root) -> None:
             assert value not in ({}, None), schema
     tool = {"name": "pet", "description": "A pet.", "parameters": pet["anyOf"][1]}
     assert set(chat.with_structured_output(tool, method="json_schema").invoke("Age?")) == {"dog_age"}
+    anthropic = {"name": "pet", "description": "A pet.", "input_schema": pet["anyOf"][1]}
+    assert set(chat.with_structured_output(anthropic, method="json_schema").invoke("Age?")) == {"dog_age"}
 
 
 def test_free_form_json_mode(model_root) -> None:

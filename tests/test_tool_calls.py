@@ -282,6 +282,12 @@ def test_call_markers_that_are_special_tokens_survive_decoding(family: str, repl
     content, calls, problems = parse_tool_calls(call_text(tokenizer, ids, text), TOOLS)
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris", "days": 2})], text
     assert content == "Let me check." and problems == []
+    # a stop sequence cut the text after the call: the call is still found, the rest still cut
+    stopped = reply + "\n\nObservation: sunny"
+    ids = tokenizer.encode(stopped, add_special_tokens=False)
+    text = tokenizer.decode(ids, skip_special_tokens=True).split("\n\nObservation")[0]
+    content, calls, _ = parse_tool_calls(call_text(tokenizer, ids, text), TOOLS)
+    assert len(calls) == 1 and content == "Let me check."
     plain = tokenizer.encode("No call here.</s>", add_special_tokens=False)
     assert call_text(tokenizer, plain, "No call here.") == "No call here."  # other special tokens stay dropped
 
@@ -292,3 +298,10 @@ def test_enum_members_that_are_not_strings_are_coerced_from_strings() -> None:
     assert problems == [] and calls[0].arguments == {"n": 2, "on": True}
     _, calls, _ = parse_tool_calls('{"name": "pick", "arguments": {"n": "2.0"}}', tools)
     assert calls[0].arguments == {"n": "2.0"}  # 2.0 is no member of an integer enum: left as written
+
+
+def test_keywords_beside_any_of_guide_argument_coercion() -> None:
+    box = {"type": "object", "properties": {"n": {"type": "integer"}}, "anyOf": [{"required": ["n"]}]}
+    tools = {"count": {"type": "object", "properties": {"box": box}}}
+    _, calls, problems = parse_tool_calls('{"name": "count", "arguments": {"box": {"n": "7"}}}', tools)
+    assert problems == [] and calls[0].arguments == {"box": {"n": 7}}

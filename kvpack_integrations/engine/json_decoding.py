@@ -31,6 +31,7 @@ Choices documented here because callers rely on them:
 
 from __future__ import annotations
 
+import codecs
 import functools
 import itertools
 import json
@@ -83,6 +84,7 @@ class _Vocab:
     piece_to_id: dict[str, int]
     max_piece: int
     encoded: dict[str, list[int]] = field(default_factory=dict)
+    partial_bytes: dict[int, bytes] = field(default_factory=dict)  # the raw bytes of byte-piece tokens, if known
 
 
 _VOCABS: dict[tuple[str, int, int, str], _Vocab] = {}
@@ -131,6 +133,47 @@ def _token_pieces(tokenizer: Any, size: int) -> tuple[list[str | None], dict[int
     return pieces, specials, partial
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet (GPT-2's): printable bytes stand for themselves, the rest are shifted
+    past 255, so every byte has a visible character."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = chr(256 + extra), extra + 1
+    return chars
+
+
+def _byte_pieces(tokenizer: Any, ids: Sequence[int], raw: Sequence[Any]) -> dict[int, bytes]:
+    """Raw bytes of the byte-piece tokens, for byte-level BPE (GPT-2 alphabet) and SentencePiece byte
+    fallback (`<0xE2>`) vocabularies; {} when the vocabulary is neither (no byte-level masking then)."""
+    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    probe = tokenizer.convert_ids_to_tokens(tokenizer.encode(" é", add_special_tokens=False))
+    byte_level = all(isinstance(p, str) and all(c in to_byte for c in p) for p in probe) and b"".join(
+        bytes(to_byte[c] for c in p) for p in probe
+    ).endswith(" é".encode())
+    out: dict[int, bytes] = {}
+    for i in ids:
+        piece = str(raw[i]) if i < len(raw) else ""
+        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if fallback:
+            out[i] = bytes([int(fallback.group(1), 16)])
+        elif byte_level and piece and all(c in to_byte for c in piece):
+            out[i] = bytes(to_byte[c] for c in piece)
+    return out
+
+
+def _utf8_prefix(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8 so far (complete characters, then at most an unfinished one)."""
+    if not data:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _vocab(engine: Engine, size: int) -> _Vocab:
     loaded = engine.loaded
     key = (loaded.fingerprint.digest, id(loaded.tokenizer), size, str(loaded.device))
@@ -152,9 +195,21 @@ def _vocab(engine: Engine, size: int) -> _Vocab:
         previous = piece_to_id.get(piece)
         if previous is None or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", str(raw[previous])):
             piece_to_id[piece] = i  # prefer a real token over a byte-fallback one with the same text
+    partial_bytes = _byte_pieces(tokenizer, [i for i, flag in enumerate(partial) if flag], raw)
+    if partial_bytes:  # a character may only start with a lead byte (or a piece holding whole characters)
+        flags["string_partial_start"] = [f and _utf8_prefix(partial_bytes.get(i, b"")) for i, f in enumerate(partial)]
+    else:
+        flags["string_partial_start"] = list(partial)
     masks = {name: torch.tensor(f, dtype=torch.bool, device=loaded.device) for name, f in flags.items()}
     max_piece = min(64, max((len(p) for p in piece_to_id), default=1))
-    vocab = _Vocab(pieces=pieces, specials=specials, masks=masks, piece_to_id=piece_to_id, max_piece=max_piece)
+    vocab = _Vocab(
+        pieces=pieces,
+        specials=specials,
+        masks=masks,
+        piece_to_id=piece_to_id,
+        max_piece=max_piece,
+        partial_bytes=partial_bytes,
+    )
     _VOCABS[key] = vocab
     return vocab
 
@@ -224,8 +279,40 @@ def with_siblings(root: Any, schema: Mapping[str, Any], branches: Sequence[Any])
     out = []
     for branch in branches:
         branch = resolve_schema(root, branch)
-        out.append(_merge(siblings, branch) if isinstance(branch, Mapping) and siblings else branch)
+        out.append(_intersect(root, siblings, branch) if isinstance(branch, Mapping) and siblings else branch)
     return out
+
+
+def _intersect(root: Any, outer: Mapping[str, Any], inner: Mapping[str, Any]) -> dict[str, Any]:
+    """Both schemas' constraints at once, as far as decoding reads them: `type` intersected (integer is a
+    number), a property in both constrained by both, `required` united; other keywords the inner's."""
+    out = dict(outer)
+    for key, value in inner.items():
+        mine = out.get(key)
+        if key == "type" and mine is not None:
+            out[key] = _common_type(mine, value)
+        elif key == "properties" and isinstance(mine, Mapping) and isinstance(value, Mapping):
+            both = {**mine, **value}
+            for name in set(mine) & set(value):
+                a, b = resolve_schema(root, mine[name]), resolve_schema(root, value[name])
+                if isinstance(a, Mapping) and isinstance(b, Mapping):
+                    both[name] = _intersect(root, a, b)
+            out[key] = both
+        elif key == "required" and isinstance(mine, list) and isinstance(value, list):
+            out[key] = mine + [v for v in value if v not in mine]
+        else:
+            out[key] = value
+    return out
+
+
+def _common_type(a: Any, b: Any) -> Any:
+    first, second = ([a] if isinstance(a, str) else list(a)), ([b] if isinstance(b, str) else list(b))
+    common = [t for t in first if t in second]
+    common += ["integer" for x, y in ((first, second), (second, first)) if "integer" in x and "number" in y]
+    common = list(dict.fromkeys(common))
+    if not common:  # no value fits both: the branch's own type (the schema is unsatisfiable as written)
+        return b
+    return common[0] if len(common) == 1 else common
 
 
 def _discriminators_first(root: Any, branches: list[Any]) -> list[Any]:
@@ -624,7 +711,7 @@ class GuidedDecoder:
     def _string_rest(self) -> str:
         """Characters after an opening quote, until the model prefers a closing quote; then the quote."""
         masks = self._vocab.masks
-        allowed = masks["string"] | masks["string_close"] | masks["string_partial"]
+        allowed = masks["string"] | masks["string_close"] | masks["string_partial_start"]
         parts: list[str] = []
         pending_bytes: list[int] = []  # tokens of a multi-byte character not yet complete
         steps = itertools.count() if self.max_string_tokens is None else range(self.max_string_tokens)
@@ -632,7 +719,9 @@ class GuidedDecoder:
         for _ in steps:
             if not self._live():
                 break
-            token = self._sample(allowed)
+            # within a multi-byte character only the byte pieces that continue it validly may follow, so it
+            # is neither cut by an ordinary token nor spelled wrong (both leave a replacement mark)
+            token = self._sample(self._continuations(pending_bytes) if pending_bytes else allowed)
             if bool(masks["string_partial"][token]):
                 pending_bytes.append(token)
                 self._feed([token])
@@ -660,6 +749,19 @@ class GuidedDecoder:
             self.strings_cut += 1
         self.emit('"')
         return "".join(parts)
+
+    def _continuations(self, pending: Sequence[int]) -> torch.Tensor:
+        """Byte pieces that keep `pending` valid UTF-8 (any byte piece where their bytes are unknown)."""
+        known = self._vocab.partial_bytes
+        partial = self._vocab.masks["string_partial"]
+        if not known or any(t not in known for t in pending):
+            return partial
+        head = b"".join(known[t] for t in pending)
+        ok = [t for t, b in known.items() if _utf8_prefix(head + b)]
+        mask = torch.zeros_like(partial)
+        if ok:
+            mask[torch.tensor(ok, dtype=torch.long, device=mask.device)] = True
+        return mask if bool(mask.any()) else partial
 
     def _decode_run(self, ids: Sequence[int]) -> str:
         return str(self.engine.loaded.tokenizer.decode(list(ids), clean_up_tokenization_spaces=False))

@@ -180,7 +180,18 @@ def call_text(tokenizer: Any, ids: Sequence[int], text: str) -> str:
             x = x.replace(marker, "")
         return x
 
-    return kept if unmarked(kept) == unmarked(text) else text
+    want = unmarked(text)
+    if not unmarked(kept).startswith(want):
+        return text
+    # a stop sequence cut `text`: cut `kept` where its marker-free characters reach the same length
+    i = count = 0
+    while count < len(want) and i < len(kept):
+        marker = next((m for m in CALL_MARKERS if kept.startswith(m, i)), None)
+        if marker:
+            i += len(marker)
+        else:
+            i, count = i + 1, count + 1
+    return kept[:i]
 
 
 # --- call objects ----------------------------------------------------------------------------------

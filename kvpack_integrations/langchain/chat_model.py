@@ -394,10 +394,21 @@ class KVPackChatModel(BaseChatModel):
 
 def _json_schema(schema: dict | type) -> dict[str, Any]:
     """A plain JSON schema from a pydantic class, TypedDict, OpenAI tool dict or JSON schema."""
-    tool_shaped = isinstance(schema, dict) and ("function" in schema or {"name", "parameters"} <= set(schema))
-    if isinstance(schema, dict) and not tool_shaped:  # any JSON schema: a root anyOf, $ref, enum ... as given
+    if isinstance(schema, dict) and not _tool_shaped(schema):  # any JSON schema: a root anyOf, $ref ... as given
         return dict(schema)
     return convert_to_openai_tool(schema)["function"].get("parameters", {"type": "object", "properties": {}})
+
+
+_SCHEMA_KEYWORDS = {"type", "properties", "required", "anyOf", "oneOf", "allOf", "$ref", "enum", "const", "items"}
+
+
+def _tool_shaped(schema: dict) -> bool:
+    """An OpenAI (`function`, or `name` + `parameters`), Anthropic (`input_schema`) or Bedrock (`toolSpec`)
+    tool dict, or a dict with no JSON-schema keyword at all: LangChain's converter reads those."""
+    keys = set(schema)
+    if keys & {"function", "input_schema", "toolSpec"} or {"name", "parameters"} <= keys:
+        return True
+    return not keys & _SCHEMA_KEYWORDS
 
 
 def _tracing_schema(schema: dict | type | None) -> dict[str, Any] | None:

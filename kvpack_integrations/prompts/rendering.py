@@ -8,6 +8,7 @@ offsets; every split is a token boundary of that single rendering.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,30 @@ def _locate(text: str, content: str, cursor: int) -> tuple[int, int]:
     return span
 
 
+def _drops_text_beside_calls(tokenizer: Any, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the template leaves out the text of an assistant turn that calls tools (Llama 3.1 and
+    Mistral do), learned once per template by rendering a probe: searching the rendering for the text
+    would find it elsewhere when it also occurs later (in the call's arguments, in a tool result)."""
+    tools = json.dumps(kwargs.get("tools") or [], sort_keys=True)
+    thinking = kwargs.get("enable_thinking")
+    return _probe_dropped_text(str(tokenizer.chat_template or ""), tokenizer, tools, thinking)
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_dropped_text(template: str, tokenizer: Any, tools_json: str, thinking: bool | None) -> bool:
+    sentinel = "kvpacksentinel"
+    call = {"id": "kvpackid0", "type": "function", "function": {"name": "kvpackprobe", "arguments": {}}}
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": sentinel, "tool_calls": [call]}]
+    kwargs: dict[str, Any] = {"tools": json.loads(tools_json) or None}
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, **kwargs)
+    except Exception:  # a template that cannot render the probe: search the rendering as for any turn
+        return False
+    return sentinel not in str(text)
+
+
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
     """Token ids and character offsets of `text` (no special tokens added: the template has them)."""
     if not getattr(tokenizer, "is_fast", False):
@@ -174,7 +199,7 @@ def render_messages(
     dropped = []
     cursor = 0
     for i, m in enumerate(msgs):
-        if m.get("tool_calls") and m["content"].strip() and find_in_rendering(text, m["content"], cursor) is None:
+        if m.get("tool_calls") and m["content"].strip() and _drops_text_beside_calls(tokenizer, kwargs):
             dropped.append(i)  # the template renders only the calls: nothing of the text to locate
             start, end = cursor, cursor
         else:
