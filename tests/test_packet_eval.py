@@ -182,3 +182,60 @@ def test_gpu_timing_script_runs_on_a_tiny_model(tmp_path) -> None:
     ways = {"store", "store_1_threads", "store_4_threads", "store_16_threads", "mapped_previous_store", "read_whole"}
     ways |= {"safetensors_to_device"}
     assert set(shape["load_variants_ms"]) == ways
+
+
+def test_squad_scoring() -> None:
+    """SQuAD v1.1 normalisation (lower case, ASCII punctuation and articles dropped), the first line of
+    the answer, the best of several gold answers."""
+    from kvpack_integrations.evaluation.metrics import answer_span, exact_match, f1_score, normalize
+
+    assert normalize("The  Band, of New-York!") == "band of newyork"
+    assert answer_span("\n  Paris.\nIt is in France.") == "Paris."
+    assert exact_match("The Paris.\nmore text", ["paris"]) == 1.0 and exact_match("Paris, France", ["Paris"]) == 0.0
+    assert f1_score("Paris France", ["Paris"]) == 2 * (1 / 2) * 1 / (1 / 2 + 1)
+    assert f1_score("New York City", ["Boston", "new york"]) == 2 * (2 / 3) * 1 / (2 / 3 + 1)  # the best gold
+    assert f1_score("", ["Paris"]) == 0.0 and f1_score("London", ["Paris"]) == 0.0
+
+
+def test_every_method_starts_from_the_same_store_state(tmp_path, monkeypatch) -> None:
+    """Each method reads its own packet files just before its timing (methods share the plain ones, so
+    otherwise the first to run pays the disk for the rest), and a packet built inside the timing is an
+    error; records that do not say their settings are refused on resume."""
+    from kvpack_integrations.evaluation.packet_eval import PacketHarness
+    from kvpack_integrations.packet.composer import PacketComposer
+
+    loaded = make_model("llama")
+    adapter = PacketAdapter.initial(loaded, 2, 2)
+    opts = PacketEvalOptions(max_new_tokens=2)
+    harness = PacketHarness(loaded, PacketComposer(loaded, tmp_path / "p", adapter, resident_bytes=0), opts)
+    prompt = packet_prompt(loaded.tokenizer, list(FACTS[:3]), QUESTION, KnowledgeFormat())
+    harness.prepare(prompt)
+    warmed: list[str] = []
+    real = type(harness).warm
+    monkeypatch.setattr(type(harness), "warm", lambda self, m, p: warmed.append(m) or real(self, m, p))
+    for method in METHODS:
+        harness.run(method, prompt)
+    assert warmed == list(METHODS)
+    unprepared = packet_prompt(loaded.tokenizer, ["An unseen passage."], QUESTION, KnowledgeFormat())
+    with pytest.raises(RuntimeError, match="built inside the timing"):
+        harness.run("rerotated", unprepared)
+    records = tmp_path / "old.jsonl"
+    run_packet_eval(
+        loaded,
+        _rows()[:1],
+        None,
+        PacketEvalOptions(methods=("full",), max_new_tokens=2),
+        records_path=records,
+        progress=False,
+    )
+    legacy = [{**json.loads(line), "setup": None} for line in records.read_text().splitlines()]
+    records.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    with pytest.raises(InvalidInputError, match="do not say their settings"):
+        run_packet_eval(
+            loaded,
+            _rows()[:1],
+            None,
+            PacketEvalOptions(methods=("full",), max_new_tokens=2),
+            records_path=records,
+            progress=False,
+        )
