@@ -47,3 +47,12 @@ run hotpotqa_dev_wide hotpotqa_dev_300 "$ADAPTERS/mixture16_passages10.safetenso
 run musique_dev_wide musique_dev_200 "$ADAPTERS/mixture16_passages10.safetensors" full,packet
 continued hotpotqa_dev_wide hotpotqa_dev_300 "$ADAPTERS/mixture16_passages10.safetensors" full,packet 300
 continued musique_dev_wide musique_dev_200 "$ADAPTERS/mixture16_passages10.safetensors" full,packet 200
+# The twelfth session's harness (every method's packet files read just before its timing, so methods
+# sharing the plain files no longer profit from whoever ran first): every baseline again, N = 100, with
+# the shipped adapter (the default: no --adapter).
+fair() {  # name data
+  [ -f "$OUT/packet_$1.json" ] || kvpack eval packet --data "$DATA/$2.jsonl" --limit 100 --methods "$ALL" \
+    --packets "$PACKETS" --records "$OUT/packet_$1.records.jsonl" --output "$OUT/packet_$1.json" --json | tail -1
+}
+fair musique_dev_same_state musique_dev_200
+fair hotpotqa_dev_same_state hotpotqa_dev_300

@@ -16,7 +16,9 @@ others). A method that would build a packet inside its timing is an error, not a
 - `epic`: EPIC-style: `rerotated`, then the first k tokens of every document are recomputed;
 - `naive`: plain document caches concatenated as they are (every document at positions 0..n).
 
-The preamble (chat header and instruction, the same for every row) comes from the exact prefix cache.
+The preamble (chat header and instruction, the same for every row) comes from the exact prefix cache
+for the approximate methods; `full` prefills it with the rest (text stuffing: 28 tokens of the default
+model's ~1,900, about 1.5% of its prefill). Scoring is SQuAD v1.1's (ASCII punctuation only).
 `recomputed_tokens` counts document tokens whose K/V is computed at query time; `flops` estimates
 2 x non-embedding parameters x tokens computed at query time (document tokens recomputed, the
 question and answer header, and for `blend` its two-layer pass), attention ignored.
