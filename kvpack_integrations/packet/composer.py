@@ -186,7 +186,7 @@ class PacketComposer:
         requests = [(paths[i], documents[i]) for i in sorted(stored)]
         device, dtype, threads = self.loaded.device, self.loaded.dtype, self.load_threads
         from_store = iter_packets(requests, fingerprint, dtype, device, adapter, threads=threads)
-        again = {path for path in paths if paths.count(path) > 1}
+        again = {path for i, path in enumerate(paths) if first[path] != i}  # paths that recur, from `first`
         made: dict[Path, PacketCache] = {}  # a document twice in one query is built (or read) once
         try:
             for i, document in enumerate(documents):
