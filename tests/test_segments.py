@@ -199,6 +199,41 @@ def test_a_rebuild_interrupted_between_renames_gets_its_pack_back(qwen, store: P
     assert not (fresh.root / "packs" / ".locks").exists()
 
 
+def test_a_read_spanning_two_rebuilds_reads_one_whole_pack(qwen, store: PackStore, monkeypatch) -> None:
+    """The interleaving a CI run once hit: the reader has the manifest of the full pack, a rebuild with
+    fewer facts removes a segment file, and a rebuild of the full facts puts the same segment ids back
+    before the reader looks again. The read must be retried, not reported as a damaged pack."""
+    from kvpack_integrations.segments import pack_store
+
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    first_build = store.manifest("kb").build_id
+    real_load = pack_store.load_segment
+    calls = []
+
+    def load_during_rebuilds(path, *args, **kwargs):
+        calls.append(path.name)
+        if len(calls) == 1:  # the reader holds the full pack's manifest; a rebuild drops a fact
+            build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS[:2])
+        try:
+            return real_load(path, *args, **kwargs)
+        except CorruptSegmentError:
+            if len(calls) <= len(FACTS) + 1:  # the segment is gone: the full facts come back, same ids
+                build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+            raise
+
+    monkeypatch.setattr(pack_store, "load_segment", load_during_rebuilds)
+    manifest, segments = store.load_segments("kb", qwen.fingerprint)
+    assert manifest.facts == list(FACTS) and manifest.build_id not in ("", first_build)
+    assert [s.id for s in segments] == manifest.segment_ids
+    assert len(calls) > len(manifest.segment_ids)  # the interleaving happened: a read failed and was retried
+
+    # a pack that really is damaged is still reported as such, not retried for ever
+    monkeypatch.setattr(pack_store, "load_segment", real_load)
+    _first_segment_file(store, "kb").unlink()
+    with pytest.raises(CorruptSegmentError, match="missing"):
+        store.load_segments("kb", qwen.fingerprint)
+
+
 def test_rebuilding_a_pack_while_it_is_read(qwen, store: PackStore) -> None:
     """Two builders of one name and a reader at once: every read finds a whole pack, no builder fails,
     and nothing is left behind."""

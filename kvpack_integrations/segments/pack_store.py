@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from .segment import KVSegment
 from .serialization import atomic_write_bytes, load_segment, save_segment
 
 MANIFEST_FORMAT = "kvpack-pack/1"
+READ_ATTEMPTS = 16  # a reader gives up after this many rebuilds swapped in under it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -59,6 +61,7 @@ class PackManifest:
     token_count: int
     raw: bool = False
     created: float = field(default_factory=time.time)
+    build_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells two builds of the same facts apart
 
     @property
     def lossless(self) -> bool:
@@ -78,6 +81,7 @@ class PackManifest:
                 "token_count": self.token_count,
                 "raw": self.raw,
                 "created": self.created,
+                "build_id": self.build_id,
             },
             indent=1,
         )
@@ -101,6 +105,7 @@ class PackManifest:
                 token_count=int(data["token_count"]),
                 raw=bool(data.get("raw", False)),
                 created=float(data.get("created", 0.0)),
+                build_id=str(data.get("build_id", "")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise CorruptSegmentError(f"pack manifest {where} is malformed: {exc}") from exc
@@ -167,18 +172,28 @@ class PackStore:
 
     def manifest(self, name: str) -> PackManifest:
         path = self.pack_dir(name) / "manifest.json"
+        return PackManifest.from_json(self._manifest_text(name), path)
+
+    def _manifest_text(self, name: str) -> str:
+        path = self.pack_dir(name) / "manifest.json"
         if not path.is_file():
             self._restore(name)
-        if not path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
             known = ", ".join(self.names()) or "none"
             raise UnknownKnowledgeBaseError(
                 f"no knowledge base named {name!r} in {self.root} (known: {known}); build it with `kvpack build`"
-            )
-        try:
-            text = path.read_text(encoding="utf-8")
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise CorruptSegmentError(f"pack manifest {path} is unreadable: {exc}") from exc
-        return PackManifest.from_json(text, path)
+
+    def _same_build(self, name: str, text: str) -> bool:
+        """Whether the pack is still the build whose manifest read `text` (a vanished pack is not)."""
+        try:
+            return self._manifest_text(name) == text
+        except (UnknownKnowledgeBaseError, CorruptSegmentError):
+            return False
 
     def current_manifest(self, name: str) -> PackManifest:
         """`manifest(name)`, re-read only when the file changed (a rebuild), so a per-request check costs a
@@ -217,23 +232,37 @@ class PackStore:
     def load_segments(
         self, name: str, expected: Fingerprint, device: str | torch.device = "cpu"
     ) -> tuple[PackManifest, list[KVSegment]]:
-        """Load a pack's segments in composition order, refusing packs from another model."""
-        manifest = self.manifest(name)
-        if manifest.fingerprint != expected:
-            raise FingerprintMismatchError(
-                f"knowledge base {name!r} was built with model {manifest.model_name!r}, which differs from the "
-                "loaded model: "
-                + "; ".join(expected.mismatches(manifest.fingerprint))
-                + f". Rebuild it with `kvpack build ... --kb {name}` on this model."
-            )
-        seg_dir = self.pack_dir(name) / "segments"
-        try:
-            segments = [load_segment(seg_dir / f"{sid}.safetensors", expected, device) for sid in manifest.segment_ids]
-        except CorruptSegmentError:
-            if self.manifest(name).segment_ids == manifest.segment_ids:
-                raise
-            return self.load_segments(name, expected, device)  # rebuilt while we read: read the new pack
-        return manifest, segments
+        """Load a pack's segments in composition order, refusing packs from another model.
+
+        A rebuild may swap the pack in while it is read, even one of the same facts (same segment ids).
+        The read is therefore a snapshot: the manifest is read again after the segments, and the whole
+        read retried if another build (its own `build_id`) took its place in between."""
+        path = self.pack_dir(name) / "manifest.json"
+        for _ in range(READ_ATTEMPTS):
+            text = self._manifest_text(name)
+            manifest = PackManifest.from_json(text, path)
+            if manifest.fingerprint != expected:
+                raise FingerprintMismatchError(
+                    f"knowledge base {name!r} was built with model {manifest.model_name!r}, which differs from the "
+                    "loaded model: "
+                    + "; ".join(expected.mismatches(manifest.fingerprint))
+                    + f". Rebuild it with `kvpack build ... --kb {name}` on this model."
+                )
+            seg_dir = path.parent / "segments"
+            try:
+                segments = [
+                    load_segment(seg_dir / f"{sid}.safetensors", expected, device) for sid in manifest.segment_ids
+                ]
+            except CorruptSegmentError:
+                if self._same_build(name, text):
+                    raise  # the pack itself is damaged, not replaced
+                continue
+            if self._same_build(name, text):
+                return manifest, segments
+        raise CorruptSegmentError(
+            f"knowledge base {name!r} was rebuilt {READ_ATTEMPTS} times while it was being read; no whole pack "
+            "could be read (try again once the builds have finished)"
+        )
 
     def delete(self, name: str) -> None:
         """Remove a pack: renamed away first, so an interrupted delete never leaves a manifest without
