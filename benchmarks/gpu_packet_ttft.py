@@ -8,13 +8,16 @@ through `PacketHarness`, the query path `kvpack eval packet` times: `full` prefi
 the packet methods load every document's cache from the packet store (files written just before, so
 read from the page cache), re-rotate the keys and prefill the tail. `packet_resident` is `packet` with
 the packets kept on the GPU between queries (`PacketComposer(resident_bytes=...)`), as an agent loop
-that composes the same documents again gets them. Medians of `--repeats` runs after one warm-up;
-methods alternate order between runs. `load_variants_ms` times the store's load (each file read
-whole into page-locked memory, 16 files at once, copied asynchronously) beside other ways to bring the
-same packet files onto the GPU, the memory-mapped load the store used before among them. Results
-are written after every shape, so a run cut short keeps what it measured.
+that composes the same documents again gets them; `packet_host` keeps them in page-locked host memory
+instead (`PacketComposer(host_bytes=...)`), so a repeat costs their copy to the GPU but no file read.
+Medians of `--repeats` runs after one warm-up; methods alternate order between runs.
+`load_variants_ms` times the store's load (each file read whole into page-locked memory, 16 files at
+once, copied asynchronously) beside other ways to bring the same packet files onto the GPU, the
+memory-mapped load the store used before among them. Results are written after every shape, so a run
+cut short keeps what it measured.
 
 Usage: python benchmarks/gpu_packet_ttft.py --out FILE [--shapes 10x150,20x200] [--repeats 5] [--resident-gib 32]
+       [--host-gib 16]
        python benchmarks/gpu_packet_ttft.py --tiny --out FILE   (a 2-layer model on the CPU: checks the script)
 """
 
@@ -172,17 +175,26 @@ def load_variants(composer: PacketComposer, documents: Any, repeats: int) -> dic
 
 
 def time_shape(
-    harness: PacketHarness, resident: PacketHarness, loaded: Any, documents: int, tokens: int, repeats: int
+    harness: PacketHarness,
+    resident: PacketHarness,
+    host: PacketHarness,
+    loaded: Any,
+    documents: int,
+    tokens: int,
+    repeats: int,
 ) -> dict[str, Any]:
     prompt = shape_prompt(loaded, documents, tokens, seed=documents * 100_003 + tokens)
     t0 = time.perf_counter()
     harness.prepare(prompt)  # index time: every document cached alone and stored, plain and wrapped
     index_s = time.perf_counter() - t0
     resident.composer.resident.clear()  # the last shape's packets leave the GPU
+    host.composer.host.clear()  # and the host tier
     hits_before = resident.composer.resident.hits
+    host_hits_before = host.composer.host.hits
     runners = {m: (harness, m) for m in harness.methods}
     if "packet" in harness.methods:
         runners["packet_resident"] = (resident, "packet")  # its warm-up run makes the packets resident
+        runners["packet_host"] = (host, "packet")  # its warm-up run fills the host tier
     times: dict[str, list[float]] = {m: [] for m in runners}
     recomputed: dict[str, int] = {}
     for run in range(repeats + 1):
@@ -208,19 +220,25 @@ def time_shape(
         "load_variants_ms": variants,
         "resident_packets": len(resident.composer.resident),
         "resident_hits": resident.composer.resident.hits - hits_before,
+        "host_packets": len(host.composer.host),
+        "host_bytes": host.composer.host.used_bytes,
+        "host_hits": host.composer.host.hits - host_hits_before,
     }
 
 
-def profile(harness: PacketHarness, resident: PacketHarness, loaded: Any, documents: int, tokens: int) -> str:
-    """torch.profiler tables of one `packet` and one `packet_resident` run of a shape: where the time goes."""
+def profile(
+    harness: PacketHarness, resident: PacketHarness, host: PacketHarness, loaded: Any, documents: int, tokens: int
+) -> str:
+    """torch.profiler tables of one `packet`, `packet_resident` and `packet_host` run of a shape: where the
+    time goes."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     prompt = shape_prompt(loaded, documents, tokens, seed=documents * 100_003 + tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loaded.device.type == "cuda" else [])
     tables = []
-    for name, runner in (("packet", harness), ("packet_resident", resident)):
-        runner.run("packet", prompt)  # warm (and, for the resident one, make the packets resident)
+    for name, runner in (("packet", harness), ("packet_resident", resident), ("packet_host", host)):
+        runner.run("packet", prompt)  # warm (and fill the resident or host tier)
         with torch_profile(activities=activities) as prof:
             runner.run("packet", prompt)
         for key in ("cpu_time_total", "self_cpu_time_total") + (
@@ -238,6 +256,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--resident-gib", type=int, default=32, help="device memory for resident packets")
+    parser.add_argument("--host-gib", type=int, default=16, help="page-locked host memory for the host tier")
     parser.add_argument(
         "--load-threads", type=int, default=None, help="packet files read at once (default: the store's)"
     )
@@ -258,6 +277,15 @@ def main() -> None:
     harness = PacketHarness(loaded, composer, options)
     on_device = PacketComposer(loaded, composer.store, adapter, resident_bytes=args.resident_gib << 30)
     resident = PacketHarness(loaded, on_device, options)
+    in_host = PacketComposer(
+        loaded,
+        composer.store,
+        adapter,
+        resident_bytes=0,
+        host_bytes=args.host_gib << 30,
+        load_threads=args.load_threads,
+    )
+    host = PacketHarness(loaded, in_host, options)
     result: dict[str, Any] = {
         "model": loaded.name,
         "config": model_shape(args.tiny),
@@ -274,14 +302,14 @@ def main() -> None:
     out = Path(args.out)
     for shape in args.shapes.split(","):
         documents, tokens = (int(x) for x in shape.split("x"))
-        row = time_shape(harness, resident, loaded, documents, tokens, args.repeats)
+        row = time_shape(harness, resident, host, loaded, documents, tokens, args.repeats)
         result["shapes"].append(row)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: row[k] for k in ("prompt_tokens", "ttft_ms", "full_over_method", "load_variants_ms")}))
         sys.stdout.flush()
     if args.profile:
         documents, tokens = (int(x) for x in args.profile.split("x"))
-        out.with_suffix(".profile.txt").write_text(profile(harness, resident, loaded, documents, tokens) + "\n")
+        out.with_suffix(".profile.txt").write_text(profile(harness, resident, host, loaded, documents, tokens) + "\n")
 
 
 if __name__ == "__main__":

@@ -176,9 +176,10 @@ def test_gpu_timing_script_runs_on_a_tiny_model(tmp_path) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=300)
     shape = json.loads(out.read_text())["shapes"][0]
     assert shape["prompt_tokens"] > shape["tail_tokens"] + 36  # preamble + 3 documents of 12 tokens + tail
-    assert set(shape["ttft_ms"]) == {"full", "packet", "rerotated", "blend", "epic", "packet_resident"}
+    assert set(shape["ttft_ms"]) == {"full", "packet", "rerotated", "blend", "epic", "packet_resident", "packet_host"}
     assert shape["recomputed_tokens"]["packet"] == 0 and shape["recomputed_tokens"]["full"] == 36
     assert shape["resident_packets"] == 3 and shape["resident_hits"] == 3  # the timed run never read the store
+    assert shape["host_packets"] == 3 and shape["host_hits"] == 3 and shape["host_bytes"] > 0  # nor the host tier
     ways = {"store", "store_1_threads", "store_4_threads", "store_16_threads", "mapped_previous_store", "read_whole"}
     ways |= {"safetensors_to_device"}
     assert set(shape["load_variants_ms"]) == ways

@@ -3,6 +3,8 @@ packets stored at index time and reused, approximate usage reports, and refusals
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -162,6 +164,55 @@ def test_resident_packets_skip_the_store_and_stay_in_budget(tmp_path) -> None:
         PacketComposer(loaded, tmp_path / "q", None, resident_bytes=-1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_host_packets_skip_the_file_and_stay_in_budget(tmp_path, monkeypatch, threads: int) -> None:
+    """The host tier: a packet read from the store is kept (checked) in host memory, so a repeat reads
+    no file, even once the file is gone; the budget holds, least recently used out first."""
+    from kvpack_integrations.packet import store as packet_store
+    from kvpack_integrations.packet.store import packet_path
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    adapter = PacketAdapter.initial(loaded, 2, 2)
+    split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
+    composer = PacketComposer(loaded, tmp_path / "p", adapter, resident_bytes=0, host_bytes=2**24, load_threads=threads)
+    engine = Engine(loaded, packets=composer)
+    assert composer.compose(engine, split, "packet").packets_built == 3 and len(composer.host) == 0
+    reads: list[str] = []
+    real_read = packet_store.read_tensor_file_whole
+
+    def counted(path, **kwargs):
+        reads.append(path.name)
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(packet_store, "read_tensor_file_whole", counted)
+    first = composer.compose(engine, split, "packet")
+    assert len(reads) == 3 and len(composer.host) == 3 and composer.host.hits == 0
+    for document in split.documents:  # the store is gone: a repeat is served from host memory
+        packet_path(composer.store, document, adapter, loaded.fingerprint).unlink()
+    again = composer.compose(engine, split, "packet")
+    assert len(reads) == 3 and again.packets_built == 0 and composer.host.hits == 3
+    torch.testing.assert_close(
+        forward(loaded, again.composed.cache, split.tail), forward(loaded, first.composed.cache, split.tail)
+    )
+    # one packet less fits: the least recently used is read again, the others are not
+    used = composer.host.used_bytes
+    small = PacketComposer(loaded, tmp_path / "q", adapter, resident_bytes=0, host_bytes=used - 1, load_threads=threads)
+    small.compose(engine, split, "packet")  # builds them
+    reads.clear()
+    small.compose(engine, split, "packet")
+    assert len(reads) == 3 and len(small.host) == 2 and small.host.used_bytes <= used - 1
+    # the one read first is dropped for the last (on 2 threads, files finish in any order): the kept two
+    # are composed from host memory
+    held = [d for d in split.documents if packet_path(small.store, d, adapter, loaded.fingerprint) in small.host]
+    assert len(held) == 2
+    small.compose(engine, dataclasses.replace(split, documents=tuple(held)), "packet")
+    assert len(reads) == 3 and small.host.hits == 2
+    with pytest.raises(InvalidInputError, match="host packet budget"):
+        PacketComposer(loaded, tmp_path / "q", None, host_bytes=-1)
+
+
 def test_resident_budget_from_the_environment(tmp_path, monkeypatch) -> None:
     from .support.tiny_models import make_model
 
@@ -169,10 +220,14 @@ def test_resident_budget_from_the_environment(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", "1.5")
     assert PacketComposer(loaded, tmp_path, None).resident.budget_bytes == 3 * 2**19
     assert PacketComposer(loaded, tmp_path, None, resident_bytes=0).resident.budget_bytes == 0
-    for bad in ("lots", "inf", "nan", "-1"):
-        monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", bad)
-        with pytest.raises(InvalidInputError, match=f"KVPACK_PACKET_RESIDENT_MB .*got '{bad}'"):
-            PacketComposer(loaded, tmp_path, None)
+    monkeypatch.setenv("KVPACK_PACKET_HOST_MB", "2")
+    assert PacketComposer(loaded, tmp_path, None).host.budget_bytes == 2**21
+    for name in ("KVPACK_PACKET_RESIDENT_MB", "KVPACK_PACKET_HOST_MB"):
+        for bad in ("lots", "inf", "nan", "-1"):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(InvalidInputError, match=f"{name} .*got '{bad}'"):
+                PacketComposer(loaded, tmp_path, None)
+            monkeypatch.setenv(name, "0")
 
 
 def test_packets_are_stored_in_the_cache_dtype(tmp_path) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..knowledge.synthetic import invented_name
+from ..runtime.paths import usable_file
+from ..segments.serialization import atomic_write_bytes
 
 _JOBS = [
     "a glassblower",
@@ -69,7 +71,9 @@ def biography_rows(n: int, passages: int = 4, seed: int = 0) -> Iterator[dict]:
 
 
 def write_biographies(path: str | Path, n: int, passages: int = 4, seed: int = 0) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in biography_rows(n, passages, seed)), encoding="utf-8")
+    """Write the rows as JSONL (the training data format), atomically: a bad path or `n` is refused by
+    name and an interrupted run leaves an existing file as it was."""
+    path = usable_file(path, "biographies file")
+    rows = "".join(json.dumps(r) + "\n" for r in biography_rows(n, passages, seed))
+    atomic_write_bytes(path, rows.encode("utf-8"))
     return path

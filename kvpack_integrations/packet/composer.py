@@ -33,6 +33,7 @@ from ..errors import InvalidInputError
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.loader import LoadedModel
+from ..runtime.paths import usable_directory
 from .adapter import PacketAdapter, shipped_adapter
 from .compose import PACKET_REMEDY, PacketCache, cache_packet, compose_packets, wrapped_length
 from .layout import PacketPrompt, document_ids
@@ -51,16 +52,26 @@ def default_packet_dir() -> Path:
     return Path(os.environ.get("KVPACK_PACKETS", kvpack_home() / "packets")).expanduser()
 
 
-def default_resident_bytes() -> int:
-    """`$KVPACK_PACKET_RESIDENT_MB` in bytes (0 when unset)."""
-    raw = os.environ.get("KVPACK_PACKET_RESIDENT_MB", "").strip()
+def megabytes_from_env(name: str) -> int:
+    """`$name` megabytes in bytes (0 when unset); anything but a number >= 0 is refused by name."""
+    raw = os.environ.get(name, "").strip()
     try:
         megabytes = float(raw) if raw else 0.0
     except ValueError:
         megabytes = math.nan
     if not math.isfinite(megabytes) or megabytes < 0:
-        raise InvalidInputError(f"KVPACK_PACKET_RESIDENT_MB must be a number of megabytes >= 0, got {raw!r}")
+        raise InvalidInputError(f"{name} must be a number of megabytes >= 0, got {raw!r}")
     return int(megabytes * 2**20)
+
+
+def default_resident_bytes() -> int:
+    """`$KVPACK_PACKET_RESIDENT_MB` in bytes (0 when unset)."""
+    return megabytes_from_env("KVPACK_PACKET_RESIDENT_MB")
+
+
+def default_host_bytes() -> int:
+    """`$KVPACK_PACKET_HOST_MB` in bytes (0 when unset)."""
+    return megabytes_from_env("KVPACK_PACKET_HOST_MB")
 
 
 @dataclass
@@ -81,6 +92,11 @@ class PacketComposer:
     `resident_bytes`: keep up to this many bytes of packets on the model's device between queries
     (least recently used dropped first), so documents composed again skip the store; 0 keeps none;
     None: `$KVPACK_PACKET_RESIDENT_MB` megabytes, else none.
+    `host_bytes`: keep up to this many bytes of packets, as read and checked, in host memory between
+    queries (page-locked on a GPU machine), so a packet dropped from the device, or never kept there,
+    costs only its copy to the device, not its file; 0 keeps none; None: `$KVPACK_PACKET_HOST_MB`
+    megabytes, else none. Both tiers are least recently used first out, and hold what they were given
+    (packets are named by content: a kept packet never goes stale).
     `load_threads`: packet files read at once (None: 16 on a GPU, bounded by the cores; 1 on a CPU).
     """
 
@@ -93,6 +109,7 @@ class PacketComposer:
         blend_ratio: float = 0.15,
         epic_tokens: int = 8,
         resident_bytes: int | None = None,
+        host_bytes: int | None = None,
         load_threads: int | None = None,
     ) -> None:
         if not 0 < blend_ratio <= 1:
@@ -100,7 +117,7 @@ class PacketComposer:
         if epic_tokens < 1:
             raise InvalidInputError(f"epic_tokens must be >= 1, got {epic_tokens}")
         self.loaded = loaded
-        self.store = Path(store).expanduser() if store is not None else default_packet_dir()
+        self.store = usable_directory(store if store is not None else default_packet_dir(), "packet store")
         if adapter == "shipped":
             path = shipped_adapter(loaded)
             adapter = PacketAdapter.load(path, loaded.fingerprint) if path is not None else None
@@ -112,6 +129,7 @@ class PacketComposer:
         self.blend_ratio = blend_ratio
         self.epic_tokens = epic_tokens
         self.resident = ResidentPackets(default_resident_bytes() if resident_bytes is None else resident_bytes)
+        self.host = ResidentPackets(default_host_bytes() if host_bytes is None else host_bytes, where="host")
         if load_threads is not None and load_threads < 1:
             raise InvalidInputError(f"load_threads must be >= 1, got {load_threads}")
         self.load_threads = load_threads
@@ -173,19 +191,23 @@ class PacketComposer:
     def stream(
         self, documents: Sequence[Sequence[int]], method: str, built: list[int]
     ) -> Generator[PacketCache, None, None]:
-        """`load` as a stream, in document order: resident packets at once, stored ones as their files are
-        read (`iter_packets`: on a GPU, several files at once, each copied to the device as soon as it is
-        read), missing ones cached now and stored; the index of each built one is appended to `built`."""
+        """`load` as a stream, in document order: resident packets at once, stored ones from the host tier
+        or as their files are read (`iter_packets`: on a GPU, several files at once, each copied to the
+        device as soon as it is read), missing ones cached now and stored; the index of each built one is
+        appended to `built`."""
         adapter = self.adapter_for(method)
         fingerprint = self.loaded.fingerprint
         key = adapter_id(adapter)  # once per query: hashing the soft tokens per document costs ms on an 8B model
         paths = [packet_path(self.store, document, key, fingerprint) for document in documents]
         found = {i: packet for i, path in enumerate(paths) if (packet := self.resident.get(path)) is not None}
         first = {path: i for i, path in reversed(list(enumerate(paths)))}  # each path's first position
-        stored = {i for i, path in enumerate(paths) if i not in found and first[path] == i and path.is_file()}
+        host = self.host if self.host.budget_bytes else None
+        kept = {path for path in paths if host is not None and path in host}  # in host memory: no file needed
+        wanted = [i for i, path in enumerate(paths) if i not in found and first[path] == i]
+        stored = {i for i in wanted if paths[i] in kept or paths[i].is_file()}
         requests = [(paths[i], documents[i]) for i in sorted(stored)]
         device, dtype, threads = self.loaded.device, self.loaded.dtype, self.load_threads
-        from_store = iter_packets(requests, fingerprint, dtype, device, adapter, threads=threads)
+        from_store = iter_packets(requests, fingerprint, dtype, device, adapter, threads=threads, host=host)
         again = {path for i, path in enumerate(paths) if first[path] != i}  # paths that recur, from `first`
         made: dict[Path, PacketCache] = {}  # a document twice in one query is built (or read) once
         try:

@@ -1,10 +1,13 @@
-"""Packets kept on the model's device between queries: a least-recently-used set bounded in bytes.
+"""Packets kept between queries: a least-recently-used set bounded in bytes, on the model's device
+(`PacketComposer.resident`) or in host memory as read from the store (`PacketComposer.host`).
 
 Why: on a GPU, reading a document's packet from the store and copying it to the device can take longer
 than the prefill it saves (an 8B model's K/V is 128 KiB per token in bfloat16). Agent loops and chat
 sessions compose the same documents again and again; keeping their packets resident makes a repeat
-cost only the re-rotation. Packets are named by content (document tokens and adapter) and never
-modified by composition (it copies them), so a resident packet stays valid as long as it is kept.
+cost only the re-rotation. Where the device cannot hold them all, a host tier of page-locked buffers
+makes a repeat cost only the copy to the device (no file read). Packets are named by content (document
+tokens and adapter) and never modified by composition (it copies them), so a kept packet stays valid
+as long as it is kept.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ class ResidentPackets:
 
     Thread-safe: one composer may serve several engines on the same model."""
 
-    def __init__(self, budget_bytes: int = 0) -> None:
+    def __init__(self, budget_bytes: int = 0, where: str = "resident") -> None:
         if budget_bytes < 0:
-            raise InvalidInputError(f"the resident packet budget must be >= 0 bytes, got {budget_bytes}")
+            raise InvalidInputError(f"the {where} packet budget must be >= 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self.hits = 0
@@ -41,6 +44,11 @@ class ResidentPackets:
 
     def __len__(self) -> int:
         return len(self._packets)
+
+    def __contains__(self, path: object) -> bool:
+        """Whether `path`'s packet is kept (not counted as a hit or a miss: `get` takes it)."""
+        with self._lock:
+            return path in self._packets
 
     def get(self, path: Path) -> PacketCache | None:
         with self._lock:

@@ -22,6 +22,7 @@ from ..segments.tensor_files import save_tensor_file
 from ..segments.whole_tensor_file import read_tensor_file_whole
 from .adapter import PacketAdapter
 from .compose import PacketCache, wrapped_length
+from .resident import ResidentPackets
 
 FORMAT = "kvpack-packet/1"
 LOAD_THREADS = 16  # files read at once onto a GPU (measured on an H200 host: 16 beat 8 by 13-23%)
@@ -67,9 +68,10 @@ def load_packets(
     adapter: PacketAdapter | None,
     *,
     threads: int | None = None,
+    host: ResidentPackets | None = None,
 ) -> list[PacketCache]:
     """The packets of (path, document) pairs, each checked to be exactly that document's, on `device`."""
-    return list(iter_packets(requests, expected, dtype, device, adapter, threads=threads))
+    return list(iter_packets(requests, expected, dtype, device, adapter, threads=threads, host=host))
 
 
 def iter_packets(
@@ -80,39 +82,46 @@ def iter_packets(
     adapter: PacketAdapter | None,
     *,
     threads: int | None = None,
+    host: ResidentPackets | None = None,
 ) -> Generator[PacketCache, None, None]:
     """`load_packets` as a stream, in request order, each packet as soon as its file is read.
 
     Each file is read whole; for a GPU into page-locked memory, `threads` files at once, and copied
     asynchronously (the copies queue on the current stream, before any use of the packets). A file of
-    another document, cut short, or of other shapes is refused by name."""
+    another document, cut short, or of other shapes is refused by name. `host`: checked packets kept in
+    host memory between queries (page-locked for a GPU); a packet found there skips its file, and one
+    read is kept there."""
     device = torch.device(device)
     pin = device.type == "cuda"
     threads = default_load_threads(device) if threads is None else threads
     if threads < 1:
         raise InvalidInputError(f"packet load threads must be >= 1, got {threads}")
 
-    def read(path: Path) -> dict[str, torch.Tensor]:
+    def fetch(path: Path, document: Sequence[int]) -> PacketCache:
+        """The packet in host memory: from the host tier, else read whole from its file and checked."""
+        kept = host.get(path) if host is not None else None
+        if kept is not None:
+            return kept
         tensors, _, _ = read_tensor_file_whole(path, file_format=FORMAT, what="packet", expected=expected, pin=pin)
-        return tensors
+        packet = _checked(path, tensors, expected, document, adapter)
+        if host is not None:
+            host.put(path, packet)
+        return packet
 
     if threads == 1 or len(requests) < 2:
         for path, document in requests:
-            yield _checked(path, read(path), expected, dtype, device, document, adapter)
+            yield _to_device(fetch(path, document), device, dtype)
         return
     with ThreadPoolExecutor(min(threads, len(requests))) as pool:
-        pending: deque[Future[dict[str, torch.Tensor]]] = deque()
+        pending: deque[Future[PacketCache]] = deque()
         queued = iter(requests)
         try:
-            for path, document in requests:
+            for _ in requests:
                 # at most 2 x threads files read ahead: a query's packets never all sit in (page-locked)
-                # host memory at once, and each buffer is let go once its packet is handed over
+                # host memory at once, and each buffer not kept in `host` is let go once handed over
                 while len(pending) < 2 * threads and (nxt := next(queued, None)) is not None:
-                    pending.append(pool.submit(read, nxt[0]))
-                tensors = pending.popleft().result()
-                packet = _checked(path, tensors, expected, dtype, device, document, adapter)
-                del tensors
-                yield packet
+                    pending.append(pool.submit(fetch, *nxt))
+                yield _to_device(pending.popleft().result(), device, dtype)
         finally:
             for future in pending:
                 future.cancel()  # a refused file, or a consumer that stops early, stops the reads not yet started
@@ -134,11 +143,10 @@ def _checked(
     path: Path,
     tensors: dict[str, torch.Tensor],
     expected: Fingerprint,
-    dtype: torch.dtype,
-    device: torch.device,
     document: Sequence[int],
     adapter: PacketAdapter | None,
 ) -> PacketCache:
+    """The file's packet, still where it was read, once it is shown to be `document`'s, whole."""
     keys, values, stored = tensors.get("keys"), tensors.get("values"), tensors.get("document")
     if keys is None or values is None or stored is None:
         raise CorruptSegmentError(f"{path}: keys, values or document ids missing")
@@ -150,10 +158,15 @@ def _checked(
         )
     if tuple(int(x) for x in stored.reshape(-1).tolist()) != tuple(document):
         raise CorruptSegmentError(f"{path}: holds the packet of another document")
-    if not keys.is_pinned():
-        return PacketCache(tuple(document), keys.to(device, dtype), values.to(device, dtype))
-    keys = keys.to(device, dtype, non_blocking=True)
-    values = values.to(device, dtype, non_blocking=True)
+    return PacketCache(tuple(document), keys, values)
+
+
+def _to_device(packet: PacketCache, device: torch.device, dtype: torch.dtype) -> PacketCache:
+    """The packet on `device`; from page-locked memory the copy is asynchronous and carries an event."""
+    if not packet.keys.is_pinned():
+        return PacketCache(packet.document, packet.keys.to(device, dtype), packet.values.to(device, dtype))
+    keys = packet.keys.to(device, dtype, non_blocking=True)
+    values = packet.values.to(device, dtype, non_blocking=True)
     ready = torch.cuda.Event()  # the copies' end, for a use on another stream (`PacketCache.wait_ready`)
     ready.record()
-    return PacketCache(tuple(document), keys, values, ready)
+    return PacketCache(packet.document, keys, values, ready)

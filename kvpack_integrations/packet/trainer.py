@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..composition.cache_ops import check_context_window, empty_cache
 from ..errors import InvalidInputError
-from ..evaluation.datasets import QARow
+from ..evaluation.datasets import QARow, rows_digest
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
@@ -133,6 +133,7 @@ def train_adapter(
     trailer = torch.nn.Parameter(adapter.trailer.clone())
     optimizer = torch.optim.Adam([header, trailer], lr=opts.lr)
     state = TrainState()
+    data = rows_digest(rows)
     order = list(range(len(rows)))
     random.Random(opts.seed).shuffle(order)
     if ckpt.is_file():
@@ -142,6 +143,11 @@ def train_adapter(
         same = {**asdict(TrainOptions()), **saved["options"], "steps": opts.steps} == asdict(opts)
         if saved["fingerprint"] != loaded.fingerprint.to_json() or not same:
             raise InvalidInputError(f"{ckpt} was written for another model or other options: remove it to start over")
+        if saved.get("rows", data) != data:  # (a checkpoint from before rows were recorded cannot tell)
+            raise InvalidInputError(
+                f"{ckpt} was written for other training data (other files, another --limit, or edited rows): "
+                "resume with the same data, or remove it to start over"
+            )
         with torch.no_grad():
             header.copy_(saved["header"])
             trailer.copy_(saved["trailer"])
@@ -174,7 +180,7 @@ def train_adapter(
         bar.update(1)
         bar.set_postfix(kl=f"{state.losses[-1]:.4f}")
         if state.step % opts.checkpoint_every == 0 or state.step == opts.steps:
-            _checkpoint(ckpt, loaded, header, trailer, optimizer, state, opts)
+            _checkpoint(ckpt, loaded, header, trailer, optimizer, state, opts, data)
     bar.close()
     trained = PacketAdapter(
         header.detach().clone(),
@@ -217,10 +223,12 @@ def _checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     opts: TrainOptions,
+    data: str,
 ) -> None:
     payload: dict[str, Any] = {
         "fingerprint": loaded.fingerprint.to_json(),
         "options": asdict(opts),
+        "rows": data,
         "header": header.detach().clone(),
         "trailer": trailer.detach().clone(),
         "optimizer": optimizer.state_dict(),
