@@ -138,6 +138,13 @@ SMALL_SCHEMAS: list[dict[str, Any]] = [
     {"type": "object", "additionalProperties": {"type": "integer"}},
     {"allOf": [{"$ref": "#/$defs/A"}], "$defs": {"A": {"properties": {"q": {"type": "boolean"}}, "required": ["q"]}}},
     {"type": "object", "properties": {"v": {"type": "integer", "nullable": True}}, "required": ["v"]},
+    # a property in two allOf parts is held to both (the second part's schema used to replace the first's)
+    {
+        "allOf": [
+            {"properties": {"x": {"enum": [1, 2, 3]}}, "required": ["x"]},
+            {"properties": {"x": {"type": "integer"}}},
+        ]
+    },
 ]
 
 
@@ -325,3 +332,17 @@ def test_a_discriminator_after_a_shared_key_still_chooses_the_branch() -> None:
                 result = run(family, owner.model_json_schema(), temperature=1.5, seed=seed, max_new_tokens=60)
                 kinds.add(owner.model_validate(result.value).pet.pet_type)
         assert kinds == {"cat", "dog"}, owner
+
+
+def test_no_string_holds_a_replacement_mark() -> None:
+    """Inside a multi-byte character only byte pieces that continue it as valid UTF-8 may follow, and a
+    character the token budget cuts is left out, so no string holds U+FFFD (random weights at a high
+    temperature pick byte pieces often; small budgets cut characters)."""
+    schema = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+    marked = []
+    for family in FAMILIES:
+        for seed in range(10):
+            for budget in (5, 9, 14, 60):
+                value = run(family, schema, temperature=2.0, seed=seed, max_new_tokens=budget).value
+                marked += [(family, seed, budget, s) for s in value if "\ufffd" in s]
+    assert marked == []

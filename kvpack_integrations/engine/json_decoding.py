@@ -17,12 +17,15 @@ Choices documented here because callers rely on them:
   from then on is appended without being fed to the model, optional parts are left out, and required
   values get the smallest valid filler (`""`, `0`, `false`, the first enum member, `[]`, a minimal
   object). `finish_reason` is then "length". A string runs until the model closes it or the budget
-  ends (`max_string_tokens` caps it; a string cut there also gives "length").
+  ends (`max_string_tokens` caps it, between characters; a string cut there also gives "length"). A
+  multi-byte character the budget cuts is left out of the string, which ends at its last whole character.
 * `{}` (or `true`) at the root, and `{"type": "object"}` without properties, is a free-form object
   with at most 8 keys chosen by the model; nested `{}` is any primitive or such an object.
 * Recursive `$ref`s are rejected up front (`check_schema`); so are remote refs and unknown types.
-* Keywords beside `anyOf`/`oneOf` are merged into every branch. In a union of objects, each branch's
-  required `const`/`enum` properties (its discriminator) are written first.
+* `allOf` parts, `$ref` siblings and keywords beside `anyOf`/`oneOf` (merged into every branch) are
+  intersected: a property named in both schemas is held to both, types meet, `required` lists unite.
+  In a union of objects, each branch's required `const`/`enum` properties (its discriminator) are
+  written first.
 * Not enforced: string `minLength`/`maxLength`/`pattern`/`format`, numeric bounds beyond "no minus
   sign when `minimum` >= 0", `multipleOf`, `uniqueItems`, `oneOf` exclusivity (treated as `anyOf`),
   `not`, `if`/`then`/`else`, `contains`, `propertyNames`, `patternProperties`, `minProperties`/
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import itertools
 import json
 import re
 import time
@@ -235,19 +237,6 @@ def _lookup(root: Any, ref: Any) -> Any:
     return node
 
 
-def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """Shallow merge for `allOf` and `$ref` siblings: properties and required lists are united."""
-    out = dict(base)
-    for key, value in extra.items():
-        if key == "properties" and isinstance(out.get(key), Mapping) and isinstance(value, Mapping):
-            out[key] = {**out[key], **value}
-        elif key == "required" and isinstance(out.get(key), list) and isinstance(value, list):
-            out[key] = out[key] + [v for v in value if v not in out[key]]
-        else:
-            out[key] = value
-    return out
-
-
 def resolve_schema(root: Any, schema: Any) -> Any:
     """Follow local `$ref`s (against `root`) and fold `allOf` into one schema; cycles stop after 64 hops."""
     for _ in range(64):
@@ -256,7 +245,7 @@ def resolve_schema(root: Any, schema: Any) -> Any:
         if "$ref" in schema:
             target = _lookup(root, schema["$ref"])
             siblings = {k: v for k, v in schema.items() if k != "$ref" and k not in _ANNOTATIONS}
-            schema = _merge(target, siblings) if isinstance(target, Mapping) else target
+            schema = _intersect(root, target, siblings) if isinstance(target, Mapping) else target
             continue
         if "allOf" in schema:
             merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
@@ -265,7 +254,7 @@ def resolve_schema(root: Any, schema: Any) -> Any:
                 if part is False:
                     raise InvalidInputError("an allOf branch is the false schema: no value can satisfy it")
                 if isinstance(part, Mapping):
-                    merged = _merge(merged, part)
+                    merged = _intersect(root, merged, part)
             schema = merged
             continue
         return schema
@@ -284,8 +273,10 @@ def with_siblings(root: Any, schema: Mapping[str, Any], branches: Sequence[Any])
 
 
 def _intersect(root: Any, outer: Mapping[str, Any], inner: Mapping[str, Any]) -> dict[str, Any]:
-    """Both schemas' constraints at once, as far as decoding reads them: `type` intersected (integer is a
-    number), a property in both constrained by both, `required` united; other keywords the inner's."""
+    """Both schemas' constraints at once, as far as decoding reads them (`allOf` parts, `$ref` siblings,
+    keywords beside `anyOf`): `type` intersected (integer is a number), a property in both constrained by
+    both, `required` united; other keywords the inner's. The recursion ends: `check_schema` refuses
+    recursive `$ref`s before decoding starts."""
     out = dict(outer)
     for key, value in inner.items():
         mine = out.get(key)
@@ -714,11 +705,12 @@ class GuidedDecoder:
         allowed = masks["string"] | masks["string_close"] | masks["string_partial_start"]
         parts: list[str] = []
         pending_bytes: list[int] = []  # tokens of a multi-byte character not yet complete
-        steps = itertools.count() if self.max_string_tokens is None else range(self.max_string_tokens)
-        closed = False
-        for _ in steps:
-            if not self._live():
-                break
+        cap = self.max_string_tokens
+        closed, steps = False, 0
+        # the cap ends a string only between characters: a character begun is finished, so the text stays
+        # what the model saw; only a spent budget (text appended unfed from then on) cuts one
+        while self._live() and (cap is None or steps < cap or pending_bytes):
+            steps += 1
             # within a multi-byte character only the byte pieces that continue it validly may follow, so it
             # is neither cut by an ordinary token nor spelled wrong (both leave a replacement mark)
             token = self._sample(self._continuations(pending_bytes) if pending_bytes else allowed)
@@ -734,16 +726,10 @@ class GuidedDecoder:
             if bool(masks["string_close"][token]) or not bool(masks["string"][token]):
                 closed = True
                 break
-            if pending_bytes:  # a character left incomplete: keep what the tokens spell, replacement mark included
-                decoded = self._decode_run(pending_bytes)
-                parts.append(decoded)
-                self.text += decoded
-                pending_bytes = []
+            pending_bytes = []  # a character left incomplete spells nothing valid: it is left out
             parts.append(self._push(token))
-        if pending_bytes:
-            decoded = self._decode_run(pending_bytes)
-            parts.append(decoded)
-            self.text += decoded
+        # a character the budget cut is left out too: its byte pieces were fed, but past the budget the text
+        # is no longer what the model saw, and the value stays valid text ending at its last whole character
         if not closed and self._live():  # cut at `max_string_tokens`, not by the model: say so
             self.truncated = True
             self.strings_cut += 1

@@ -10,15 +10,13 @@ block, which is also what the fallback tools convention renders.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from .rendering import template_kwargs
+from .templates import PROBE_ARGUMENTS, PROBE_ID, PROBE_NAME, PROBE_USER, probe_turn, render_probe
 from .tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
-_NAME, _ARGS, _ID = "kvpackprobe", {"kvpackarg": 7}, "kvpackid0"
 _PLAIN = "kvpackplain"
 
 
@@ -47,24 +45,10 @@ HERMES = CallFormat(f"{TOOL_CALL_OPEN}\n", "arguments", False, f"\n{TOOL_CALL_CL
 
 def native_call_format(tokenizer: Any, tools: Any, thinking: bool | None = False) -> CallFormat:
     """The template's own call format (for templates that render tools natively), else `HERMES`."""
-    return _probe(str(tokenizer.chat_template or ""), tokenizer, json.dumps(tools, sort_keys=True), thinking)
-
-
-@functools.lru_cache(maxsize=32)
-def _probe(template: str, tokenizer: Any, tools_json: str, thinking: bool | None) -> CallFormat:
-    tools = json.loads(tools_json)
-    kwargs = {**template_kwargs(tokenizer, thinking), "tools": tools}
-    call = {"id": _ID, "type": "function", "function": {"name": _NAME, "arguments": dict(_ARGS)}}
-    user = {"role": "user", "content": "u"}
-    try:
-        head = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True, **kwargs)
-        called = tokenizer.apply_chat_template(
-            [user, {"role": "assistant", "content": "", "tool_calls": [call]}], tokenize=False, **kwargs
-        )
-        plain = tokenizer.apply_chat_template(
-            [user, {"role": "assistant", "content": _PLAIN}], tokenize=False, **kwargs
-        )
-    except Exception:  # a template that cannot render the probe: the Hermes block
+    head = render_probe(tokenizer, [PROBE_USER], tools, thinking, generation_prompt=True)
+    called = render_probe(tokenizer, [PROBE_USER, probe_turn("")], tools, thinking)
+    plain = render_probe(tokenizer, [PROBE_USER, {"role": "assistant", "content": _PLAIN}], tools, thinking)
+    if head is None or called is None or plain is None:
         return HERMES
     if not called.startswith(head) or not plain.startswith(head) or _PLAIN not in plain[len(head) :]:
         return HERMES
@@ -78,9 +62,9 @@ def _probe(template: str, tokenizer: Any, tools_json: str, thinking: bool | None
     except ValueError:
         return HERMES
     keys = list(obj) if isinstance(obj, dict) else []
-    if keys[:1] != ["name"] or obj["name"] != _NAME or len(keys) < 2 or keys[1] not in ("arguments", "parameters"):
+    if keys[:1] != ["name"] or obj["name"] != PROBE_NAME or len(keys) < 2 or keys[1] not in ("arguments", "parameters"):
         return HERMES
-    if obj[keys[1]] != _ARGS or keys[2:] not in ([], ["id"]) or obj.get("id", _ID) != _ID:
+    if obj[keys[1]] != PROBE_ARGUMENTS or keys[2:] not in ([], ["id"]) or obj.get("id", PROBE_ID) != PROBE_ID:
         return HERMES
     if json.dumps(obj, ensure_ascii=False) != part[start:end]:  # other separators than the decoder writes
         return HERMES

@@ -8,13 +8,13 @@ offsets; every split is a token boundary of that single rendering.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import TemplateError
+from .templates import PROBE_USER, probe_turn, render_probe, template_kwargs
 
 Message = Mapping[str, Any]
 _FOLD_SEPARATOR = "\n\n"
@@ -64,13 +64,6 @@ def tokens_ending_by(offsets: Sequence[tuple[int, int]], char_pos: int) -> int:
             break
         count += 1
     return count
-
-
-def template_kwargs(tokenizer: Any, thinking: bool | None) -> dict[str, Any]:
-    template = tokenizer.chat_template or ""
-    if thinking is not None and "enable_thinking" in str(template):
-        return {"enable_thinking": thinking}
-    return {}
 
 
 def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,25 +119,12 @@ def _locate(text: str, content: str, cursor: int) -> tuple[int, int]:
 def _drops_text_beside_calls(tokenizer: Any, kwargs: Mapping[str, Any]) -> bool:
     """Whether the template leaves out the text of an assistant turn that calls tools (Llama 3.1 and
     Mistral do), learned once per template by rendering a probe: searching the rendering for the text
-    would find it elsewhere when it also occurs later (in the call's arguments, in a tool result)."""
-    tools = json.dumps(kwargs.get("tools") or [], sort_keys=True)
-    thinking = kwargs.get("enable_thinking")
-    return _probe_dropped_text(str(tokenizer.chat_template or ""), tokenizer, tools, thinking)
-
-
-@functools.lru_cache(maxsize=32)
-def _probe_dropped_text(template: str, tokenizer: Any, tools_json: str, thinking: bool | None) -> bool:
+    would find it elsewhere when it also occurs later (in the call's arguments, in a tool result). A
+    template that cannot render the probe is searched as for any turn."""
     sentinel = "kvpacksentinel"
-    call = {"id": "kvpackid0", "type": "function", "function": {"name": "kvpackprobe", "arguments": {}}}
-    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": sentinel, "tool_calls": [call]}]
-    kwargs: dict[str, Any] = {"tools": json.loads(tools_json) or None}
-    if thinking is not None:
-        kwargs["enable_thinking"] = thinking
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False, **kwargs)
-    except Exception:  # a template that cannot render the probe: search the rendering as for any turn
-        return False
-    return sentinel not in str(text)
+    probe = [PROBE_USER, probe_turn(sentinel)]
+    text = render_probe(tokenizer, probe, kwargs.get("tools"), kwargs.get("enable_thinking"))
+    return text is not None and sentinel not in text
 
 
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
