@@ -287,6 +287,16 @@ def test_stop_sequences_and_options(model_root) -> None:
     assert short.usage_metadata["output_tokens"] <= 2
     a = chat.invoke(QUESTION, temperature=1.0, seed=7).content
     assert a == chat.invoke(QUESTION, temperature=1.0, seed=7).content
+    # per-call options are checked by the name the caller used, never coerced (2.7 used to become 2)
+    for option, value, problem in (
+        ("max_tokens", "many", "max_tokens must be an integer"),
+        ("max_tokens", 2.7, "max_tokens must be an integer"),
+        ("top_k", True, "top_k must be an integer"),
+        ("temperature", "hot", "temperature must be a number"),
+        ("seed", 1.5, "seed must be an integer"),
+    ):
+        with pytest.raises(InvalidInputError, match=problem):
+            chat.invoke(QUESTION, **{option: value})
 
 
 def test_empty_retrieval_is_a_graceful_path(model_root) -> None:

@@ -8,7 +8,14 @@ import itertools
 import shutil
 
 import pytest
-from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock, ToolCallBlock
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ImageBlock,
+    MessageRole,
+    TextBlock,
+    ToolCallBlock,
+)
 from llama_index.core.memory import Memory
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
@@ -156,7 +163,7 @@ def test_metadata_and_options(model_root) -> None:
     assert meta.is_chat_model and meta.is_function_calling_model
     assert meta.model_name == llm.model and meta.system_role == MessageRole.SYSTEM
     assert _llm(model_root, context_window=512).metadata.context_window == 512
-    assert KVPackLLM().metadata.model_name == "SmolLM2-135M-Instruct"  # no weights needed for the name
+    assert KVPackLLM().model_name == "SmolLM2-135M-Instruct"  # no weights needed (metadata would load them)
     with pytest.raises(InvalidInputError, match="unknown arguments: temprature"):
         KVPackLLM(temprature=0.5)
     with pytest.raises(InvalidInputError, match="unknown call options: foo"):
@@ -165,6 +172,72 @@ def test_metadata_and_options(model_root) -> None:
         llm.complete("Hi", formatted=True)
     with pytest.raises(UnknownKnowledgeBaseError, match="missing"):
         KVPackLLM(kb="missing", store="/nonexistent-kvpack-store")
+
+
+def test_metadata_leaves_out_a_bound_packs_tokens(model_root, pack_store) -> None:
+    """The bound pack opens every prompt: a synthesizer sizing its prompt must not count its tokens as free."""
+    store = _store(pack_store, "llama")
+    pack_tokens = PackStore(store).manifest("kb").token_count
+    assert 0 < pack_tokens < 512
+    assert _llm(model_root, kb="kb", store=store).metadata.context_window == 2048 - pack_tokens
+    assert _llm(model_root, kb="kb", store=store, context_window=512).metadata.context_window == 512 - pack_tokens
+    full = _llm(model_root, kb="kb", store=store, context_window=pack_tokens)
+    assert full.metadata.context_window == 1  # no room left, yet a window LlamaIndex's prompt helpers accept
+
+
+def test_per_call_options_are_checked_by_name(model_root) -> None:
+    """Options are validated, not coerced: int("many") failed unnamed, 2.7 became 2 and True became 1."""
+    llm = _llm(model_root)
+    question = [ChatMessage(role="user", content=QUESTION)]
+    bad = [
+        ("max_tokens", "many"),
+        ("max_tokens", 2.7),
+        ("max_tokens", True),
+        ("top_k", 1.5),
+        ("temperature", "hot"),
+        ("top_p", True),
+        ("seed", "s"),
+        ("seed", 1.5),
+        ("stop", 3),
+        ("stop", ["ok", 3]),
+    ]
+    for name, value in bad:
+        with pytest.raises(InvalidInputError, match=f"^{name} must be"):
+            llm.chat(question, **{name: value})
+    reply = llm.chat(question, max_tokens=2, temperature=0, top_p=1, top_k=0, seed=1, stop="zz")
+    assert _kvpack(reply)["output_tokens"] <= 2
+
+
+def test_tool_calls_with_arguments_as_json_text() -> None:
+    """A ToolCallBlock may hold its arguments as JSON text: they are parsed, not dropped as {}."""
+    llm = KVPackLLM()  # nothing is generated: no weights needed
+
+    def response(arguments: str) -> ChatResponse:
+        call = ToolCallBlock(tool_call_id="c1", tool_name="add", tool_kwargs=arguments)
+        return ChatResponse(message=ChatMessage(role="assistant", blocks=[call]))
+
+    [call] = llm.get_tool_calls_from_response(response('{"a": 2, "b": 3}'))
+    assert call.tool_kwargs == {"a": 2, "b": 3} and call.tool_id == "c1" and call.tool_name == "add"
+    assert llm.get_tool_calls_from_response(response(""))[0].tool_kwargs == {}
+    with pytest.raises(InvalidInputError, match=r"tool call 'add'.*not valid JSON"):
+        llm.get_tool_calls_from_response(response("{not json"))
+    with pytest.raises(InvalidInputError, match=r"tool call 'add'.*must be an object"):
+        llm.get_tool_calls_from_response(response("[2, 3]"))
+
+
+async def test_an_async_stream_stopped_early_closes_the_decoding(model_root) -> None:
+    """`astream_chat` drives the engine's generator from worker threads; a consumer that stops early
+    (break, then aclose) must close it, not leave it (and its cache) suspended until collected."""
+    import inspect
+
+    from kvpack_integrations.llama_index.llm import _in_threads
+
+    responses = _llm(model_root)._run([ChatMessage(role="user", content=QUESTION)], {})  # what astream_chat drives
+    stream = _in_threads(responses)
+    first = await anext(stream)
+    assert first.delta and inspect.getgeneratorstate(responses) == inspect.GEN_SUSPENDED
+    await stream.aclose()
+    assert inspect.getgeneratorstate(responses) == inspect.GEN_CLOSED
 
 
 async def test_chat_complete_stream_and_async_agree(model_root) -> None:
@@ -304,6 +377,66 @@ def test_stock_compact_template_and_synthesizer_rules(model_root) -> None:
     # called directly with text chunks, the chunks are the documents
     direct = synthesizer.get_response(QUESTION, FACTS)
     assert direct == _llm(model_root).chat([ChatMessage(role="user", content=QUESTION)], nodes=FACTS).message.content
+
+
+def test_synthesizer_takes_the_llms_system_prompt_and_keeps_the_text_twin(model_root, pack_store) -> None:
+    """A system_prompt on the KVPackLLM reaches the model (LlamaIndex's LLM.predict sends it on the stock
+    path), and the synthesizer's text_qa_template() carries it, so the stock twin still sends the same tokens."""
+    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=2, order="source")
+    nodes = retriever.retrieve(QUESTION)
+    briefed = KVPackSynthesizer(_llm(model_root, system_prompt="Answer briefly."))
+    given = KVPackSynthesizer(_llm(model_root), system_prompt="Answer briefly.")
+    ids = _prompt_ids(briefed._kvpack_llm, briefed._messages(QUESTION), nodes=nodes)
+    assert ids == _prompt_ids(given._kvpack_llm, given._messages(QUESTION), nodes=nodes)
+    assert ids != _prompt_ids(given._kvpack_llm, [ChatMessage(role="user", content=QUESTION)], nodes=nodes)
+    # the text twin: LlamaIndex's stock engine with the synthesizer's template, on an LLM without a system prompt
+    template = briefed.text_qa_template()
+    assert template.message_templates[0].content.endswith("Answer briefly.")
+    text_llm = _llm(model_root, strategy="text", remember=False)
+    context = "\n\n".join(n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes)
+    assert _prompt_ids(text_llm, template.format_messages(context_str=context, query_str=QUESTION)) == ids
+    stock = RetrieverQueryEngine.from_args(retriever, llm=text_llm, text_qa_template=template)
+    ours = KVPackQueryEngine(retriever, briefed._kvpack_llm)
+    assert ours.query(QUESTION).response == stock.query(QUESTION).response
+    # the same prompt on both is one prompt; two different ones are refused by name
+    same = KVPackSynthesizer(_llm(model_root, system_prompt="Answer briefly."), system_prompt="Answer briefly.")
+    assert _prompt_ids(same._kvpack_llm, same._messages(QUESTION), nodes=nodes) == ids
+    with pytest.raises(InvalidInputError, match=r"system_prompt='Be thorough\.'.*system_prompt='Answer briefly\.'"):
+        KVPackQueryEngine(retriever, _llm(model_root, system_prompt="Answer briefly."), system_prompt="Be thorough.")
+
+
+def test_reading_prompts_never_raises(model_root) -> None:
+    """get_prompts() is read-only: a layout without a stock text twin shows no template; only asking
+    for that template explicitly raises."""
+    llm = _llm(model_root)
+    assert set(KVPackSynthesizer(llm).get_prompts()) == {"text_qa_template"}
+    no_twin = KVPackSynthesizer(llm, knowledge_format=KnowledgeFormat(separator="\n"))
+    assert no_twin.get_prompts() == {}
+    with pytest.raises(InvalidInputError, match="no stock text twin"):
+        no_twin.text_qa_template()
+
+
+async def test_an_empty_answer_is_the_empty_response_streamed_or_not(model_root) -> None:
+    """As LlamaIndex's BaseSynthesizer: `empty_response=` (default "Empty Response") answers when nothing
+    was retrieved and when the model says nothing, whether the answer is streamed or not."""
+    nodes = [NodeWithScore(node=TextNode(text=f)) for f in FACTS]
+    said = "".join(KVPackSynthesizer(_llm(model_root), streaming=True).synthesize(QUESTION, nodes).response_gen)
+    assert said and said != "Empty Response"
+    quiet = _llm(model_root, stop=[said[0]])  # the answer is cut before its first character: nothing is said
+    assert quiet.chat([ChatMessage(role="user", content=QUESTION)], nodes=FACTS).message.content == ""
+    assert "".join(KVPackSynthesizer(quiet, streaming=True).synthesize(QUESTION, nodes).response_gen) == (
+        "Empty Response"
+    )
+    for streaming in (False, True):
+        synthesizer = KVPackSynthesizer(quiet, streaming=streaming, empty_response="(no answer)")
+        for given in (nodes, []):  # the model said nothing; nothing was retrieved
+            response = synthesizer.synthesize(QUESTION, given)
+            assert ("".join(response.response_gen) if streaming else response.response) == "(no answer)"
+            response = await synthesizer.asynthesize(QUESTION, given)
+            if streaming:
+                assert "".join([t async for t in response.async_response_gen()]) == "(no answer)"
+            else:
+                assert response.response == "(no answer)"
 
 
 # -- bad segments ------------------------------------------------------------------------------------------
@@ -602,6 +735,46 @@ def test_packet_strategy_through_the_query_engine(model_root, pack_store, tmp_pa
         "cached now" in n for n in packet["notes"]
     )
     assert exact["strategy"] == "exact" and exact["exact"] is True
+
+
+async def test_query_engine_response_says_when_the_answer_is_approximate(model_root, pack_store, tmp_path) -> None:
+    """The usage report of a non-streaming query (strategy, exact, notes) is in Response.metadata["kvpack"],
+    so a packet or blend answer is marked approximate where it is read; the LLM reply says it too."""
+    options = _packet_options(model_root, tmp_path)
+    llm = KVPackLLM(max_tokens=6, **options)
+    store = _store(pack_store, "llama")
+    for strategy in ("packet", "blend"):
+        retriever = KVPackLlamaRetriever("kb", store=store, similarity_top_k=2, composition=strategy, **options)
+        engine = KVPackQueryEngine(retriever, llm, strategy=strategy)
+        for response in (engine.query(QUESTION), await engine.aquery(QUESTION)):
+            report = response.metadata["kvpack"]
+            assert report["strategy"] == strategy and report["exact"] is False and isinstance(report["notes"], list)
+            assert all(n.node.node_id in response.metadata for n in response.source_nodes)  # node metadata kept
+        reply = llm.chat([ChatMessage(role="user", content=QUESTION)], nodes=FACTS, strategy=strategy)
+        assert reply.additional_kwargs["strategy"] == strategy and reply.additional_kwargs["exact"] is False
+    exact = KVPackQueryEngine(retriever, llm).query(QUESTION).metadata["kvpack"]
+    assert exact["strategy"] == "exact" and exact["exact"] is True
+
+
+def test_query_engine_from_kb_stores_packets_for_a_packet_strategy(model_root, pack_store, tmp_path) -> None:
+    """With strategy packet or blend (the engine's, else the LLM's) from_kb's retriever stores the packets at
+    retrieval, so the query composes them instead of building them."""
+    options = _packet_options(model_root, tmp_path)
+    store = _store(pack_store, "llama")
+    llm = KVPackLLM(max_tokens=6, **options)
+    engine = KVPackQueryEngine.from_kb("kb", store=store, llm=llm, similarity_top_k=2, strategy="packet")
+    assert engine.retriever.composition == "packet"
+    blend = KVPackLLM(max_tokens=6, strategy="blend", **options)
+    assert KVPackQueryEngine.from_kb("kb", store=store, llm=blend).retriever.composition == "blend"
+    assert KVPackQueryEngine.from_kb("kb", store=store, llm=llm).retriever.composition == "exact"
+    told = KVPackQueryEngine.from_kb(
+        "kb", store=store, llm=llm, strategy="packet", retriever_options={"composition": "exact"}
+    )
+    assert told.retriever.composition == "exact"
+    with record_usage() as usage:
+        engine.query(QUESTION)
+    [report] = usage.reports
+    assert report["strategy"] == "packet" and not any("cached now" in n for n in report["notes"]), report["notes"]
 
 
 def test_packets_stored_at_retrieval_follow_the_knowledge_format(model_root, pack_store, tmp_path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Any
 
 from ..errors import InvalidInputError
 
@@ -37,3 +39,26 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def checked_integer(name: str, value: Any) -> int:
+    """A caller's option checked, not coerced, under the name the caller used: int("many") fails unnamed,
+    and int(2.7) and int(True) pass silently (GenerationSettings checks the ranges)."""
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def checked_number(name: str, value: Any) -> float:
+    """`checked_integer` for real numbers (a bool is not one)."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise InvalidInputError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def checked_stop(value: Any) -> tuple[str, ...]:
+    """A string is one stop sequence; a list holds several (a non-string among them is refused by name)."""
+    stops = (value,) if isinstance(value, str) else value or ()
+    if not isinstance(stops, Sequence) or any(not isinstance(s, str) for s in stops):
+        raise InvalidInputError(f"stop must be a string or a list of strings, got {value!r}")
+    return tuple(stops)

@@ -16,6 +16,7 @@ this model with a note, or refused under `strict_segments=True` (checked for eve
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,7 +41,7 @@ from llama_index.core.llms.llm import ToolSelection
 from ..engine.chat import PACKET_STRATEGIES, ChatReply, ChatRequest, stream_chat, tool_parameters
 from ..engine.engine import Engine
 from ..engine.registry import shared_engine, shared_packet_composer
-from ..engine.settings import GenerationSettings
+from ..engine.settings import GenerationSettings, checked_integer, checked_number, checked_stop
 from ..engine.tool_choice import normalize_tool_choice
 from ..errors import (
     InvalidInputError,
@@ -50,7 +51,7 @@ from ..packet.composer import PacketComposer
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
-from .messages import call_blocks, node_documents, to_turns
+from .messages import call_blocks, node_documents, to_turns, tool_arguments
 from .steering import ROLE_KEY, role_mapping, steering_list, vectors_for_role
 
 if TYPE_CHECKING:
@@ -155,9 +156,18 @@ class KVPackLLM(FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Loads the weights (once per process) to read the model's context window."""
+        """Loads the weights (once per process) to read the model's context window.
+
+        A bound pack (`kb=`) opens every prompt, so its tokens (the manifest's count) are not free for
+        the nodes and the query: a synthesizer sizing its prompt from this window must not count them.
+        At least 1 is reported even when the pack fills the window (calls then refuse with
+        `ContextTooLongError`), because LlamaIndex's prompt helpers need a positive window.
+        """
+        window = self.context_window or self.loaded_model().context_window
+        if self._pack is not None:
+            window = max(window - self._pack.manifest().token_count, 1)
         return LLMMetadata(
-            context_window=self.context_window or self.loaded_model().context_window,
+            context_window=window,
             num_output=self.max_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
@@ -188,14 +198,14 @@ class KVPackLLM(FunctionCallingLLM):
             value = kwargs.get(name)
             return getattr(self, name) if value is None else value
 
-        stop = option("stop")
+        seed = option("seed")
         return GenerationSettings(
-            max_new_tokens=int(option("max_tokens")),
-            temperature=float(option("temperature")),
-            top_p=float(option("top_p")),
-            top_k=int(option("top_k")),
-            seed=option("seed"),
-            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            max_new_tokens=checked_integer("max_tokens", option("max_tokens")),
+            temperature=checked_number("temperature", option("temperature")),
+            top_p=checked_number("top_p", option("top_p")),
+            top_k=checked_integer("top_k", option("top_k")),
+            seed=None if seed is None else checked_integer("seed", seed),
+            stop=checked_stop(option("stop")),
         )
 
     def _request(
@@ -270,6 +280,8 @@ class KVPackLLM(FunctionCallingLLM):
             **counts,
             "cached_tokens": usage.cached_tokens,
             "prefilled_tokens": usage.prefilled_tokens,
+            "strategy": usage.strategy,  # exact=False: an approximate path (packets, steering) was used
+            "exact": usage.exact,
         }
         if reply.invalid_tool_calls:
             extra["invalid_tool_calls"] = list(reply.invalid_tool_calls)
@@ -388,7 +400,8 @@ class KVPackLLM(FunctionCallingLLM):
             ToolSelection(
                 tool_id=b.tool_call_id or b.tool_name,
                 tool_name=b.tool_name,
-                tool_kwargs=b.tool_kwargs if isinstance(b.tool_kwargs, dict) else {},
+                # arguments given as JSON text are parsed (invalid JSON refused by name), not dropped
+                tool_kwargs=tool_arguments(b.tool_kwargs, f"tool call {b.tool_name!r}"),
             )
             for b in calls
         ]
@@ -404,10 +417,19 @@ def _completion(response: ChatResponse) -> CompletionResponse:
 
 
 async def _in_threads(responses: Generator[ChatResponse, None, None]) -> AsyncGenerator[ChatResponse, None]:
-    """A synchronous generator driven from worker threads, one step at a time."""
+    """A synchronous generator driven from worker threads, one step at a time.
+
+    A consumer that stops early (break, then `aclose()`) closes the decoding generator too, so its cache
+    is freed now rather than whenever the generator is collected. After a cancelled step the generator
+    may still run in its worker: it cannot be closed from here then, and is collected once that step returns.
+    """
     done = object()
-    while True:
-        item = await asyncio.to_thread(next, responses, done)
-        if item is done:
-            return
-        yield item  # type: ignore[misc]
+    try:
+        while True:
+            item = await asyncio.to_thread(next, responses, done)
+            if item is done:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        if inspect.getgeneratorstate(responses) != inspect.GEN_RUNNING:
+            responses.close()

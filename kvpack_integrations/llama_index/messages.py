@@ -62,7 +62,8 @@ def text_blocks(message: ChatMessage, where: str) -> list[str]:
     return texts
 
 
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
+def tool_arguments(raw: Any, where: str) -> dict[str, Any]:
+    """A call's arguments as a dict: JSON text is parsed; invalid JSON or a non-object is refused, naming `where`."""
     if isinstance(raw, str):
         try:
             raw = json.loads(raw) if raw.strip() else {}
@@ -77,7 +78,7 @@ def tool_calls_of(message: ChatMessage, where: str) -> tuple[ToolCallTurn, ...]:
     """The assistant's calls: `ToolCallBlock`s, else OpenAI-style `additional_kwargs["tool_calls"]`."""
     blocks = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
     if blocks:
-        return tuple(ToolCallTurn(b.tool_name, _arguments(b.tool_kwargs, where), b.tool_call_id) for b in blocks)
+        return tuple(ToolCallTurn(b.tool_name, tool_arguments(b.tool_kwargs, where), b.tool_call_id) for b in blocks)
     calls = []
     for raw in message.additional_kwargs.get("tool_calls") or []:
         function = raw.get("function") if isinstance(raw, dict) else getattr(raw, "function", None)
@@ -86,7 +87,7 @@ def tool_calls_of(message: ChatMessage, where: str) -> tuple[ToolCallTurn, ...]:
             raise InvalidInputError(f"{where}: a tool call in additional_kwargs has no function name")
         arguments = function.get("arguments") if isinstance(function, dict) else getattr(function, "arguments", None)
         call_id = raw.get("id") if isinstance(raw, dict) else getattr(raw, "id", None)
-        calls.append(ToolCallTurn(name, _arguments(arguments or {}, where), call_id))
+        calls.append(ToolCallTurn(name, tool_arguments(arguments or {}, where), call_id))
     return tuple(calls)
 
 

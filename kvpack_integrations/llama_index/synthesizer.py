@@ -10,18 +10,27 @@ The prompt layout is fixed and has an exact text twin: `text_qa_template()` is a
 that renders the same prompt from `context_str`, so a stock `RetrieverQueryEngine` (its default
 `compact` synthesizer joins the chunks with a blank line, as the layout does) with that template
 sends the model the same tokens; with `strategy="exact"` the answers are identical under greedy
-decoding. If the nodes do not fit one context window, the engine refuses with `ContextTooLongError`
-(no refine passes: they would break that equivalence).
+decoding. A `system_prompt` on the `KVPackLLM` is the synthesizer's system prompt (LlamaIndex's
+`LLM.predict` sends it too), so it is in that template: the stock engine's LLM must then have none of
+its own, or LlamaIndex would send it a second time, ahead of the context. If the nodes do not fit one
+context window, the engine refuses with `ContextTooLongError` (no refine passes: they would break that
+equivalence).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any, Literal
 
 from llama_index.core.base.base_retriever import BaseRetriever
-from llama_index.core.base.llms.types import ChatMessage, MessageRole
-from llama_index.core.base.response.schema import RESPONSE_TYPE
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    MessageRole,
+)
+from llama_index.core.base.response.schema import RESPONSE_TYPE, Response
 from llama_index.core.callbacks.base import CallbackManager
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import ChatPromptTemplate
@@ -32,15 +41,17 @@ from llama_index.core.response_synthesizers.base import QueryTextType
 from llama_index.core.schema import NodeWithScore
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
+from ..engine.chat import PACKET_STRATEGIES
 from ..errors import InvalidInputError
 from ..prompts.knowledge import KnowledgeFormat
 from .llm import KVPackLLM
 from .retriever import KVPackLlamaRetriever
 from .steering import ROLE_KEY, steering_list
 
-EMPTY_RESPONSE = "Empty Response"  # what LlamaIndex's synthesizers answer when the model says nothing
 COMPACT_SEPARATOR = "\n\n"  # how LlamaIndex's compact synthesizer joins chunks into context_str
 _NODES = "_kvpack_nodes"  # carries the nodes from synthesize() to get_response() through response_kwargs
+_USAGE = "_kvpack_usage"  # a dict get_response() fills with the reply's usage report, for Response.metadata
+USAGE_KEY = "kvpack"  # Response.metadata[USAGE_KEY]: the usage report of a non-streaming query's model call
 _PER_QUERY = ("strategy", "steering", ROLE_KEY)
 
 
@@ -73,6 +84,11 @@ class KVPackSynthesizer(BaseSynthesizer):
     `strategy` (`exact` | `text` | `packet` | `blend`), `steering` vectors and an `agent_role` are
     fixed per synthesizer (so per query engine) and may be overridden per call through
     `synthesize(..., strategy=..., steering=..., agent_role=...)`.
+
+    `system_prompt` defaults to the LLM's own (refused when both are set and differ). An empty answer is
+    `empty_response` (default "Empty Response", as LlamaIndex's), streamed or not, nodes or none. A
+    non-streaming `Response` carries the call's usage report (strategy, exact, notes) in
+    `metadata["kvpack"]`, so an approximate answer (packet, blend, steering) says so where it is read.
     """
 
     def __init__(
@@ -86,6 +102,7 @@ class KVPackSynthesizer(BaseSynthesizer):
         agent_role: str | None = None,
         streaming: bool = False,
         callback_manager: CallbackManager | None = None,
+        empty_response: str | None = None,
     ) -> None:
         llm = KVPackLLM() if llm is None else llm
         if not isinstance(llm, KVPackLLM):
@@ -93,15 +110,22 @@ class KVPackSynthesizer(BaseSynthesizer):
                 f"KVPackSynthesizer hands nodes to the model as KV segments, which needs a KVPackLLM, not "
                 f"{type(llm).__name__}; for a text model use a stock synthesizer with text_qa_template()"
             )
-        super().__init__(llm=llm, callback_manager=callback_manager, streaming=streaming)
+        super().__init__(llm=llm, callback_manager=callback_manager, streaming=streaming, empty_response=empty_response)
         self._kvpack_llm = llm
         self.knowledge_format = knowledge_format or KnowledgeFormat()
         self._given_format = knowledge_format  # None: the LLM's own (its bound pack's layout, if any)
-        self.system_prompt = system_prompt
+        self.system_prompt = system_prompt  # None: the LLM's own, read at each call
+        self._system_prompt()  # conflicting system prompts are named now, not at the first query
         self.options: dict[str, Any] = {"strategy": strategy, "steering": steering_list(steering), ROLE_KEY: agent_role}
 
     def _get_prompts(self) -> PromptDictType:
-        """The equivalent text template (read-only: the layout is set by knowledge_format and system_prompt)."""
+        """The equivalent text template (read-only: the layout is set by knowledge_format and system_prompt).
+
+        Reading prompts never raises: a layout without a stock text twin has no template to show, so it
+        gives none; `text_qa_template()` says why.
+        """
+        if self.knowledge_format.separator != COMPACT_SEPARATOR:
+            return {}
         return {"text_qa_template": self.text_qa_template()}
 
     def _update_prompts(self, prompts: PromptDictType) -> None:
@@ -111,14 +135,30 @@ class KVPackSynthesizer(BaseSynthesizer):
         )
 
     def text_qa_template(self) -> ChatPromptTemplate:
-        """The template a stock text synthesizer needs to send the model exactly this synthesizer's prompt."""
-        return text_qa_template(self.knowledge_format, self.system_prompt)
+        """The template a stock text synthesizer needs to send the model exactly this synthesizer's prompt.
+
+        It holds the system prompt (this synthesizer's or its LLM's), so the stock engine's LLM must have
+        no `system_prompt` of its own: LlamaIndex would send that ahead of the context.
+        """
+        return text_qa_template(self.knowledge_format, self._system_prompt())
+
+    def _system_prompt(self) -> str | None:
+        """The synthesizer's system prompt, else the LLM's: what LlamaIndex's `LLM.predict` would prepend."""
+        own, llm = self.system_prompt, self._kvpack_llm.system_prompt
+        if own and llm and own != llm:
+            raise InvalidInputError(
+                f"KVPackSynthesizer got system_prompt={own!r} and its KVPackLLM has system_prompt={llm!r}: "
+                "set one of them (the synthesizer uses the LLM's when it has none)"
+            )
+        return own or llm
 
     def _messages(self, query_str: str) -> list[ChatMessage]:
-        system = [ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt)] if self.system_prompt else []
+        system_prompt = self._system_prompt()
+        system = [ChatMessage(role=MessageRole.SYSTEM, content=system_prompt)] if system_prompt else []
         return [*system, ChatMessage(role=MessageRole.USER, content=query_str)]
 
     def _call(self, text_chunks: Sequence[str], kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs.pop(_USAGE, None)
         nodes = kwargs.pop(_NODES, None)
         options = {**self.options, **{k: kwargs.pop(k) for k in _PER_QUERY if k in kwargs}}
         if kwargs:
@@ -137,7 +177,9 @@ class KVPackSynthesizer(BaseSynthesizer):
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
         """The base flow (events, empty results, response objects), with the nodes themselves passed on."""
-        return super().synthesize(query, nodes, additional_source_nodes, **{**response_kwargs, _NODES: nodes})
+        usage: dict[str, Any] = {}
+        kwargs = {**response_kwargs, _NODES: nodes, _USAGE: usage}
+        return _with_usage(super().synthesize(query, nodes, additional_source_nodes, **kwargs), usage)
 
     async def asynthesize(
         self,
@@ -146,37 +188,58 @@ class KVPackSynthesizer(BaseSynthesizer):
         additional_source_nodes: Sequence[NodeWithScore] | None = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
-        return await super().asynthesize(query, nodes, additional_source_nodes, **{**response_kwargs, _NODES: nodes})
+        usage: dict[str, Any] = {}
+        kwargs = {**response_kwargs, _NODES: nodes, _USAGE: usage}
+        return _with_usage(await super().asynthesize(query, nodes, additional_source_nodes, **kwargs), usage)
 
     def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> RESPONSE_TEXT_TYPE:
         """Without nodes (called directly) the text chunks are the documents."""
+        usage = response_kwargs.get(_USAGE)
         call = self._call(text_chunks, response_kwargs)
         if self._streaming:
-            return _deltas(self._kvpack_llm.stream_chat(self._messages(query_str), **call))
-        response = self._kvpack_llm.chat(self._messages(query_str), **call)
-        return response.message.content or EMPTY_RESPONSE
+            return self._deltas(self._kvpack_llm.stream_chat(self._messages(query_str), **call))
+        return self._answer(self._kvpack_llm.chat(self._messages(query_str), **call), usage)
 
     async def aget_response(
         self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any
     ) -> RESPONSE_TEXT_TYPE:
+        usage = response_kwargs.get(_USAGE)
         call = self._call(text_chunks, response_kwargs)
         if self._streaming:
-            stream = await self._kvpack_llm.astream_chat(self._messages(query_str), **call)
+            return self._adeltas(await self._kvpack_llm.astream_chat(self._messages(query_str), **call))
+        return self._answer(await self._kvpack_llm.achat(self._messages(query_str), **call), usage)
 
-            async def gen() -> Any:
-                async for response in stream:
-                    if response.delta:
-                        yield response.delta
+    def _answer(self, response: ChatResponse, usage: dict[str, Any] | None) -> str:
+        """The reply's text (the empty response when there is none); its usage report goes into `usage`."""
+        if usage is not None and isinstance(response.raw, dict) and USAGE_KEY in response.raw:
+            usage[USAGE_KEY] = response.raw[USAGE_KEY]
+        return response.message.content or self._empty_response
 
-            return gen()
-        response = await self._kvpack_llm.achat(self._messages(query_str), **call)
-        return response.message.content or EMPTY_RESPONSE
+    def _deltas(self, responses: ChatResponseGen) -> Generator[str, None, None]:
+        """The text deltas; the empty response if the model said nothing (as the non-streaming answer)."""
+        said = False
+        for response in responses:
+            if response.delta:
+                said = True
+                yield response.delta
+        if not said:
+            yield self._empty_response
+
+    async def _adeltas(self, responses: ChatResponseAsyncGen) -> AsyncGenerator[str, None]:
+        said = False
+        async for response in responses:
+            if response.delta:
+                said = True
+                yield response.delta
+        if not said:
+            yield self._empty_response
 
 
-def _deltas(responses: Any) -> Generator[str, None, None]:
-    for response in responses:
-        if response.delta:
-            yield response.delta
+def _with_usage(response: RESPONSE_TYPE, usage: dict[str, Any]) -> RESPONSE_TYPE:
+    """A non-streaming response with its model call's usage report in `metadata["kvpack"]`."""
+    if isinstance(response, Response) and USAGE_KEY in usage:
+        response.metadata = {**(response.metadata or {}), USAGE_KEY: usage[USAGE_KEY]}
+    return response
 
 
 class KVPackQueryEngine(RetrieverQueryEngine):
@@ -198,6 +261,7 @@ class KVPackQueryEngine(RetrieverQueryEngine):
         steering: Any = None,
         agent_role: str | None = None,
         streaming: bool = False,
+        empty_response: str | None = None,
     ) -> None:
         synthesizer = KVPackSynthesizer(
             llm,
@@ -208,6 +272,7 @@ class KVPackQueryEngine(RetrieverQueryEngine):
             agent_role=agent_role,
             streaming=streaming,
             callback_manager=callback_manager,
+            empty_response=empty_response,
         )
         super().__init__(retriever, synthesizer, node_postprocessors, callback_manager)
 
@@ -230,9 +295,10 @@ class KVPackQueryEngine(RetrieverQueryEngine):
     ) -> KVPackQueryEngine:
         """A `KVPackLlamaRetriever` over `kb` (hits in store order by default) feeding this engine.
 
-        The retriever gets the LLM's model, device, dtype and packet settings, and the engine's
-        `knowledge_format`, unless `retriever_options` says otherwise, so packets it stores are the ones
-        the LLM composes.
+        The retriever gets the LLM's model, device, dtype and packet settings, the engine's
+        `knowledge_format`, and, when the engine composes from packets (`strategy="packet"|"blend"`, the
+        engine's or else the LLM's), that composition, unless `retriever_options` says otherwise: the
+        packets it stores at retrieval are then the ones the LLM composes, not built at query time.
         """
         options: dict[str, Any] = {}
         if llm is not None:
@@ -245,6 +311,9 @@ class KVPackQueryEngine(RetrieverQueryEngine):
             }
         if engine_options.get("knowledge_format") is not None:  # packets are stored in the layout they are used in
             options["knowledge_format"] = engine_options["knowledge_format"]
+        strategy = engine_options.get("strategy") or (llm.strategy if llm is not None else None)
+        if strategy in PACKET_STRATEGIES:
+            options["composition"] = strategy
         options.update(retriever_options or {})
         retriever = KVPackLlamaRetriever(kb, store=store, similarity_top_k=similarity_top_k, order=order, **options)
         return cls(retriever, llm, **engine_options)
