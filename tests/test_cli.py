@@ -29,7 +29,18 @@ def model_dir(tmp_path_factory) -> str:
 def run(capsys, *argv: str) -> tuple[int, dict]:
     code = main(list(argv))
     out = capsys.readouterr().out.strip().splitlines()
+    if "--json" in argv:  # `kvpack ... --json | jq` works: everything else goes to stderr
+        assert len(out) == 1, out
     return code, json.loads(out[-1])
+
+
+def _changed_copy(rows: Path, where: Path) -> Path:
+    """The same file name in another folder, its first question changed: other data, same name."""
+    where.mkdir()
+    changed = [json.loads(line) for line in rows.read_text().splitlines()]
+    changed[0]["question"] = "Who builds the battery?"
+    (where / rows.name).write_text("\n".join(json.dumps(r) for r in changed))
+    return where / rows.name
 
 
 @pytest.fixture
@@ -63,13 +74,14 @@ def test_build_ask_list_roundtrip(capsys, tmp_path, model_dir, facts_file) -> No
     assert kv["answer"] == rag["answer"]
     assert kv["usage"]["cached_tokens"] == built["tokens"] and rag["usage"]["cached_tokens"] == 0
     assert kv["usage"]["prefilled_tokens"] < rag["usage"]["prefilled_tokens"]
-    code, listing = run(capsys, "list", *common)
+    listing_args = ["--store", str(tmp_path / "s"), "--json"]  # list loads no model: it takes no --model
+    code, listing = run(capsys, "list", *listing_args)
     assert [k["kb"] for k in listing["knowledge_bases"]] == ["demo"]
     # a damaged pack is listed as such, beside the whole ones
     broken = tmp_path / "s" / "packs" / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{")
-    code, listing = run(capsys, "list", *common)
+    code, listing = run(capsys, "list", *listing_args)
     assert code == 0 and [k["kb"] for k in listing["knowledge_bases"]] == ["broken", "demo"]
     assert "error" in listing["knowledge_bases"][0] and listing["knowledge_bases"][1]["facts"] == 3
 
@@ -81,7 +93,7 @@ def test_json_errors_of_every_kind(capsys, tmp_path, model_dir) -> None:
         main(["rebalance", "--kb", "x", "--banks", "two", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     assert exit_info.value.code == 2 and json.loads(out[-1]) == {
-        "error": "argument --banks: invalid int value: 'two'",
+        "error": "argument --banks: expected a whole number >= 1, got 'two'",
         "type": "UsageError",
     }
     facts = tmp_path / "syn.jsonl"
@@ -95,7 +107,29 @@ def test_json_errors_of_every_kind(capsys, tmp_path, model_dir) -> None:
     code, out = run(
         capsys, "build", str(tmp_path / "f.txt"), "--kb", "d", "--model", model_dir, "--store", str(blocked), "--json"
     )
-    assert code == 1 and out["type"] == "NotADirectoryError" and "Not a directory" in out["error"]
+    assert code == 2 and out["type"] == "InvalidInputError" and f"pack store {blocked} is a file" in out["error"]
+    for argv, problem in (
+        (["eval", "packet", "--data", str(facts), "--limit", "0"], "argument --limit: expected a whole number >= 1"),
+        (["eval", "packet", "--data", str(facts), "--jso"], "unrecognized arguments: --jso"),
+        (["eval", "packet", "--data", str(facts), "--store", "s"], "unrecognized arguments: --store"),
+        (["list", "--model", "m"], "unrecognized arguments: --model"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--json"])
+        out = capsys.readouterr().out.strip().splitlines()
+        assert exit_info.value.code == 2 and problem in json.loads(out[-1])["error"], argv
+    code, out = run(capsys, "packet", "biographies", "3", "--output", str(tmp_path), "--json")
+    assert code == 2 and f"biographies file {tmp_path} is a folder" in out["error"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"fact": "caf\u00e9"}\n'.encode("latin-1"))
+    code, out = run(capsys, "eval", "routing", "--facts", str(latin), "--routing-only", "--json")
+    assert code == 2 and "is not UTF-8 text" in out["error"]
+    # a name only a pack can have, with a Chroma directory that is not there: unknown, and nothing created
+    none = tmp_path / "none"
+    store = str(tmp_path / "s")
+    code, out = run(capsys, "ask", "q?", "--kb", "v1.2", "--kb-dir", str(none), "--store", store, "--json")
+    assert code == 2 and out["type"] == "UnknownKnowledgeBaseError" and "no knowledge base named 'v1.2'" in out["error"]
+    assert not none.exists()
 
 
 def test_jsonl_facts_and_half_precision(capsys, tmp_path, model_dir) -> None:
@@ -242,6 +276,12 @@ def test_eval_equivalence_json_and_resume(capsys, tmp_path, model_dir) -> None:
     assert len(records.read_text().splitlines()) == 2
     code, again = run(capsys, *args)  # resumed: nothing recomputed
     assert again["ttft_ms_kv"] == s["ttft_ms_kv"] and len(records.read_text().splitlines()) == 2
+    code, one = run(capsys, *args, "--limit", "1")  # a shorter run of the same data: its row is reused
+    assert code == 0 and one["n"] == 1 and len(records.read_text().splitlines()) == 2
+    other = _changed_copy(data, tmp_path / "other")  # same file name, other rows: refused, nothing recorded
+    code, err = run(capsys, *[str(other) if a == str(data) else a for a in args])
+    assert code == 2 and "holds records of other data (row 0 differs)" in err["error"]
+    assert len(records.read_text().splitlines()) == 2
     assert not (tmp_path / "s" / "packs").exists()  # the user's own store is never touched
     packs = (tmp_path / "s" / "eval-equivalence" / "packs").iterdir()
     assert not [p for p in packs if not p.name.startswith(".")]  # per-row packs cleaned up (lock files stay)
@@ -265,10 +305,41 @@ def test_eval_accumulation(capsys, tmp_path, model_dir) -> None:
     assert code == 0 and [st["k"] for st in s["steps"]] == [1, 2, 3] and s["all_identical"]
     assert s["steps"][2]["tokens_kv"] < s["steps"][2]["tokens_rag"]
     assert s["steps"][2]["build_tokens_kv"] < s["steps"][2]["tokens_rag"]  # only the new passage was added
+    data, records = _rows(tmp_path), tmp_path / "acc.jsonl"
+    common = ["--steps", "2", "--max-new-tokens", "4", "--records", str(records), "--model", model_dir, "--json"]
+    code, _ = run(capsys, "eval", "accumulation", "--data", str(data), *common)
+    assert code == 0 and len(records.read_text().splitlines()) == 2
+    other = _changed_copy(data, tmp_path / "other")
+    code, err = run(capsys, "eval", "accumulation", "--data", str(other), *common)
+    assert code == 2 and "holds records of other data" in err["error"]
     code, err = run(
         capsys, "eval", "accumulation", "--data", str(_rows(tmp_path)), "--steps", "9", "--model", model_dir, "--json"
     )
     assert code == 2 and "fewer than 9 passages" in err["error"]
+
+
+def test_eval_packet_cli_cleans_its_temporary_store_and_resumes_a_shorter_run(
+    capsys, tmp_path, model_dir, monkeypatch
+) -> None:
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    data, records = _rows(tmp_path), tmp_path / "packet.jsonl"
+    common = ["--methods", "full,rerotated", "--max-new-tokens", "4", "--model", model_dir, "--json"]
+    code, s = run(capsys, "eval", "packet", "--data", str(data), "--records", str(records), *common)
+    assert code == 0 and s["n"] == 2 and set(s["methods"]) == {"full", "rerotated"}
+    assert s["methods"]["rerotated"]["approximate"] and not s["methods"]["full"]["approximate"]
+    assert len(records.read_text().splitlines()) == 4
+    assert not list(scratch.iterdir())  # the temporary packet store went with the run
+    code, one = run(capsys, "eval", "packet", "--data", str(data), "--limit", "1", "--records", str(records), *common)
+    assert code == 0 and one["n"] == 1 and len(records.read_text().splitlines()) == 4  # nothing recomputed
+    recorded = [json.loads(line) for line in records.read_text().splitlines()]
+    [full_row0] = [r for r in recorded if (r["row"], r["method"]) == (0, "full")]
+    assert one["methods"]["full"]["f1"] == full_row0["f1"]
+    code, err = run(capsys, "eval", "packet", "--data", str(data), "--records", str(tmp_path), *common)
+    assert code == 2 and f"records file {tmp_path} is a folder" in err["error"]
 
 
 def test_ask_stream_prints_the_answer_and_a_usage_line(capsys, tmp_path, model_dir, facts_file) -> None:
@@ -332,8 +403,11 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     assert code == 2 and "holds other facts than the file" in err["error"]
     # synthesize refuses a bad count without touching the file it was to write
     before = facts.read_text()
-    code, err = run(capsys, "synthesize", "0", "--output", str(facts), "--json")
-    assert code == 2 and "n >= 1" in err["error"] and facts.read_text() == before
+    with pytest.raises(SystemExit) as exit_info:  # a usage error now, caught before anything runs
+        main(["synthesize", "0", "--output", str(facts), "--json"])
+    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert exit_info.value.code == 2 and "expected a whole number >= 1, got 0" in err["error"]
+    assert facts.read_text() == before
 
 
 def test_build_switches_to_a_chroma_knowledge_base_when_facts_exceed_the_window(capsys, tmp_path) -> None:
@@ -351,9 +425,12 @@ def test_build_switches_to_a_chroma_knowledge_base_when_facts_exceed_the_window(
     assert code == 0 and built["backend"] == "chroma" and "context window of 256" in built["reason"]
     assert built["facts"] == 80 and built["banks"] == 4 and built["replaced_pack"] is True
     facts.write_text(facts.read_text() + "\nA new fact about the widget's colour: blue.")
-    code, again = run(capsys, "build", str(facts), *common, "--json")  # the same base grows by the new fact
+    code, again = run(
+        capsys, "build", str(facts), *common, "--instruction", "Facts:", "--storage-dtype", "float16", "--json"
+    )  # the same base grows by the new fact; options only packs use are named as ignored
     assert code == 0 and again["added"] == 1 and again["already_present"] == 80 and again["facts"] == 81
-    assert again["replaced_pack"] is False
+    assert again["replaced_pack"] is False and again["ignored"].startswith("--instruction, --storage-dtype:")
+    assert "ignored" not in built
     # ask answers from the Chroma base (the old pack is gone): the routed facts are the knowledge
     question = "How much does the widget of fact number 17 weigh?"
     code, asked = run(capsys, "ask", question, *common, "--k", "2", "--max-new-tokens", "3", "--json")
@@ -459,6 +536,12 @@ def test_packet_train_continue_and_held_out_divergence(capsys, tmp_path, model_d
     common = ["--model", model_dir, "--json"]
     code, trained = run(capsys, "packet", "train", "--data", data, "--out", str(first), "--steps", "6", *small, *common)
     assert code == 0 and trained["steps"] == 6 and first.is_file()
+    other = str(_changed_copy(Path(data), tmp_path / "other"))  # continuing the run on other rows: refused
+    code, err = run(capsys, "packet", "train", "--data", other, "--out", str(first), "--steps", "7", *small, *common)
+    assert code == 2 and "was written for other training data" in err["error"]
+    shorter = ["--limit", "1", "--out", str(first), "--steps", "7"]
+    code, err = run(capsys, "packet", "train", "--data", data, *shorter, *small, *common)
+    assert code == 2 and "was written for other training data" in err["error"]
     code, more = run(
         capsys,
         "packet",

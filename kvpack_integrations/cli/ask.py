@@ -20,7 +20,7 @@ from ..packet.composer import PacketComposer
 from ..packet.layout import packet_prompt
 from ..prompts.knowledge import KnowledgeFormat
 from ..segments.pack_store import PackManifest, PackStore
-from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store
+from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store, positive_int
 from .steer import parse_steer_option
 
 
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)")
     p.add_argument("--packet-adapter", type=Path, default=None, help="packet adapter (default: the shipped one)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steer", action="append", default=[], metavar="FILE[:ALPHA]", help="apply a steering vector (repeatable)"
     )
-    p.add_argument("--k", type=int, default=4, help="facts routed to the question (Chroma knowledge bases)")
+    p.add_argument("--k", type=positive_int, default=4, help="facts routed to the question (Chroma knowledge bases)")
     add_chroma_args(p)
     add_common_args(p)
     p.set_defaults(run=run)

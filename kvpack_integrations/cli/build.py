@@ -16,7 +16,7 @@ from ..packet.composer import PacketComposer
 from ..prompts.knowledge import DEFAULT_INSTRUCTION, KnowledgeFormat
 from ..runtime.device import resolve_dtype
 from ..runtime.loader import LoadedModel
-from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store
+from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "not fit the model's context window); KV is then computed lazily for the facts a query routes to",
     )
     add_chroma_args(p)
-    p.add_argument("--dims", type=int, default=None, help="store PCA-reduced routing vectors (fewer bytes per fact)")
+    p.add_argument(
+        "--dims", type=positive_int, default=None, help="store PCA-reduced routing vectors (fewer bytes per fact)"
+    )
     p.add_argument(
         "--packets",
         choices=("packet", "blend"),
@@ -97,11 +99,24 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
         "store": kb.where,
         **build_packets(args, facts, KnowledgeFormat(instruction=args.instruction)),
     }
+    unused = [
+        flag
+        for flag, given in (
+            ("--instruction", args.instruction != DEFAULT_INSTRUCTION),
+            ("--storage-dtype", args.storage_dtype is not None),
+        )
+        if given
+    ]
+    if unused:  # pack options given, but the facts went to Chroma: say so rather than drop them silently
+        payload["ignored"] = (
+            f"{', '.join(unused)}: a Chroma knowledge base stores facts as text and answers with the default "
+            "instruction; these options apply to packs"
+        )
     emit(
         args,
         payload,
         f"built Chroma knowledge base {args.kb!r} ({reason}): {len(kb)} facts in {kb.n_banks} "
-        f"banks in {seconds:.1f} s\nstore: {kb.where}",
+        f"banks in {seconds:.1f} s\nstore: {kb.where}" + (f"\nignored {payload['ignored']}" if unused else ""),
     )
     return 0
 

@@ -13,19 +13,36 @@ from ..runtime.loader import LoadedModel, load_model
 from ..segments.pack_store import PackStore, default_store_dir
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def positive_int(text: str) -> int:
+    """An argparse type for counts (rows, tokens, steps): a whole number >= 1, refused by value otherwise,
+    so `--limit 0` is a usage error and not an empty run that reports "no rows"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, store: bool = True) -> None:
+    """`--json`; the model options (`--model`, `--device`, `--dtype`) for commands that load a language
+    model; `--store` for commands that use the pack store. A command never accepts an option it ignores."""
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    if store:
+        parser.add_argument(
+            "--store",
+            type=Path,
+            default=None,
+            help=f"pack store directory (default: $KVPACK_STORE or {default_store_dir()})",
+        )
+    if not model:
+        return
     parser.add_argument(
         "--model",
         default=None,
         help="hub id, local model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     )
-    parser.add_argument(
-        "--store",
-        type=Path,
-        default=None,
-        help=f"pack store directory (default: $KVPACK_STORE or {default_store_dir()})",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
 

@@ -19,14 +19,14 @@ from ..engine.settings import GenerationSettings
 from ..knowledge.facts import clean_facts
 from ..knowledge.packs import build_pack, knowledge_prompt, load_pack
 from ..prompts.knowledge import KnowledgeFormat
-from .common import add_common_args, emit, loaded_model, pack_store
+from .common import add_common_args, emit, loaded_model, pack_store, positive_int
 
 DEMO_KB = "kvpack-demo"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build the bundled knowledge base and answer multi-step questions both ways")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=positive_int, default=24)
     add_common_args(p)
     p.set_defaults(run=run)
 

@@ -18,16 +18,16 @@ from ..evaluation.steering import SteeringEvalOptions, run_steering
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..runtime.default_model import kvpack_home
-from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store
+from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store, positive_int
 
 
-def _shared(p: argparse.ArgumentParser) -> None:
+def _shared(p: argparse.ArgumentParser, *, store: bool) -> None:
     p.add_argument("--data", required=True, type=Path, help="JSONL rows {question, answers[], contexts[...]}")
-    p.add_argument("--limit", type=int, default=None, help="first N rows")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N rows")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--records", type=Path, default=None, help="per-row JSONL; an interrupted run resumes from it")
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
-    add_common_args(p)
+    add_common_args(p, store=store)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,25 +36,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gold-only", action="store_true", help="only the supporting passages")
     p.add_argument("--raw", action="store_true", help="also answer from packs of raw, untemplated text (ablation)")
     p.add_argument("--keep-packs", action="store_true", help="keep the per-row packs in the store")
-    _shared(p)
+    _shared(p, store=True)
     p.set_defaults(run=run_equivalence_cmd)
     p = ev.add_parser("routing", help="banked routing over a knowledge base of every fact in a file")
     p.add_argument("--facts", required=True, type=Path, help="JSONL rows {fact, question, answer}")
-    p.add_argument("--limit", type=int, default=None, help="sample N of the questions (the KB holds every fact)")
-    p.add_argument("--k", type=int, default=1, help="facts routed per question")
-    p.add_argument("--probes", type=int, default=1, help="nearest banks searched")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="sample N of the questions (the KB holds every fact)"
+    )
+    p.add_argument("--k", type=positive_int, default=1, help="facts routed per question")
+    p.add_argument("--probes", type=positive_int, default=1, help="nearest banks searched")
     p.add_argument(
         "--lexical-weight",
         type=float,
         default=DEFAULT_LEXICAL_WEIGHT,
         help="weight of BM25 in the hybrid score (0: the paper's dense-only routing)",
     )
-    p.add_argument("--dims", type=int, default=None, help="store PCA-reduced routing vectors (new knowledge bases)")
+    p.add_argument(
+        "--dims", type=positive_int, default=None, help="store PCA-reduced routing vectors (new knowledge bases)"
+    )
     add_chroma_args(p, kb_dir_help="Chroma directory (default: a new one under $KVPACK_HOME)")
     p.add_argument("--routing-only", action="store_true", help="skip the answers (no language model)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=positive_int, default=24)
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
-    add_common_args(p)
+    add_common_args(p, store=False)
     p.set_defaults(run=run_routing_cmd)
     p = ev.add_parser("steering", help="the paper's steering tables: alpha sweep, layers, composition, dual channel")
     p.add_argument(
@@ -63,33 +67,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="QA JSONL for the dual channel (default ../shared/data/hotpotqa_dev_300)",
     )
-    p.add_argument("--limit", type=int, default=100, help="dual-channel rows")
-    p.add_argument("--tasks", type=int, default=None, help="use only the first N code tasks")
+    p.add_argument("--limit", type=positive_int, default=100, help="dual-channel rows")
+    p.add_argument("--tasks", type=positive_int, default=None, help="use only the first N code tasks")
     p.add_argument("--alphas", default="0.25,0.5,0.75,1,1.5,2", help="comma-separated sweep alphas")
     p.add_argument("--layers", default="mid,late", help="comma-separated layer ranges of the alpha sweep")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per code reply")
-    p.add_argument("--dual-max-new-tokens", type=int, default=16, help="per dual-channel answer")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="per code reply")
+    p.add_argument("--dual-max-new-tokens", type=positive_int, default=16, help="per dual-channel answer")
     p.add_argument("--records", type=Path, default=None, help="write every reply here (JSONL)")
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
-    add_common_args(p)
+    add_common_args(p, store=False)
     p.set_defaults(run=run_steering_cmd)
     p = ev.add_parser("packet", help="KV Packet vs full recompute and the other baselines, row by row")
     p.add_argument("--data", type=Path, required=True, help="QA JSONL {question, answers, contexts}")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None)
     p.add_argument("--adapter", type=Path, default=None, help="packet adapter (default: the one shipped for the model)")
     p.add_argument(
         "--methods", default=",".join(PACKET_METHODS), help="comma-separated, from " + ", ".join(PACKET_METHODS)
     )
-    p.add_argument("--max-passages", type=int, default=None, help="passages per row, gold first (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--max-passages", type=positive_int, default=None, help="passages per row, gold first (default: all)"
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--packets", type=Path, default=None, help="packet store directory (default: a temporary one)")
     p.add_argument("--records", type=Path, default=None, help="write every answer here (JSONL)")
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
-    add_common_args(p)
+    add_common_args(p, store=False)
     p.set_defaults(run=run_packet_cmd)
     p = ev.add_parser("accumulation", help="knowledge growing by one passage per step, KV vs RAG")
-    p.add_argument("--steps", type=int, default=5)
-    _shared(p)
+    p.add_argument("--steps", type=positive_int, default=5)
+    _shared(p, store=False)
     p.set_defaults(run=run_accumulation_cmd)
 
 

@@ -12,7 +12,7 @@ from .common import add_common_args, emit, pack_store
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list the knowledge bases: packs in the store, and Chroma knowledge bases")
-    add_common_args(p)
+    add_common_args(p, model=False)
     p.add_argument("--kb-dir", type=Path, default=None, help="embedded Chroma directory (default: $KVPACK_KB)")
     p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
     p.add_argument("--port", type=int, default=8000)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import traceback
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import KVPackError
 from . import ask, build, demo, evaluate, list_packs, packet, rebalance, steer, synthesize
@@ -17,6 +17,10 @@ def make_parser(json_errors: bool = False) -> argparse.ArgumentParser:
     """The parser; with `json_errors`, a usage error also prints the `{"error", "type"}` line --json promises."""
 
     class Parser(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # no abbreviated options (`--jso`): `main` finds --json by its whole name, as do users' scripts
+            super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
         def error(self, message: str) -> NoReturn:
             if json_errors:
                 sys.stdout.write(json.dumps({"error": message, "type": "UsageError"}) + "\n")

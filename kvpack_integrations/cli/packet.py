@@ -12,45 +12,47 @@ from ..packet.adapter import PacketAdapter, shipped_adapter
 from ..packet.biographies import write_biographies
 from ..packet.divergence import held_out_kl
 from ..packet.trainer import PASSAGE_ORDERS, TrainOptions, train_adapter
-from .common import add_common_args, emit, loaded_model
+from .common import add_common_args, emit, loaded_model, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     packet = sub.add_parser("packet", help="KV Packet adapters").add_subparsers(dest="packet_command", required=True)
     p = packet.add_parser("train", help="train a header/trailer adapter by distillation (resumable)")
     p.add_argument("--data", type=Path, action="append", required=True, help="QA JSONL (repeatable)")
-    p.add_argument("--limit", type=int, default=None, help="rows per data file")
+    p.add_argument("--limit", type=positive_int, default=None, help="rows per data file")
     p.add_argument("--out", type=Path, required=True, help="adapter .safetensors (its checkpoint: OUT.ckpt)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--accumulation", type=int, default=4)
+    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--accumulation", type=positive_int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--header-tokens", type=int, default=8)
     p.add_argument("--trailer-tokens", type=int, default=8)
-    p.add_argument("--max-passages", type=int, default=None, help="passages per example")
+    p.add_argument("--max-passages", type=positive_int, default=None, help="passages per example")
     p.add_argument(
         "--order",
         choices=PASSAGE_ORDERS,
         default="gold-first",
         help="passages gold first, or in the data's order (supporting ones where evaluation has them)",
     )
-    p.add_argument("--max-answer-tokens", type=int, default=16, help="teacher answer tokens distilled per example")
-    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument(
+        "--max-answer-tokens", type=positive_int, default=16, help="teacher answer tokens distilled per example"
+    )
+    p.add_argument("--checkpoint-every", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="a trained adapter to continue from (fine-tuning)")
-    add_common_args(p)
+    add_common_args(p, store=False)
     p.set_defaults(run=run_train)
     p = packet.add_parser("divergence", help="held-out KL of the packet layout against full attention")
     p.add_argument("--data", type=Path, required=True, help="QA JSONL the adapter was not trained on")
-    p.add_argument("--limit", type=int, default=20, help="rows scored")
+    p.add_argument("--limit", type=positive_int, default=20, help="rows scored")
     p.add_argument("--adapter", default=None, help="adapter .safetensors, or 'none' (default: the shipped one)")
-    p.add_argument("--max-passages", type=int, default=None, help="passages per row (default: all)")
-    p.add_argument("--max-answer-tokens", type=int, default=16)
-    add_common_args(p)
+    p.add_argument("--max-passages", type=positive_int, default=None, help="passages per row (default: all)")
+    p.add_argument("--max-answer-tokens", type=positive_int, default=16)
+    add_common_args(p, store=False)
     p.set_defaults(run=run_divergence)
     p = packet.add_parser("biographies", help="write synthetic biography QA rows for training")
-    p.add_argument("n", type=int)
+    p.add_argument("n", type=positive_int)
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--passages", type=int, default=4)
+    p.add_argument("--passages", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run_biographies)

@@ -6,13 +6,15 @@ import argparse
 import time
 
 from ..knowledge.knowledge_base import KnowledgeBase
-from .common import add_chroma_args, emit
+from .common import add_chroma_args, emit, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rebalance", help="re-cluster a Chroma knowledge base into k-means banks")
     p.add_argument("--kb", required=True, help="knowledge-base name")
-    p.add_argument("--banks", type=int, default=None, help="number of banks (default: ceil(facts / bank size))")
+    p.add_argument(
+        "--banks", type=positive_int, default=None, help="number of banks (default: ceil(facts / bank size))"
+    )
     add_chroma_args(p, embedder_help="the embedder the knowledge base was built with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="mid", help="early, mid, late, all, a fraction range like 0.3-0.7, or 4,5,6")
     p.add_argument("--alpha", type=float, default=1.0, help="default strength saved with the vector")
     p.add_argument("--name", default=None, help="name shown in usage reports (default: the file stem)")
-    add_common_args(p)
+    add_common_args(p, store=False)
     p.set_defaults(run=run_build)
 
 

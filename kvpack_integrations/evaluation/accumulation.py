@@ -102,7 +102,7 @@ def run_accumulation(
         "device": str(loaded.device),
         "threads": torch.get_num_threads(),
     }
-    log = RecordLog(records_path, config)
+    log = RecordLog(records_path, config, [row.digest() for row in rows])
     t0 = time.perf_counter()
     for i, row in enumerate(tqdm(rows, desc="accumulation", disable=not progress)):
         if not log.done(i):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..runtime.paths import read_text_lines
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class QARow:
 
     def facts(self, gold_only: bool = False) -> list[str]:
         return [p.as_fact() for p in self.passages if p.gold or not gold_only]
+
+    def digest(self) -> str:
+        """What the row holds, in 16 hex digits: a resumed run's record must be of this very row."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
     def gold_first(self) -> list[str]:
         """Supporting passages first, then distractors (the accumulation order)."""
@@ -52,15 +59,15 @@ class QARow:
         return self.gold_first()[:limit] if limit else self.facts()
 
 
+def rows_digest(rows: Sequence[QARow]) -> str:
+    """The rows and their order, in 16 hex digits: a resumed training run must see the same data."""
+    return hashlib.sha256(",".join(row.digest() for row in rows).encode()).hexdigest()[:16]
+
+
 def load_rows(path: str | Path, limit: int | None = None) -> list[QARow]:
     """Read and validate rows, naming the line of any malformed one."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"data file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    lines = read_text_lines(path, "data file")
     rows: list[QARow] = []
     for no, line in enumerate(lines, 1):
         if limit is not None and len(rows) >= limit:

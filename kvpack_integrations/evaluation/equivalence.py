@@ -7,6 +7,7 @@ rest. The two arms alternate which goes first. A divergence is any difference in
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ def _row(loaded: LoadedModel, store: PackStore, index: int, row: QARow, opts: Eq
     fmt = KnowledgeFormat()
     facts = row.facts(opts.gold_only)
     settings = GenerationSettings(max_new_tokens=opts.max_new_tokens)
-    name = f"eq-{index:05d}"
+    name = f"eq-{os.getpid()}-{index:05d}"  # the process in the name: two runs on one store never share a pack
     report = build_pack(loaded, RadixTree(loaded.fingerprint), store, name, facts, fmt=fmt)
     ids = knowledge_prompt(loaded.tokenizer, facts, row.question, fmt).token_ids
     text_engine = Engine(loaded, max_cached_tokens=0)
@@ -162,7 +163,7 @@ def run_equivalence(
         "threads": torch.get_num_threads(),
         **asdict(opts),
     }
-    log = RecordLog(records_path, config)
+    log = RecordLog(records_path, config, [row.digest() for row in rows])
     store = PackStore(store.root / "eval-equivalence")  # never touches the user's own packs
     t0 = time.perf_counter()
     for i, row in enumerate(tqdm(rows, desc="equivalence", disable=not progress)):

@@ -48,6 +48,7 @@ from ..packet.layout import PacketPrompt, packet_prompt
 from ..packet.store import adapter_id, packet_path
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.loader import LoadedModel
+from ..runtime.paths import usable_file
 from .bootstrap import ratio_interval
 from .datasets import QARow
 from .machine import machine_info
@@ -152,10 +153,14 @@ def _resume(path: Path | None, rows: Sequence[QARow], setup: Callable[[str], dic
             continue
         if isinstance(record, dict):
             records.append(record)
+    kept = []
     for r in records:
         row = r.get("row")
-        if not isinstance(row, int) or row >= len(rows) or r.get("question") != rows[row].question:
+        if isinstance(row, int) and row >= len(rows):
+            continue  # a run over more rows of the same data (a lower --limit now): not part of this one
+        if not isinstance(row, int) or row < 0 or r.get("question") != rows[row].question:
             raise InvalidInputError(f"{path} holds records of other data: remove it (or pass another --records)")
+        kept.append(r)
         want, had = setup(str(r.get("method"))), r.get("setup")
         if not isinstance(had, dict):
             raise InvalidInputError(
@@ -172,7 +177,7 @@ def _resume(path: Path | None, rows: Sequence[QARow], setup: Callable[[str], dic
                 f"{path} holds records made with other settings ({r.get('method')}: {differ}, recorded != now): "
                 "remove it (or pass another --records)"
             )
-    return records
+    return kept
 
 
 def run_packet_eval(
@@ -194,13 +199,26 @@ def run_packet_eval(
         raise InvalidInputError(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
     if "packet" in opts.methods and adapter is None:
         raise InvalidInputError("--methods includes packet but no adapter was given")
-    root = Path(store) if store is not None else Path(tempfile.mkdtemp(prefix="kvpack-packets-"))
+    if store is None:  # a temporary store: its packets (gigabytes for a long run) go with it
+        with tempfile.TemporaryDirectory(prefix="kvpack-packets-") as temporary:
+            return run_packet_eval(
+                loaded,
+                rows,
+                adapter,
+                opts,
+                store=temporary,
+                records_path=records_path,
+                data_name=data_name,
+                adapter_name=adapter_name,
+                progress=progress,
+            )
+    root = Path(store)
     composer = PacketComposer(  # resident_bytes=0: every query loads its packets from the store, timed
         loaded, root, adapter, blend_ratio=opts.blend_ratio, epic_tokens=opts.epic_tokens, resident_bytes=0
     )
     harness = PacketHarness(loaded, composer, opts)
     fmt = KnowledgeFormat()
-    out = Path(records_path) if records_path is not None else None
+    out = usable_file(records_path, "records file") if records_path is not None else None
     if not rows:
         raise InvalidInputError("no rows to evaluate")
     if opts.max_new_tokens < 1 or (opts.max_passages is not None and opts.max_passages < 1):

@@ -30,6 +30,7 @@ from ..knowledge.packs import knowledge_prompt
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.device import dtype_name
 from ..runtime.loader import LoadedModel
+from ..runtime.paths import read_text_lines
 from .machine import machine_info
 
 
@@ -43,10 +44,8 @@ class RoutingRow:
 def load_routing_rows(path: str | Path) -> list[RoutingRow]:
     """Read `{fact, question, answer}` rows, naming the line of a malformed one."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"facts file not found: {path}")
     rows = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for no, line in enumerate(read_text_lines(path, "facts file"), 1):
         if not line.strip():
             continue
         try:

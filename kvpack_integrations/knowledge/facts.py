@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import EmptyKnowledgeError, InvalidInputError
+from ..runtime.paths import read_text_lines
 
 
 def clean_facts(facts: Iterable[str]) -> list[str]:
@@ -20,12 +21,7 @@ def clean_facts(facts: Iterable[str]) -> list[str]:
 def read_facts(path: str | Path) -> list[str]:
     """Load facts from a file, naming the line of any malformed entry."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"facts file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    lines = read_text_lines(path, "facts file")
     if path.suffix == ".txt":
         return clean_facts(lines)
     if path.suffix in (".jsonl", ".ndjson"):

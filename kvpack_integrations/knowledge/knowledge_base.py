@@ -138,7 +138,13 @@ class KnowledgeBase:
         dims: int | None = None,
         create: bool = True,
     ) -> None:
-        if not isinstance(name, str) or not _KB_NAME.fullmatch(name):
+        self.where = f"{host}:{port}" if host else str(Path(path).expanduser() if path else default_kb_dir())
+        valid = isinstance(name, str) and _KB_NAME.fullmatch(name) is not None
+        if not create and (not valid or (host is None and not Path(self.where).is_dir())):
+            # opening, not creating: a name Chroma cannot hold, or a directory that is not there, holds no
+            # such base (and a lookup creates nothing and loads no embedder)
+            raise UnknownKnowledgeBaseError(f"no knowledge base named {name!r} at {self.where}")
+        if not valid:
             raise InvalidInputError(
                 f"invalid knowledge-base name {name!r}: 2-60 ASCII letters, digits, '-' or '_', starting and "
                 "ending with a letter or digit"
@@ -146,13 +152,12 @@ class KnowledgeBase:
         if bank_size < 1:
             raise InvalidInputError(f"bank_size must be >= 1, got {bank_size}")
         self.name = name
-        self.where = f"{host}:{port}" if host else str(Path(path).expanduser() if path else default_kb_dir())
         self._path = None if host else Path(self.where)
         self._client = _client(path, host, port)
-        self.embedder: Embedder = load_embedder(embedder)
         existing = {c.name if hasattr(c, "name") else str(c) for c in self._client.list_collections()}
         if f"{name}-facts" not in existing and not create:
             raise UnknownKnowledgeBaseError(f"no knowledge base named {name!r} at {self.where}")
+        self.embedder: Embedder = load_embedder(embedder)
         dim = self.embedder.dimension
         if dims is not None and (not isinstance(dims, int) or not 1 <= dims <= dim):
             raise InvalidInputError(f"dims must be an integer from 1 to the embedder's {dim} dimensions, got {dims!r}")

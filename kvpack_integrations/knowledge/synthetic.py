@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..runtime.paths import usable_file
 from ..segments.serialization import atomic_write_bytes
 
 _ONSETS = [
@@ -148,7 +149,7 @@ def synthetic_facts(n: int, seed: int = 0) -> Iterator[dict[str, str]]:
 def write_synthetic(path: str | Path, n: int, seed: int = 0) -> Path:
     """Write `synthetic_facts(n, seed)` as JSONL (the `kvpack eval routing --facts` format), atomically: a
     bad `n` or an interrupted run leaves an existing file as it was."""
-    path = Path(path)
+    path = usable_file(path, "facts file")
     rows = "".join(json.dumps(row) + "\n" for row in synthetic_facts(n, seed))
     atomic_write_bytes(path, rows.encode("utf-8"))
     return path

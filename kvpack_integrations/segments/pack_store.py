@@ -32,6 +32,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.file_modes import folder_mode
 from ..runtime.fingerprint import Fingerprint
+from ..runtime.paths import usable_directory
 from .directory_swap import asides, directory_lock, names_aside, replace_directory, restore_aside
 from .segment import KVSegment
 from .serialization import atomic_write_bytes, load_segment, save_segment
@@ -135,7 +136,7 @@ class PackStore:
     """Named packs under one root directory."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_store_dir()
+        self.root = usable_directory(root if root is not None else default_store_dir(), "pack store")
         self._current: dict[str, tuple[int, PackManifest]] = {}
 
     @property

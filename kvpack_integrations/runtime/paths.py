@@ -1,0 +1,53 @@
+"""Paths a user names (a store, a records file), checked before any work: a file where a folder must
+be, or a folder where a file must be, is refused by name up front, not after an hour of evaluation or
+as an OS error from deep inside a write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InvalidInputError
+
+
+def _blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing path above `path` if it is not a folder (nothing can be created under it)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def usable_directory(path: str | Path, what: str) -> Path:
+    """`path` as a folder that exists or can be created."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"the {what} {path} is a file, not a folder")
+    blocked = _blocking_ancestor(path)
+    if blocked is not None:
+        raise InvalidInputError(f"the {what} {path} cannot be created: {blocked} is a file, not a folder")
+    return path
+
+
+def usable_file(path: str | Path, what: str) -> Path:
+    """`path` as a file that exists or can be created."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InvalidInputError(f"the {what} {path} is a folder, not a file")
+    blocked = _blocking_ancestor(path)
+    if blocked is not None:
+        raise InvalidInputError(f"the {what} {path} cannot be created: {blocked} is a file, not a folder")
+    return path
+
+
+def read_text_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file the user named; a missing, unreadable or non-UTF-8 file is
+    refused by name."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidInputError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
