@@ -328,6 +328,7 @@ def test_eval_packet_cli_cleans_its_temporary_store_and_resumes_a_shorter_run(
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     data, records = _rows(tmp_path), tmp_path / "packet.jsonl"
     common = ["--methods", "full,rerotated", "--max-new-tokens", "4", "--model", model_dir, "--json"]
+    common += ["--packet-adapter", "none"]  # the plain methods need none; the option means what it means elsewhere
     code, s = run(capsys, "eval", "packet", "--data", str(data), "--records", str(records), *common)
     assert code == 0 and s["n"] == 2 and set(s["methods"]) == {"full", "rerotated"}
     assert s["methods"]["rerotated"]["approximate"] and not s["methods"]["full"]["approximate"]
@@ -340,6 +341,12 @@ def test_eval_packet_cli_cleans_its_temporary_store_and_resumes_a_shorter_run(
     assert one["methods"]["full"]["f1"] == full_row0["f1"]
     code, err = run(capsys, "eval", "packet", "--data", str(data), "--records", str(tmp_path), *common)
     assert code == 2 and f"records file {tmp_path} is a folder" in err["error"]
+    code, err = run(capsys, "eval", "packet", "--data", str(data), "--methods", "packet", *common[2:])
+    assert code == 2 and "no adapter was given" in err["error"]
+    store = tmp_path / "packets"  # --packet-store, as in build and ask, keeps the packets
+    one_row = ["--data", str(data), "--limit", "1", "--packet-store", str(store)]
+    code, kept = run(capsys, "eval", "packet", *one_row, *common)
+    assert code == 0 and kept["n"] == 1 and list(store.rglob("*.safetensors"))
 
 
 def test_ask_stream_prints_the_answer_and_a_usage_line(capsys, tmp_path, model_dir, facts_file) -> None:
@@ -534,7 +541,8 @@ def test_packet_train_continue_and_held_out_divergence(capsys, tmp_path, model_d
     data, first, tuned = str(_rows(tmp_path)), tmp_path / "first.safetensors", tmp_path / "tuned.safetensors"
     small = ["--accumulation", "1", "--lr", "0.05", "--header-tokens", "2", "--trailer-tokens", "2"]
     common = ["--model", model_dir, "--json"]
-    code, trained = run(capsys, "packet", "train", "--data", data, "--out", str(first), "--steps", "6", *small, *common)
+    train = ["packet", "train", "--data", data, "--output", str(first), "--steps", "6"]
+    code, trained = run(capsys, *train, *small, *common)
     assert code == 0 and trained["steps"] == 6 and first.is_file()
     other = str(_changed_copy(Path(data), tmp_path / "other"))  # continuing the run on other rows: refused
     code, err = run(capsys, "packet", "train", "--data", other, "--out", str(first), "--steps", "7", *small, *common)

@@ -20,7 +20,16 @@ from ..packet.composer import PacketComposer
 from ..packet.layout import packet_prompt
 from ..prompts.knowledge import KnowledgeFormat
 from ..segments.pack_store import PackManifest, PackStore
-from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store, positive_int
+from .common import (
+    adapter_option,
+    add_adapter_arg,
+    add_chroma_args,
+    add_common_args,
+    emit,
+    loaded_model,
+    pack_store,
+    positive_int,
+)
 from .steer import parse_steer_option
 
 
@@ -36,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(approximate; built on first use, or at index time with `kvpack build --packets`)",
     )
     p.add_argument("--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)")
-    p.add_argument("--packet-adapter", type=Path, default=None, help="packet adapter (default: the shipped one)")
+    add_adapter_arg(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode in ("packet", "blend"):
         if raw:
             raise InvalidInputError(f"pack {args.kb!r} is raw (untemplated): it cannot be composed from packets")
-        composer = PacketComposer(loaded, args.packet_store, args.packet_adapter or "shipped")
+        composer = PacketComposer(loaded, args.packet_store, adapter_option(args.adapter))
         split = packet_prompt(loaded.tokenizer, facts, args.question, fmt)
         composed = composer.compose(engine, split, args.mode).composed
         chunks = engine.stream(list(split.tail), settings, composed=composed, started_at=t0, steering=steering)

@@ -16,7 +16,16 @@ from ..packet.composer import PacketComposer
 from ..prompts.knowledge import DEFAULT_INSTRUCTION, KnowledgeFormat
 from ..runtime.device import resolve_dtype
 from ..runtime.loader import LoadedModel
-from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store, positive_int
+from .common import (
+    adapter_option,
+    add_adapter_arg,
+    add_chroma_args,
+    add_common_args,
+    emit,
+    loaded_model,
+    pack_store,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "composition='packet'/'blend' at query time",
     )
     p.add_argument("--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)")
-    p.add_argument("--packet-adapter", type=Path, default=None, help="packet adapter (default: the shipped one)")
+    add_adapter_arg(p)
     add_common_args(p)
     p.set_defaults(run=run)
 
@@ -63,7 +72,7 @@ def build_packets(args: argparse.Namespace, facts: list[str], fmt: KnowledgeForm
     if args.packets is None:
         return {}
     loaded = loaded_model(args)
-    composer = PacketComposer(loaded, args.packet_store, args.packet_adapter or "shipped")
+    composer = PacketComposer(loaded, args.packet_store, adapter_option(args.adapter))
     method = "packet" if args.packets == "packet" else "rerotated"
     built = composer.ensure_facts(facts, fmt, method, progress=not args.json)
     return {"packets": {"composition": args.packets, "built": built, "store": str(composer.store)}}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..packet.adapter import shipped_adapter
 from ..runtime.loader import LoadedModel, load_model
 from ..segments.pack_store import PackStore, default_store_dir
 
@@ -83,3 +84,27 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()
+
+
+def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
+    """`--packet-adapter` (alias `--adapter`), one meaning wherever an adapter is chosen."""
+    parser.add_argument(
+        "--packet-adapter",
+        "--adapter",
+        dest="adapter",
+        default=None,
+        help="packet adapter .safetensors, or 'none' (default: the one shipped for the model)",
+    )
+
+
+def adapter_option(value: str | None) -> Path | str | None:
+    """What `--packet-adapter` means, as `PacketComposer` takes it: "shipped" when unset, None for 'none'."""
+    if value is None:
+        return "shipped"
+    return None if value == "none" else Path(value).expanduser()
+
+
+def chosen_adapter(value: str | None, loaded: LoadedModel) -> Path | None:
+    """The adapter file `--packet-adapter` names (the shipped one's path when unset; None for 'none')."""
+    option = adapter_option(value)
+    return shipped_adapter(loaded) if option == "shipped" else (option if isinstance(option, Path) else None)

@@ -16,9 +16,18 @@ from ..evaluation.packet_eval import PacketEvalOptions, run_packet_eval
 from ..evaluation.routing import load_routing_rows, run_routing
 from ..evaluation.steering import SteeringEvalOptions, run_steering
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
-from ..packet.adapter import PacketAdapter, shipped_adapter
+from ..packet.adapter import PacketAdapter
 from ..runtime.default_model import kvpack_home
-from .common import add_chroma_args, add_common_args, emit, loaded_model, pack_store, positive_int
+from .common import (
+    add_adapter_arg,
+    add_chroma_args,
+    add_common_args,
+    chosen_adapter,
+    emit,
+    loaded_model,
+    pack_store,
+    positive_int,
+)
 
 
 def _shared(p: argparse.ArgumentParser, *, store: bool) -> None:
@@ -80,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = ev.add_parser("packet", help="KV Packet vs full recompute and the other baselines, row by row")
     p.add_argument("--data", type=Path, required=True, help="QA JSONL {question, answers, contexts}")
     p.add_argument("--limit", type=positive_int, default=None)
-    p.add_argument("--adapter", type=Path, default=None, help="packet adapter (default: the one shipped for the model)")
+    add_adapter_arg(p)
     p.add_argument(
         "--methods", default=",".join(PACKET_METHODS), help="comma-separated, from " + ", ".join(PACKET_METHODS)
     )
@@ -88,7 +97,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-passages", type=positive_int, default=None, help="passages per row, gold first (default: all)"
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
-    p.add_argument("--packets", type=Path, default=None, help="packet store directory (default: a temporary one)")
+    p.add_argument(
+        "--packet-store",
+        "--packets",
+        dest="packets",
+        type=Path,
+        default=None,
+        help="packet store directory (default: a temporary one, removed at the end)",
+    )
     p.add_argument("--records", type=Path, default=None, help="write every answer here (JSONL)")
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
     add_common_args(p, store=False)
@@ -207,7 +223,7 @@ def run_packet_cmd(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     rows = load_rows(args.data, args.limit)
     loaded = loaded_model(args)
-    adapter_file = args.adapter or shipped_adapter(loaded)
+    adapter_file = chosen_adapter(args.adapter, loaded)
     adapter = PacketAdapter.load(adapter_file, loaded.fingerprint) if adapter_file is not None else None
     opts = PacketEvalOptions(methods=methods, max_new_tokens=args.max_new_tokens, max_passages=args.max_passages)
     s = run_packet_eval(

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..evaluation.datasets import load_rows
-from ..packet.adapter import PacketAdapter, shipped_adapter
+from ..packet.adapter import PacketAdapter
 from ..packet.biographies import write_biographies
 from ..packet.divergence import held_out_kl
 from ..packet.trainer import PASSAGE_ORDERS, TrainOptions, train_adapter
-from .common import add_common_args, emit, loaded_model, positive_int
+from .common import add_adapter_arg, add_common_args, chosen_adapter, emit, loaded_model, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = packet.add_parser("train", help="train a header/trailer adapter by distillation (resumable)")
     p.add_argument("--data", type=Path, action="append", required=True, help="QA JSONL (repeatable)")
     p.add_argument("--limit", type=positive_int, default=None, help="rows per data file")
-    p.add_argument("--out", type=Path, required=True, help="adapter .safetensors (its checkpoint: OUT.ckpt)")
+    p.add_argument(
+        "--output", "--out", dest="out", type=Path, required=True, help="adapter .safetensors (checkpoint: OUTPUT.ckpt)"
+    )
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--accumulation", type=positive_int, default=4)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -44,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = packet.add_parser("divergence", help="held-out KL of the packet layout against full attention")
     p.add_argument("--data", type=Path, required=True, help="QA JSONL the adapter was not trained on")
     p.add_argument("--limit", type=positive_int, default=20, help="rows scored")
-    p.add_argument("--adapter", default=None, help="adapter .safetensors, or 'none' (default: the shipped one)")
+    add_adapter_arg(p)
     p.add_argument("--max-passages", type=positive_int, default=None, help="passages per row (default: all)")
     p.add_argument("--max-answer-tokens", type=positive_int, default=16)
     add_common_args(p, store=False)
@@ -94,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_divergence(args: argparse.Namespace) -> int:
     rows = load_rows(args.data, args.limit)
     loaded = loaded_model(args)
-    path = None if args.adapter == "none" else (Path(args.adapter) if args.adapter else shipped_adapter(loaded))
+    path = chosen_adapter(args.adapter, loaded)
     if args.adapter != "none" and path is None:
         raise InvalidInputError(f"no adapter is shipped for {loaded.name}: pass --adapter PATH (or 'none')")
     adapter = PacketAdapter.load(path, loaded.fingerprint) if path is not None else None

@@ -19,7 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     steer = sub.add_parser("steer", help="steering vectors").add_subparsers(dest="steer_command", required=True)
     p = steer.add_parser("build", help="build a steering vector from {positive, negative} JSONL pairs")
     p.add_argument("pairs", type=Path, help="JSONL rows {positive, negative}")
-    p.add_argument("--out", required=True, type=Path, help="where to write the .safetensors vector")
+    p.add_argument(
+        "--output", "--out", dest="out", required=True, type=Path, help="where to write the .safetensors vector"
+    )
     p.add_argument("--layers", default="mid", help="early, mid, late, all, a fraction range like 0.3-0.7, or 4,5,6")
     p.add_argument("--alpha", type=float, default=1.0, help="default strength saved with the vector")
     p.add_argument("--name", default=None, help="name shown in usage reports (default: the file stem)")
