@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ..engine.engine import Engine
@@ -22,9 +21,9 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..segments.pack_store import PackManifest, PackStore
 from .common import (
     adapter_option,
-    add_adapter_arg,
     add_chroma_args,
     add_common_args,
+    add_packet_args,
     emit,
     loaded_model,
     pack_store,
@@ -44,8 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="kv: reuse the pack (exact); rag: facts as text; packet/blend: facts composed from stored packets "
         "(approximate; built on first use, or at index time with `kvpack build --packets`)",
     )
-    p.add_argument("--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)")
-    add_adapter_arg(p)
+    add_packet_args(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

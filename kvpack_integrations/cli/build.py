@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
-from pathlib import Path
 from typing import Any
 
 from ..composition.radix_tree import RadixTree
@@ -18,9 +17,9 @@ from ..runtime.device import resolve_dtype
 from ..runtime.loader import LoadedModel
 from .common import (
     adapter_option,
-    add_adapter_arg,
     add_chroma_args,
     add_common_args,
+    add_packet_args,
     emit,
     loaded_model,
     pack_store,
@@ -55,8 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also cache every fact as a KV Packet (wrapped with the adapter; 'blend': plain) for "
         "composition='packet'/'blend' at query time",
     )
-    p.add_argument("--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)")
-    add_adapter_arg(p)
+    add_packet_args(p)
     add_common_args(p)
     p.set_defaults(run=run)
 

@@ -97,6 +97,14 @@ def add_adapter_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_packet_args(parser: argparse.ArgumentParser) -> None:
+    """The packet folder and adapter of commands that compose packets (build, ask)."""
+    parser.add_argument(
+        "--packet-store", type=Path, default=None, help="packet store directory (default $KVPACK_PACKETS)"
+    )
+    add_adapter_arg(parser)
+
+
 def adapter_option(value: str | None) -> Path | str | None:
     """What `--packet-adapter` means, as `PacketComposer` takes it: "shipped" when unset, None for 'none'."""
     if value is None:
