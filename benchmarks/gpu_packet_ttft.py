@@ -272,10 +272,10 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     adapter = PacketAdapter.initial(loaded)  # untrained soft tokens: the same cost as trained ones
     store = tempfile.mkdtemp(prefix="kvpack-gpu-packets-")
-    composer = PacketComposer(loaded, store, adapter, resident_bytes=0, load_threads=args.load_threads)
+    composer = PacketComposer(loaded, store, adapter, resident_bytes=0, host_bytes=0, load_threads=args.load_threads)
     options = PacketEvalOptions(methods=args.methods.split(","), max_new_tokens=1)
     harness = PacketHarness(loaded, composer, options)
-    on_device = PacketComposer(loaded, composer.store, adapter, resident_bytes=args.resident_gib << 30)
+    on_device = PacketComposer(loaded, composer.store, adapter, resident_bytes=args.resident_gib << 30, host_bytes=0)
     resident = PacketHarness(loaded, on_device, options)
     in_host = PacketComposer(
         loaded,

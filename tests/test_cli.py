@@ -287,6 +287,20 @@ def test_eval_equivalence_json_and_resume(capsys, tmp_path, model_dir) -> None:
     assert not [p for p in packs if not p.name.startswith(".")]  # per-row packs cleaned up (lock files stay)
 
 
+def test_an_interrupted_equivalence_row_leaves_no_pack(capsys, tmp_path, model_dir, monkeypatch) -> None:
+    from kvpack_integrations.evaluation import equivalence
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(equivalence, "_kv", interrupted)
+    args = ["eval", "equivalence", "--data", str(_rows(tmp_path)), "--raw", "--model", model_dir]
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--store", str(tmp_path / "s"), "--json"])
+    packs = tmp_path / "s" / "eval-equivalence" / "packs"
+    assert packs.is_dir() and not [p.name for p in packs.iterdir() if not p.name.startswith(".")]
+
+
 def test_eval_accumulation(capsys, tmp_path, model_dir) -> None:
     code, s = run(
         capsys,

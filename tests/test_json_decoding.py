@@ -145,6 +145,9 @@ SMALL_SCHEMAS: list[dict[str, Any]] = [
             {"properties": {"x": {"type": "integer"}}},
         ]
     },
+    # enums in two parts meet (3 is the only value both allow); items in both are held to both
+    {"allOf": [{"properties": {"x": {"enum": [1, 2, 3]}}, "required": ["x"]}, {"properties": {"x": {"enum": [3, 4]}}}]},
+    {"allOf": [{"type": "array", "items": {"enum": ["a", "b"]}}, {"items": {"enum": ["b", "c"]}, "minItems": 2}]},
 ]
 
 
@@ -346,3 +349,23 @@ def test_no_string_holds_a_replacement_mark() -> None:
                 value = run(family, schema, temperature=2.0, seed=seed, max_new_tokens=budget).value
                 marked += [(family, seed, budget, s) for s in value if "\ufffd" in s]
     assert marked == []
+
+
+def test_schemas_that_must_both_hold_and_share_no_value_are_refused() -> None:
+    """allOf parts with no common value are refused by name; beside anyOf, a branch no value can satisfy
+    is simply not an option (the others are)."""
+    for schema, problem in (
+        ({"allOf": [{"enum": [1, 2]}, {"enum": [3]}]}, "no common value: enum"),
+        ({"allOf": [{"const": 1}, {"const": 2}]}, "fix different values: 1 and 2"),
+        ({"allOf": [{"enum": ["a", "b"]}, {"const": "c"}]}, "'c' is not in"),
+    ):
+        with pytest.raises(InvalidInputError, match=problem):
+            run("qwen2", schema, max_new_tokens=8)
+    union = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["a", "b"]}},
+        "required": ["kind"],
+        "anyOf": [{"properties": {"kind": {"const": "a"}}}, {"properties": {"kind": {"const": "c"}}}],
+    }
+    for seed in range(4):
+        assert run("qwen2", union, temperature=1.5, seed=seed, max_new_tokens=20).value == {"kind": "a"}

@@ -141,6 +141,9 @@ def test_an_interrupted_eval_resumes_from_its_records(tmp_path) -> None:
     other = [QARow("Another question?", ("x",), _rows()[0].passages)]
     with pytest.raises(InvalidInputError, match="records of other data"):
         run_packet_eval(loaded, other, None, opts, records_path=records, progress=False)
+    edited = [replace(_rows()[0], passages=_rows()[0].passages[:2])]  # the same question, other passages
+    with pytest.raises(InvalidInputError, match="records of other data"):
+        run_packet_eval(loaded, edited, None, opts, records_path=records, progress=False)
     longer = PacketEvalOptions(methods=("full", "rerotated"), max_new_tokens=4)
     with pytest.raises(InvalidInputError, match=r"other settings .*max_new_tokens 3 != 4"):
         run_packet_eval(loaded, _rows(), None, longer, records_path=records, progress=False)
@@ -240,3 +243,17 @@ def test_every_method_starts_from_the_same_store_state(tmp_path, monkeypatch) ->
             records_path=records,
             progress=False,
         )
+
+
+def test_the_eval_loads_every_methods_packets_from_the_store_whatever_the_environment(tmp_path, monkeypatch) -> None:
+    """With the resident and host tiers switched on in the environment, every method of every row still
+    reads its packet files inside its timing (a method after another must not find them in memory)."""
+    from .support.spies import packet_file_reads
+
+    monkeypatch.setenv("KVPACK_PACKET_HOST_MB", "64")
+    monkeypatch.setenv("KVPACK_PACKET_RESIDENT_MB", "64")
+    reads = packet_file_reads(monkeypatch)
+    row = _rows()[0]
+    options = PacketEvalOptions(methods=("rerotated", "naive"), max_new_tokens=2)
+    run_packet_eval(make_model("llama"), [row], None, options, store=tmp_path / "p", progress=False)
+    assert len(reads) == 2 * len(row.passages)  # both methods read the same plain packets, each for itself

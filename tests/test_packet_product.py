@@ -168,9 +168,9 @@ def test_resident_packets_skip_the_store_and_stay_in_budget(tmp_path) -> None:
 def test_host_packets_skip_the_file_and_stay_in_budget(tmp_path, monkeypatch, threads: int) -> None:
     """The host tier: a packet read from the store is kept (checked) in host memory, so a repeat reads
     no file, even once the file is gone; the budget holds, least recently used out first."""
-    from kvpack_integrations.packet import store as packet_store
     from kvpack_integrations.packet.store import packet_path
 
+    from .support.spies import packet_file_reads
     from .support.tiny_models import make_model
 
     loaded = make_model("llama")
@@ -179,14 +179,7 @@ def test_host_packets_skip_the_file_and_stay_in_budget(tmp_path, monkeypatch, th
     composer = PacketComposer(loaded, tmp_path / "p", adapter, resident_bytes=0, host_bytes=2**24, load_threads=threads)
     engine = Engine(loaded, packets=composer)
     assert composer.compose(engine, split, "packet").packets_built == 3 and len(composer.host) == 0
-    reads: list[str] = []
-    real_read = packet_store.read_tensor_file_whole
-
-    def counted(path, **kwargs):
-        reads.append(path.name)
-        return real_read(path, **kwargs)
-
-    monkeypatch.setattr(packet_store, "read_tensor_file_whole", counted)
+    reads = packet_file_reads(monkeypatch)
     first = composer.compose(engine, split, "packet")
     assert len(reads) == 3 and len(composer.host) == 3 and composer.host.hits == 0
     for document in split.documents:  # the store is gone: a repeat is served from host memory
@@ -209,6 +202,12 @@ def test_host_packets_skip_the_file_and_stay_in_budget(tmp_path, monkeypatch, th
     assert len(held) == 2
     small.compose(engine, dataclasses.replace(split, documents=tuple(held)), "packet")
     assert len(reads) == 3 and small.host.hits == 2
+    # the kept ones' files gone: reading the third document evicts one of them, yet this very query
+    # still composes it (taken from host memory up front, not when its turn comes)
+    for document in held:
+        packet_path(small.store, document, adapter, loaded.fingerprint).unlink()
+    again = small.compose(engine, split, "packet")
+    assert again.packets_built == 0 and len(reads) == 4 and small.host.used_bytes <= used - 1
     with pytest.raises(InvalidInputError, match="host packet budget"):
         PacketComposer(loaded, tmp_path / "q", None, host_bytes=-1)
 

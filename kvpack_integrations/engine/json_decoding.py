@@ -265,18 +265,24 @@ def with_siblings(root: Any, schema: Mapping[str, Any], branches: Sequence[Any])
     """`anyOf`/`oneOf` branches with the keywords beside them merged in: `{"type": "object", "properties":
     {...}, "anyOf": [{"required": ["a"]}, ...]}` constrains every branch by its properties too."""
     siblings = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf", "nullable", *_ANNOTATIONS)}
-    out = []
+    out, refused = [], []
     for branch in branches:
         branch = resolve_schema(root, branch)
-        out.append(_intersect(root, siblings, branch) if isinstance(branch, Mapping) and siblings else branch)
+        try:
+            out.append(_intersect(root, siblings, branch) if isinstance(branch, Mapping) and siblings else branch)
+        except InvalidInputError as exc:  # a branch no value can satisfy beside those keywords: not an option
+            refused.append(exc)
+    if refused and not out:
+        raise refused[0]
     return out
 
 
 def _intersect(root: Any, outer: Mapping[str, Any], inner: Mapping[str, Any]) -> dict[str, Any]:
     """Both schemas' constraints at once, as far as decoding reads them (`allOf` parts, `$ref` siblings,
-    keywords beside `anyOf`): `type` intersected (integer is a number), a property in both constrained by
-    both, `required` united; other keywords the inner's. The recursion ends: `check_schema` refuses
-    recursive `$ref`s before decoding starts."""
+    keywords beside `anyOf`): `type` intersected (integer is a number), `enum`/`const` met (no common
+    value is refused by name), a property, `items` or `additionalProperties` in both held to both,
+    `required` united; other keywords the inner's. The recursion ends: `check_schema` refuses recursive
+    `$ref`s before decoding starts."""
     out = dict(outer)
     for key, value in inner.items():
         mine = out.get(key)
@@ -285,15 +291,42 @@ def _intersect(root: Any, outer: Mapping[str, Any], inner: Mapping[str, Any]) ->
         elif key == "properties" and isinstance(mine, Mapping) and isinstance(value, Mapping):
             both = {**mine, **value}
             for name in set(mine) & set(value):
-                a, b = resolve_schema(root, mine[name]), resolve_schema(root, value[name])
-                if isinstance(a, Mapping) and isinstance(b, Mapping):
-                    both[name] = _intersect(root, a, b)
+                both[name] = _meet(root, mine[name], value[name])
             out[key] = both
+        elif key in ("items", "additionalProperties") and key in out:
+            out[key] = _meet(root, mine, value)
         elif key == "required" and isinstance(mine, list) and isinstance(value, list):
             out[key] = mine + [v for v in value if v not in mine]
+        elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
+            out[key] = [v for v in mine if v in value]
+        elif key == "const" and key in out and mine != value:
+            raise InvalidInputError(f"two schemas that must both hold fix different values: {mine!r} and {value!r}")
         else:
             out[key] = value
+    if "const" in out and isinstance(out.get("enum"), list):
+        if out["const"] not in out["enum"]:
+            raise InvalidInputError(
+                f"two schemas that must both hold allow no common value: {out['const']!r} is not in {out['enum']!r}"
+            )
+        del out["enum"]
+    if out.get("enum") == [] and (outer.get("enum") or inner.get("enum")):
+        raise InvalidInputError(
+            "two schemas that must both hold allow no common value: enum "
+            f"{outer.get('enum')!r} and {inner.get('enum')!r}"
+        )
     return out
+
+
+def _meet(root: Any, a: Any, b: Any) -> Any:
+    """Two subschemas at once: `false` wins, `true` (or `{}`) gives the other, two objects intersect."""
+    a, b = resolve_schema(root, a), resolve_schema(root, b)
+    if a is False or b is False:
+        return False
+    if a is True:
+        return b
+    if b is True:
+        return a
+    return _intersect(root, a, b) if isinstance(a, Mapping) and isinstance(b, Mapping) else b
 
 
 def _common_type(a: Any, b: Any) -> Any:

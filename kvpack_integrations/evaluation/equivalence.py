@@ -63,10 +63,22 @@ def _kv(loaded: LoadedModel, store: PackStore, name: str, ids: list[int], settin
 
 
 def _row(loaded: LoadedModel, store: PackStore, index: int, row: QARow, opts: EquivalenceOptions) -> dict[str, Any]:
+    name = f"eq-{os.getpid()}-{index:05d}"  # the process in the name: two runs on one store never share a pack
+    try:
+        return _compare(loaded, store, name, index, row, opts)
+    finally:  # an interrupted row leaves no pack behind either (the next run has another process id)
+        if not opts.keep_packs:
+            for pack in (name, f"{name}-raw"):
+                if store.exists(pack):
+                    store.delete(pack)
+
+
+def _compare(
+    loaded: LoadedModel, store: PackStore, name: str, index: int, row: QARow, opts: EquivalenceOptions
+) -> dict[str, Any]:
     fmt = KnowledgeFormat()
     facts = row.facts(opts.gold_only)
     settings = GenerationSettings(max_new_tokens=opts.max_new_tokens)
-    name = f"eq-{os.getpid()}-{index:05d}"  # the process in the name: two runs on one store never share a pack
     report = build_pack(loaded, RadixTree(loaded.fingerprint), store, name, facts, fmt=fmt)
     ids = knowledge_prompt(loaded.tokenizer, facts, row.question, fmt).token_ids
     text_engine = Engine(loaded, max_cached_tokens=0)
@@ -93,10 +105,6 @@ def _row(loaded: LoadedModel, store: PackStore, index: int, row: QARow, opts: Eq
         build_pack(loaded, RadixTree(loaded.fingerprint), store, raw_name, facts, fmt=fmt, raw=True)
         raw_ids = knowledge_prompt(loaded.tokenizer, facts, row.question, fmt, raw=True).token_ids
         record["kv_raw"] = _arm(_kv(loaded, store, raw_name, raw_ids, settings), row.answers)
-        if not opts.keep_packs:
-            store.delete(raw_name)
-    if not opts.keep_packs:
-        store.delete(name)
     return record
 
 

@@ -158,7 +158,12 @@ def _resume(path: Path | None, rows: Sequence[QARow], setup: Callable[[str], dic
         row = r.get("row")
         if isinstance(row, int) and row >= len(rows):
             continue  # a run over more rows of the same data (a lower --limit now): not part of this one
-        if not isinstance(row, int) or row < 0 or r.get("question") != rows[row].question:
+        if (
+            not isinstance(row, int)
+            or row < 0
+            or r.get("question") != rows[row].question
+            or r.get("row_digest", rows[row].digest()) != rows[row].digest()  # (records before digests: the question)
+        ):
             raise InvalidInputError(f"{path} holds records of other data: remove it (or pass another --records)")
         kept.append(r)
         want, had = setup(str(r.get("method"))), r.get("setup")
@@ -213,8 +218,14 @@ def run_packet_eval(
                 progress=progress,
             )
     root = Path(store)
-    composer = PacketComposer(  # resident_bytes=0: every query loads its packets from the store, timed
-        loaded, root, adapter, blend_ratio=opts.blend_ratio, epic_tokens=opts.epic_tokens, resident_bytes=0
+    composer = PacketComposer(  # no resident or host tier (whatever the environment says): every query loads
+        loaded,  # its packets from the store, inside the timing
+        root,
+        adapter,
+        blend_ratio=opts.blend_ratio,
+        epic_tokens=opts.epic_tokens,
+        resident_bytes=0,
+        host_bytes=0,
     )
     harness = PacketHarness(loaded, composer, opts)
     fmt = KnowledgeFormat()
@@ -247,6 +258,7 @@ def run_packet_eval(
                 {
                     "row": index,
                     "question": row.question,
+                    "row_digest": row.digest(),
                     "method": method,
                     "answer": text,
                     "em": exact_match(text, row.answers),

@@ -143,7 +143,8 @@ class KnowledgeBase:
         if not create and (not valid or (host is None and not Path(self.where).is_dir())):
             # opening, not creating: a name Chroma cannot hold, or a directory that is not there, holds no
             # such base (and a lookup creates nothing and loads no embedder)
-            raise UnknownKnowledgeBaseError(f"no knowledge base named {name!r} at {self.where}")
+            why = "" if valid else " (nor can there be: Chroma names are 2-60 letters, digits, '-' or '_')"
+            raise UnknownKnowledgeBaseError(f"no knowledge base named {name!r} at {self.where}{why}")
         if not valid:
             raise InvalidInputError(
                 f"invalid knowledge-base name {name!r}: 2-60 ASCII letters, digits, '-' or '_', starting and "

@@ -16,6 +16,7 @@ this model with a note, or refused under `strict_segments=True` (checked for eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -432,4 +433,5 @@ async def _in_threads(responses: Generator[ChatResponse, None, None]) -> AsyncGe
             yield item  # type: ignore[misc]
     finally:
         if inspect.getgeneratorstate(responses) != inspect.GEN_RUNNING:
-            responses.close()
+            with contextlib.suppress(ValueError):  # a cancelled step's worker began one between check and close
+                responses.close()

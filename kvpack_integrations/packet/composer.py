@@ -39,7 +39,7 @@ from .compose import PACKET_REMEDY, PacketCache, cache_packet, compose_packets, 
 from .layout import PacketPrompt, document_ids
 from .recompute import recompute_positions, value_deviation
 from .resident import ResidentPackets
-from .store import adapter_id, iter_packets, packet_path, save_packet
+from .store import adapter_id, iter_packets, packet_on_device, packet_path, save_packet
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -202,9 +202,10 @@ class PacketComposer:
         found = {i: packet for i, path in enumerate(paths) if (packet := self.resident.get(path)) is not None}
         first = {path: i for i, path in reversed(list(enumerate(paths)))}  # each path's first position
         host = self.host if self.host.budget_bytes else None
-        kept = {path for path in paths if host is not None and path in host}  # in host memory: no file needed
         wanted = [i for i, path in enumerate(paths) if i not in found and first[path] == i]
-        stored = {i for i in wanted if paths[i] in kept or paths[i].is_file()}
+        # taken from host memory now, not when their turn comes: this query's own reads may evict them
+        held = {i: packet for i in wanted if host is not None and (packet := host.get(paths[i])) is not None}
+        stored = {i for i in wanted if i not in held and paths[i].is_file()}
         requests = [(paths[i], documents[i]) for i in sorted(stored)]
         device, dtype, threads = self.loaded.device, self.loaded.dtype, self.load_threads
         from_store = iter_packets(requests, fingerprint, dtype, device, adapter, threads=threads, host=host)
@@ -214,7 +215,9 @@ class PacketComposer:
             for i, document in enumerate(documents):
                 packet = found.get(i) or made.get(paths[i])
                 if packet is None:
-                    if i in stored:
+                    if i in held:
+                        packet = packet_on_device(held[i], device, dtype)
+                    elif i in stored:
                         with torch.profiler.record_function("kvpack.load_packet"):  # named when profiled, else free
                             packet = next(from_store)
                     else:  # not in the store: cached now, and stored for the next query

@@ -22,8 +22,15 @@ from .compose import PacketCache
 
 def packet_bytes(packet: PacketCache) -> int:
     """Bytes the packet's keys and values hold: their storages, counted once each (a packet read on a
-    CPU is a view of its whole file's buffer, document ids and header included)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (packet.keys, packet.values)}
+    CPU is a view of its whole file's buffer, document ids and header included). A page-locked buffer
+    counts as torch's caching host allocator holds it: rounded up to a power of two."""
+    storages = {}
+    for tensor in (packet.keys, packet.values):
+        storage = tensor.untyped_storage()
+        size = storage.nbytes()
+        if tensor.is_pinned() and size > 1:
+            size = 1 << (size - 1).bit_length()
+        storages[storage.data_ptr()] = size
     return sum(storages.values())
 
 

@@ -110,7 +110,7 @@ def iter_packets(
 
     if threads == 1 or len(requests) < 2:
         for path, document in requests:
-            yield _to_device(fetch(path, document), device, dtype)
+            yield packet_on_device(fetch(path, document), device, dtype)
         return
     with ThreadPoolExecutor(min(threads, len(requests))) as pool:
         pending: deque[Future[PacketCache]] = deque()
@@ -121,7 +121,7 @@ def iter_packets(
                 # host memory at once, and each buffer not kept in `host` is let go once handed over
                 while len(pending) < 2 * threads and (nxt := next(queued, None)) is not None:
                     pending.append(pool.submit(fetch, *nxt))
-                yield _to_device(pending.popleft().result(), device, dtype)
+                yield packet_on_device(pending.popleft().result(), device, dtype)
         finally:
             for future in pending:
                 future.cancel()  # a refused file, or a consumer that stops early, stops the reads not yet started
@@ -161,7 +161,7 @@ def _checked(
     return PacketCache(tuple(document), keys, values)
 
 
-def _to_device(packet: PacketCache, device: torch.device, dtype: torch.dtype) -> PacketCache:
+def packet_on_device(packet: PacketCache, device: torch.device, dtype: torch.dtype) -> PacketCache:
     """The packet on `device`; from page-locked memory the copy is asynchronous and carries an event."""
     if not packet.keys.is_pinned():
         return PacketCache(packet.document, packet.keys.to(device, dtype), packet.values.to(device, dtype))
