@@ -224,25 +224,16 @@ def test_every_method_starts_from_the_same_store_state(tmp_path, monkeypatch) ->
     with pytest.raises(RuntimeError, match="built inside the timing"):
         harness.run("rerotated", unprepared)
     records = tmp_path / "old.jsonl"
-    run_packet_eval(
-        loaded,
-        _rows()[:1],
-        None,
-        PacketEvalOptions(methods=("full",), max_new_tokens=2),
-        records_path=records,
-        progress=False,
-    )
+
+    def full_on_one_row() -> dict:
+        options = PacketEvalOptions(methods=("full",), max_new_tokens=2)
+        return run_packet_eval(loaded, _rows()[:1], None, options, records_path=records, progress=False)
+
+    full_on_one_row()
     legacy = [{**json.loads(line), "setup": None} for line in records.read_text().splitlines()]
     records.write_text("".join(json.dumps(r) + "\n" for r in legacy))
     with pytest.raises(InvalidInputError, match="do not say their settings"):
-        run_packet_eval(
-            loaded,
-            _rows()[:1],
-            None,
-            PacketEvalOptions(methods=("full",), max_new_tokens=2),
-            records_path=records,
-            progress=False,
-        )
+        full_on_one_row()
 
 
 def test_the_eval_loads_every_methods_packets_from_the_store_whatever_the_environment(tmp_path, monkeypatch) -> None:

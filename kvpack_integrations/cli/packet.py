@@ -98,7 +98,7 @@ def run_divergence(args: argparse.Namespace) -> int:
     loaded = loaded_model(args)
     path = chosen_adapter(args.adapter, loaded)
     if args.adapter != "none" and path is None:
-        raise InvalidInputError(f"no adapter is shipped for {loaded.name}: pass --adapter PATH (or 'none')")
+        raise InvalidInputError(f"no adapter is shipped for {loaded.name}: pass --packet-adapter PATH (or 'none')")
     adapter = PacketAdapter.load(path, loaded.fingerprint) if path is not None else None
     scored = held_out_kl(
         loaded, rows, adapter, max_passages=args.max_passages, max_answer_tokens=args.max_answer_tokens

@@ -87,6 +87,7 @@ class _Vocab:
     max_piece: int
     encoded: dict[str, list[int]] = field(default_factory=dict)
     partial_bytes: dict[int, bytes] = field(default_factory=dict)  # the raw bytes of byte-piece tokens, if known
+    continuations: dict[bytes, torch.Tensor] = field(default_factory=dict)  # per unfinished character's bytes
 
 
 _VOCABS: dict[tuple[str, int, int, str], _Vocab] = {}
@@ -299,6 +300,10 @@ def _intersect(root: Any, outer: Mapping[str, Any], inner: Mapping[str, Any]) ->
             out[key] = mine + [v for v in value if v not in mine]
         elif key == "enum" and isinstance(mine, list) and isinstance(value, list):
             out[key] = [v for v in mine if v in value]
+            if not out[key]:
+                raise InvalidInputError(
+                    f"two schemas that must both hold allow no common value: enum {mine!r} and {value!r}"
+                )
         elif key == "const" and key in out and mine != value:
             raise InvalidInputError(f"two schemas that must both hold fix different values: {mine!r} and {value!r}")
         else:
@@ -309,11 +314,6 @@ def _intersect(root: Any, outer: Mapping[str, Any], inner: Mapping[str, Any]) ->
                 f"two schemas that must both hold allow no common value: {out['const']!r} is not in {out['enum']!r}"
             )
         del out["enum"]
-    if out.get("enum") == [] and (outer.get("enum") or inner.get("enum")):
-        raise InvalidInputError(
-            "two schemas that must both hold allow no common value: enum "
-            f"{outer.get('enum')!r} and {inner.get('enum')!r}"
-        )
     return out
 
 
@@ -776,11 +776,14 @@ class GuidedDecoder:
         if not known or any(t not in known for t in pending):
             return partial
         head = b"".join(known[t] for t in pending)
-        ok = [t for t, b in known.items() if _utf8_prefix(head + b)]
-        mask = torch.zeros_like(partial)
-        if ok:
-            mask[torch.tensor(ok, dtype=torch.long, device=mask.device)] = True
-        return mask if bool(mask.any()) else partial
+        cached = self._vocab.continuations.get(head)
+        if cached is None:  # at most a few hundred heads (lead bytes and their continuations): built once each
+            ok = [t for t, b in known.items() if _utf8_prefix(head + b)]
+            mask = torch.zeros_like(partial)
+            if ok:
+                mask[torch.tensor(ok, dtype=torch.long, device=mask.device)] = True
+            cached = self._vocab.continuations[head] = mask if bool(mask.any()) else partial
+        return cached
 
     def _decode_run(self, ids: Sequence[int]) -> str:
         return str(self.engine.loaded.tokenizer.decode(list(ids), clean_up_tokenization_spaces=False))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
@@ -62,3 +62,18 @@ def checked_stop(value: Any) -> tuple[str, ...]:
     if not isinstance(stops, Sequence) or any(not isinstance(s, str) for s in stops):
         raise InvalidInputError(f"stop must be a string or a list of strings, got {value!r}")
     return tuple(stops)
+
+
+def settings_from_options(option: Callable[[str], Any], stop: Any) -> GenerationSettings:
+    """Decoding settings from options under the names LangChain and LlamaIndex callers use (`max_tokens`,
+    `temperature`, `top_p`, `top_k`, `seed`; `option(name)` gives a call's value, else the model's),
+    each checked by that name, never coerced."""
+    seed = option("seed")
+    return GenerationSettings(
+        max_new_tokens=checked_integer("max_tokens", option("max_tokens")),
+        temperature=checked_number("temperature", option("temperature")),
+        top_p=checked_number("top_p", option("top_p")),
+        top_k=checked_integer("top_k", option("top_k")),
+        seed=None if seed is None else checked_integer("seed", seed),
+        stop=checked_stop(stop),
+    )

@@ -68,9 +68,14 @@ def _row(loaded: LoadedModel, store: PackStore, index: int, row: QARow, opts: Eq
         return _compare(loaded, store, name, index, row, opts)
     finally:  # an interrupted row leaves no pack behind either (the next run has another process id)
         if not opts.keep_packs:
-            for pack in (name, f"{name}-raw"):
+            for pack in (name, _raw(name)):
                 if store.exists(pack):
                     store.delete(pack)
+
+
+def _raw(name: str) -> str:
+    """The row's second pack, of raw (untemplated) text, for the `--raw` ablation."""
+    return f"{name}-raw"
 
 
 def _compare(
@@ -101,7 +106,7 @@ def _compare(
     }
     record["diverged"] = record["rag"]["ids"] != record["kv"]["ids"]
     if opts.raw:
-        raw_name = f"{name}-raw"
+        raw_name = _raw(name)
         build_pack(loaded, RadixTree(loaded.fingerprint), store, raw_name, facts, fmt=fmt, raw=True)
         raw_ids = knowledge_prompt(loaded.tokenizer, facts, row.question, fmt, raw=True).token_ids
         record["kv_raw"] = _arm(_kv(loaded, store, raw_name, raw_ids, settings), row.answers)

@@ -153,6 +153,7 @@ def _resume(path: Path | None, rows: Sequence[QARow], setup: Callable[[str], dic
             continue
         if isinstance(record, dict):
             records.append(record)
+    digests = [row.digest() for row in rows]
     kept = []
     for r in records:
         row = r.get("row")
@@ -162,7 +163,7 @@ def _resume(path: Path | None, rows: Sequence[QARow], setup: Callable[[str], dic
             not isinstance(row, int)
             or row < 0
             or r.get("question") != rows[row].question
-            or r.get("row_digest", rows[row].digest()) != rows[row].digest()  # (records before digests: the question)
+            or r.get("row_digest", digests[row]) != digests[row]  # (records before digests: the question alone)
         ):
             raise InvalidInputError(f"{path} holds records of other data: remove it (or pass another --records)")
         kept.append(r)

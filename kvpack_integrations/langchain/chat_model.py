@@ -38,7 +38,7 @@ from ..engine.chat import (
     tool_parameters,
 )
 from ..engine.registry import shared_engine, shared_packet_composer
-from ..engine.settings import GenerationSettings, checked_integer, checked_number, checked_stop
+from ..engine.settings import GenerationSettings, settings_from_options
 from ..engine.tool_choice import normalize_tool_choice
 from ..engine.usage import Usage
 from ..errors import InvalidInputError
@@ -175,15 +175,7 @@ class KVPackChatModel(BaseChatModel):
             value = kwargs.get(name)
             return getattr(self, name) if value is None else value
 
-        seed = option("seed")
-        return GenerationSettings(
-            max_new_tokens=checked_integer("max_tokens", option("max_tokens")),
-            temperature=checked_number("temperature", option("temperature")),
-            top_p=checked_number("top_p", option("top_p")),
-            top_k=checked_integer("top_k", option("top_k")),
-            seed=None if seed is None else checked_integer("seed", seed),
-            stop=checked_stop(stop if stop is not None else self.stop),
-        )
+        return settings_from_options(option, stop if stop is not None else self.stop)
 
     def _request(
         self,

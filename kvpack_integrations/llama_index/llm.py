@@ -42,7 +42,7 @@ from llama_index.core.llms.llm import ToolSelection
 from ..engine.chat import PACKET_STRATEGIES, ChatReply, ChatRequest, stream_chat, tool_parameters
 from ..engine.engine import Engine
 from ..engine.registry import shared_engine, shared_packet_composer
-from ..engine.settings import GenerationSettings, checked_integer, checked_number, checked_stop
+from ..engine.settings import GenerationSettings, settings_from_options
 from ..engine.tool_choice import normalize_tool_choice
 from ..errors import (
     InvalidInputError,
@@ -199,15 +199,7 @@ class KVPackLLM(FunctionCallingLLM):
             value = kwargs.get(name)
             return getattr(self, name) if value is None else value
 
-        seed = option("seed")
-        return GenerationSettings(
-            max_new_tokens=checked_integer("max_tokens", option("max_tokens")),
-            temperature=checked_number("temperature", option("temperature")),
-            top_p=checked_number("top_p", option("top_p")),
-            top_k=checked_integer("top_k", option("top_k")),
-            seed=None if seed is None else checked_integer("seed", seed),
-            stop=checked_stop(option("stop")),
-        )
+        return settings_from_options(option, option("stop"))
 
     def _request(
         self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any], loaded: LoadedModel

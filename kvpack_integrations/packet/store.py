@@ -88,9 +88,9 @@ def iter_packets(
 
     Each file is read whole; for a GPU into page-locked memory, `threads` files at once, and copied
     asynchronously (the copies queue on the current stream, before any use of the packets). A file of
-    another document, cut short, or of other shapes is refused by name. `host`: checked packets kept in
-    host memory between queries (page-locked for a GPU); a packet found there skips its file, and one
-    read is kept there."""
+    another document, cut short, or of other shapes is refused by name. `host`: where each packet read
+    is kept, checked, in host memory (page-locked for a GPU) for later queries; the caller takes what it
+    already holds before asking for files (`PacketComposer.stream`)."""
     device = torch.device(device)
     pin = device.type == "cuda"
     threads = default_load_threads(device) if threads is None else threads
@@ -98,10 +98,7 @@ def iter_packets(
         raise InvalidInputError(f"packet load threads must be >= 1, got {threads}")
 
     def fetch(path: Path, document: Sequence[int]) -> PacketCache:
-        """The packet in host memory: from the host tier, else read whole from its file and checked."""
-        kept = host.get(path) if host is not None else None
-        if kept is not None:
-            return kept
+        """The packet in host memory: read whole from its file and checked (and kept in `host`)."""
         tensors, _, _ = read_tensor_file_whole(path, file_format=FORMAT, what="packet", expected=expected, pin=pin)
         packet = _checked(path, tensors, expected, document, adapter)
         if host is not None:

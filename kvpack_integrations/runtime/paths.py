@@ -9,12 +9,13 @@ from pathlib import Path
 from ..errors import InvalidInputError
 
 
-def _blocking_ancestor(path: Path) -> Path | None:
-    """The nearest existing path above `path` if it is not a folder (nothing can be created under it)."""
+def _refuse_blocked_parent(path: Path, what: str) -> None:
+    """Refuse `path` if the nearest existing path above it is not a folder (nothing can be created under it)."""
     for parent in path.parents:
         if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
+            if not parent.is_dir():
+                raise InvalidInputError(f"the {what} {path} cannot be created: {parent} is a file, not a folder")
+            return
 
 
 def usable_directory(path: str | Path, what: str) -> Path:
@@ -22,9 +23,7 @@ def usable_directory(path: str | Path, what: str) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise InvalidInputError(f"the {what} {path} is a file, not a folder")
-    blocked = _blocking_ancestor(path)
-    if blocked is not None:
-        raise InvalidInputError(f"the {what} {path} cannot be created: {blocked} is a file, not a folder")
+    _refuse_blocked_parent(path, what)
     return path
 
 
@@ -33,9 +32,7 @@ def usable_file(path: str | Path, what: str) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise InvalidInputError(f"the {what} {path} is a folder, not a file")
-    blocked = _blocking_ancestor(path)
-    if blocked is not None:
-        raise InvalidInputError(f"the {what} {path} cannot be created: {blocked} is a file, not a folder")
+    _refuse_blocked_parent(path, what)
     return path
 
 
