@@ -145,8 +145,10 @@ def test_an_interrupted_eval_resumes_from_its_records(tmp_path) -> None:
     with pytest.raises(InvalidInputError, match="records of other data"):
         run_packet_eval(loaded, edited, None, opts, records_path=records, progress=False)
     longer = PacketEvalOptions(methods=("full", "rerotated"), max_new_tokens=4)
-    with pytest.raises(InvalidInputError, match=r"other settings .*max_new_tokens 3 != 4"):
-        run_packet_eval(loaded, _rows(), None, longer, records_path=records, progress=False)
+    longer_run = run_packet_eval(loaded, _rows(), None, longer, records_path=records, progress=False)
+    assert longer_run["records_set_aside"] == 4 and len(records.read_text().splitlines()) == 8  # all redone, none lost
+    assert run_packet_eval(loaded, _rows(), None, opts, records_path=records, progress=False)["records_set_aside"] == 4
+    assert len(records.read_text().splitlines()) == 8  # each setting's records are still there to reuse
     # a run killed mid-write leaves half a line: that row is redone, the file stays readable
     records.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
     again = run_packet_eval(loaded, _rows(), None, opts, records_path=records, progress=False)
@@ -204,7 +206,7 @@ def test_squad_scoring() -> None:
 def test_every_method_starts_from_the_same_store_state(tmp_path, monkeypatch) -> None:
     """Each method reads its own packet files just before its timing (methods share the plain ones, so
     otherwise the first to run pays the disk for the rest), and a packet built inside the timing is an
-    error; records that do not say their settings are refused on resume."""
+    error; records that do not say their settings are redone on resume."""
     from kvpack_integrations.evaluation.packet_eval import PacketHarness
     from kvpack_integrations.packet.composer import PacketComposer
 
@@ -230,10 +232,27 @@ def test_every_method_starts_from_the_same_store_state(tmp_path, monkeypatch) ->
         return run_packet_eval(loaded, _rows()[:1], None, options, records_path=records, progress=False)
 
     full_on_one_row()
-    legacy = [{**json.loads(line), "setup": None} for line in records.read_text().splitlines()]
+    legacy = [{**json.loads(line), "config": None} for line in records.read_text().splitlines()]
     records.write_text("".join(json.dumps(r) + "\n" for r in legacy))
-    with pytest.raises(InvalidInputError, match="do not say their settings"):
-        full_on_one_row()
+    assert full_on_one_row()["records_set_aside"] == 1  # nothing says whose settings they are: redone
+    assert len(records.read_text().splitlines()) == 2
+
+
+def test_a_method_whose_settings_changed_is_the_only_one_redone(tmp_path) -> None:
+    """Settings are recorded per method: another adapter redoes packet and reuses full's answers."""
+    loaded = make_model("llama")
+    records = tmp_path / "r.jsonl"
+    opts = PacketEvalOptions(methods=("full", "packet"), max_new_tokens=2)
+
+    def run(adapter: PacketAdapter) -> dict:
+        return run_packet_eval(loaded, _rows(), adapter, opts, records_path=records, progress=False)
+
+    first = run(PacketAdapter.initial(loaded, 2, 2))
+    assert first["records_set_aside"] == 0 and len(records.read_text().splitlines()) == 4
+    second = run(PacketAdapter.initial(loaded, 3, 3))
+    added = [json.loads(line) for line in records.read_text().splitlines()[4:]]
+    assert [r["method"] for r in added] == ["packet", "packet"] and second["records_set_aside"] == 2
+    assert second["methods"]["full"] == first["methods"]["full"]  # full's records reused as they were
 
 
 def test_the_eval_loads_every_methods_packets_from_the_store_whatever_the_environment(tmp_path, monkeypatch) -> None:

@@ -30,8 +30,9 @@ def test_records_survive_a_half_written_line(tmp_path: Path) -> None:
     again = RecordLog(path, {"c": 1})
     assert again.done(0) and not again.done(1)
     again.add(1, {"x": 2})
-    assert sorted(RecordLog(path, {"c": 1}).records) == [0, 1]
-    assert not RecordLog(path, {"c": 2}).records  # another configuration starts over
+    assert [r["row"] for r in RecordLog(path, {"c": 1}).ordered()] == [0, 1]
+    other = RecordLog(path, {"c": 2})  # another configuration starts over, its records kept in the file
+    assert not other.records and other.set_aside == 2 and len(path.read_text().splitlines()) == 3
 
 
 def test_stop_given_as_a_string_is_one_sequence() -> None:

@@ -134,6 +134,7 @@ def run_accumulation(
         "eval": "accumulation",
         "n": len(records),
         "data": data_name,
+        "records_set_aside": log.set_aside,  # records of another configuration, not reused
         "steps": per_step,
         "all_identical": all(s["identical"] == len(records) for s in per_step),
         "model": loaded.name,

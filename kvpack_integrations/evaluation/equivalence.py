@@ -185,6 +185,7 @@ def run_equivalence(
     records = log.ordered()[: len(rows)]
     summary = summarize(records, loaded, opts)
     summary["data"] = data_name
+    summary["records_set_aside"] = log.set_aside  # records of another configuration, not reused
     summary["elapsed_s"] = time.perf_counter() - t0
     summary["machine"] = machine_info()
     return summary

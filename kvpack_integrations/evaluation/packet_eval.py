@@ -28,11 +28,10 @@ F1(full): on a small model that ratio rests on a few overlapping words per row.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from .bootstrap import ratio_interval
 from .datasets import QARow
 from .machine import machine_info
 from .metrics import exact_match, f1_score, text_f1
-from .records import append_records
+from .records import RecordLog
 
 METHODS = ("full", "rerotated", "packet", "blend", "epic", "naive")
 APPROXIMATE = {"rerotated", "packet", "blend", "epic", "naive"}
@@ -138,54 +137,6 @@ def _setup(loaded: LoadedModel, opts: PacketEvalOptions, adapter: PacketAdapter 
     }
 
 
-def _resume(path: Path | None, rows: Sequence[QARow], setup: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records of an earlier, interrupted run of the same rows and settings (a long eval continues where
-    it stopped). A line cut short by the interruption is skipped (its row is redone); records of other
-    data or other settings are refused, and so are records that do not say their settings (written
-    before settings were recorded): nothing can tell whether they match."""
-    if path is None or not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    digests = [row.digest() for row in rows]
-    kept = []
-    for r in records:
-        row = r.get("row")
-        if isinstance(row, int) and row >= len(rows):
-            continue  # a run over more rows of the same data (a lower --limit now): not part of this one
-        if (
-            not isinstance(row, int)
-            or row < 0
-            or r.get("question") != rows[row].question
-            or r.get("row_digest", digests[row]) != digests[row]  # (records before digests: the question alone)
-        ):
-            raise InvalidInputError(f"{path} holds records of other data: remove it (or pass another --records)")
-        kept.append(r)
-        want, had = setup(str(r.get("method"))), r.get("setup")
-        if not isinstance(had, dict):
-            raise InvalidInputError(
-                f"{path} holds records that do not say their settings (written before settings were recorded): "
-                "a resume cannot tell whether they match; remove it (or pass another --records) to run again"
-            )
-        if had != want:
-            differ = ", ".join(
-                f"{k} {had.get(k)!r} != {want.get(k)!r}"
-                for k in sorted(want.keys() | had.keys())
-                if had.get(k) != want.get(k)
-            )
-            raise InvalidInputError(
-                f"{path} holds records made with other settings ({r.get('method')}: {differ}, recorded != now): "
-                "remove it (or pass another --records)"
-            )
-    return kept
-
-
 def run_packet_eval(
     loaded: LoadedModel,
     rows: Sequence[QARow],
@@ -238,15 +189,11 @@ def run_packet_eval(
             f"max_new_tokens and max_passages must be >= 1, got {opts.max_new_tokens} and {opts.max_passages}"
         )
 
-    def setup(method: str) -> dict[str, Any]:
-        return _setup(loaded, opts, adapter, method)
-
-    records = _resume(out, rows, setup)
-    done = {(r["row"], r["method"]) for r in records}
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    log = RecordLog(
+        out, lambda method: _setup(loaded, opts, adapter, method), [row.digest() for row in rows], part="method"
+    )
     for index, row in enumerate(tqdm(rows, desc="packet eval", unit="row", disable=not progress)):
-        todo = [m for m in opts.methods if (index, m) not in done]
+        todo = [m for m in opts.methods if not log.done(index, m)]
         if not todo:
             continue
         prompt = packet_prompt(loaded.tokenizer, row.documents(opts.max_passages), row.question, fmt)
@@ -257,9 +204,7 @@ def run_packet_eval(
             text, ttft, recomputed, flops = harness.run(method, prompt)
             fresh.append(
                 {
-                    "row": index,
                     "question": row.question,
-                    "row_digest": row.digest(),
                     "method": method,
                     "answer": text,
                     "em": exact_match(text, row.answers),
@@ -268,13 +213,10 @@ def run_packet_eval(
                     "recomputed_tokens": recomputed,
                     "flops": flops,
                     "document_tokens": sum(len(d) for d in prompt.documents),
-                    "setup": setup(method),
                 }
             )
-        records += fresh
-        if out is not None:  # row by row, so an interrupted run resumes from here
-            append_records(out, fresh)
-    records = [r for r in records if r["method"] in opts.methods]
+        log.add_all(index, fresh)  # row by row, so an interrupted run resumes from here
+    records = [r for r in log.ordered() if r["method"] in opts.methods]
     summary: dict[str, Any] = {}
     for method in opts.methods:
         mine = [r for r in records if r["method"] == method]
@@ -310,5 +252,6 @@ def run_packet_eval(
         "ttft_store": "each method's packet files read once just before its timing: loaded from the page cache",
         "blend_ratio": opts.blend_ratio,
         "epic_tokens": opts.epic_tokens,
+        "records_set_aside": log.set_aside,  # records of other settings in the records file, not reused
         "machine": machine_info(),
     }

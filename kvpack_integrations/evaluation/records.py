@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
 from ..runtime.paths import usable_file
+
+Config = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
 
 
 def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -27,27 +29,44 @@ def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 class RecordLog:
-    """Append-only JSONL of finished rows keyed by row index; `None` path keeps records in memory.
+    """Append-only JSONL of finished work keyed by row index; `None` path keeps records in memory.
 
+    `part`: the record field that splits a row into separately recorded pieces (`eval packet` records
+    one line per method); records are then keyed by (row, that field's value).
+    `config`: what a record's result depends on besides its row, one mapping or a function of the part
+    (a method's own settings). A record made under another configuration stays in the file and is not
+    reused: its work is redone, and `set_aside` counts such records so a report can say so.
     `row_digests`: what each row of this run holds (`QARow.digest`). A record is reused only for the row
     it was made from: records of another data file under the same log are refused by name, and records
     past the last row (an earlier run with a higher limit) are left alone."""
 
     def __init__(
-        self, path: str | Path | None, config: dict[str, Any], row_digests: Sequence[str] | None = None
+        self,
+        path: str | Path | None,
+        config: Config,
+        row_digests: Sequence[str] | None = None,
+        *,
+        part: str | None = None,
     ) -> None:
         self.path = usable_file(path, "records file") if path else None
-        self.config = config
+        self.part = part
+        self._config = config
         self.row_digests = list(row_digests) if row_digests is not None else None
-        self.records: dict[int, dict[str, Any]] = {}
+        self.records: dict[tuple[int, Any], dict[str, Any]] = {}
+        self.set_aside = 0
         if self.path and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # blank, or a line cut short by an interrupted run: that row is redone
-                if isinstance(rec, dict) and rec.get("config") == config:  # another configuration starts over
+                if isinstance(rec, dict):
                     self._keep(rec)
+
+    def config(self, part: Any = None) -> dict[str, Any]:
+        """The configuration records of `part` are made under, as it reads back from JSON."""
+        config = self._config(part) if callable(self._config) else self._config
+        return json.loads(json.dumps(dict(config)))  # tuples as lists: equal to a config read back
 
     def _keep(self, rec: dict[str, Any]) -> None:
         row = rec.get("row")
@@ -63,18 +82,37 @@ class RecordLog:
                     f"{self.path} holds records of other data (row {row} differs): remove it "
                     "(or pass another --records)"
                 )
-        self.records[row] = rec
+        part = rec.get(self.part) if self.part else None
+        if rec.get("config") != self.config(part):
+            self.set_aside += 1  # another configuration: its row (or part) starts over
+            return
+        self.records[row, part] = rec
 
-    def done(self, row: int) -> bool:
-        return row in self.records
+    def done(self, row: int, part: Any = None) -> bool:
+        return (row, part) in self.records
 
-    def add(self, row: int, record: dict[str, Any]) -> None:
-        rec = {"row": row, "config": self.config, **record}
-        if self.row_digests is not None:
-            rec["row_digest"] = self.row_digests[row]
-        self.records[row] = rec
-        if self.path:
-            append_records(self.path, [rec])
+    def get(self, row: int, part: Any = None) -> dict[str, Any] | None:
+        return self.records.get((row, part))
+
+    def add(self, row: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Record `row` (its part read from `record`), durably before returning; the stored record."""
+        self.add_all(row, [record])
+        part = record.get(self.part) if self.part else None
+        return self.records[row, part]
+
+    def add_all(self, row: int, records: Sequence[Mapping[str, Any]]) -> None:
+        """Record several parts of `row` with one durable write."""
+        stored = []
+        for record in records:
+            part = record.get(self.part) if self.part else None
+            rec = {"row": row, "config": self.config(part), **record}
+            if self.row_digests is not None:
+                rec["row_digest"] = self.row_digests[row]
+            self.records[row, part] = rec
+            stored.append(rec)
+        if self.path and stored:
+            append_records(self.path, stored)
 
     def ordered(self) -> list[dict[str, Any]]:
-        return [self.records[k] for k in sorted(self.records)]
+        """The records in row order (then part order, as first recorded)."""
+        return [self.records[k] for k in sorted(self.records, key=lambda key: key[0])]

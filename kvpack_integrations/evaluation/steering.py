@@ -171,7 +171,7 @@ class _Runner:
         far, else generated (by `engine`/`settings`, default the code tasks' ones) and logged."""
         row, self.made = self.made, self.made + 1
         key, text = prompt
-        logged = self.log.records.get(row)
+        logged = self.log.get(row)
         if logged is not None and logged.get("arm") == arm and logged.get(key) == text:
             return str(logged["reply"])
         engine, settings = engine or self.engine, settings or self.settings
