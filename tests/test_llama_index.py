@@ -27,6 +27,7 @@ from kvpack_integrations.composition import RadixTree
 from kvpack_integrations.engine.chat import prepare
 from kvpack_integrations.engine.registry import shared_engine
 from kvpack_integrations.errors import (
+    ContextTooLongError,
     CorruptSegmentError,
     FingerprintMismatchError,
     InvalidInputError,
@@ -181,8 +182,12 @@ def test_metadata_leaves_out_a_bound_packs_tokens(model_root, pack_store) -> Non
     assert 0 < pack_tokens < 512
     assert _llm(model_root, kb="kb", store=store).metadata.context_window == 2048 - pack_tokens
     assert _llm(model_root, kb="kb", store=store, context_window=512).metadata.context_window == 512 - pack_tokens
-    full = _llm(model_root, kb="kb", store=store, context_window=pack_tokens)
-    assert full.metadata.context_window == 1  # no room left, yet a window LlamaIndex's prompt helpers accept
+    tight = _llm(model_root, kb="kb", store=store, context_window=pack_tokens + 9, max_tokens=8)
+    assert tight.metadata.context_window == 9  # one token left for the query
+    for window, max_tokens in ((pack_tokens + 8, 8), (pack_tokens, 1)):  # no room for a query: named now
+        full = _llm(model_root, kb="kb", store=store, context_window=window, max_tokens=max_tokens)
+        with pytest.raises(ContextTooLongError, match=f"'kb' holds {pack_tokens} tokens and max_tokens is"):
+            full.metadata  # noqa: B018
 
 
 def test_per_call_options_are_checked_by_name(model_root) -> None:

@@ -45,6 +45,7 @@ from ..engine.registry import shared_engine, shared_packet_composer
 from ..engine.settings import GenerationSettings, settings_from_options
 from ..engine.tool_choice import normalize_tool_choice
 from ..errors import (
+    ContextTooLongError,
     InvalidInputError,
 )
 from ..knowledge.bound import BoundPack
@@ -161,12 +162,19 @@ class KVPackLLM(FunctionCallingLLM):
 
         A bound pack (`kb=`) opens every prompt, so its tokens (the manifest's count) are not free for
         the nodes and the query: a synthesizer sizing its prompt from this window must not count them.
-        At least 1 is reported even when the pack fills the window (calls then refuse with
-        `ContextTooLongError`), because LlamaIndex's prompt helpers need a positive window.
+        A pack that leaves no room for the query and `max_tokens` is a `ContextTooLongError` here, named,
+        as every call would be (LlamaIndex's prompt helper would fail later on a negative size).
         """
         window = self.context_window or self.loaded_model().context_window
         if self._pack is not None:
-            window = max(window - self._pack.manifest().token_count, 1)
+            pack_tokens = self._pack.manifest().token_count
+            if pack_tokens + self.max_tokens >= window:
+                raise ContextTooLongError(
+                    f"knowledge base {self.kb!r} holds {pack_tokens} tokens and max_tokens is {self.max_tokens}: "
+                    f"a {window}-token context window leaves no room for a query; bind fewer facts, lower "
+                    "max_tokens or raise context_window"
+                )
+            window -= pack_tokens
         return LLMMetadata(
             context_window=window,
             num_output=self.max_tokens,
