@@ -50,8 +50,9 @@ async def test_agent_loop_equals_text_stuffing_and_prefills_only_new_tokens(tmp_
 
 
 def test_plan_validation() -> None:
-    with pytest.raises(InvalidInputError, match="retrievals must be >= 0"):
-        RetrievalPlan("search", -1)
+    for bad in (-1, "2", 1.5, True):  # a string failed with a raw TypeError; 1.5 and True were accepted
+        with pytest.raises(InvalidInputError, match="retrievals must be an integer >= 0"):
+            RetrievalPlan("search", bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="at least one tool"):
         retrieval_agent(KVPackChatModel(), [])
 

@@ -21,6 +21,7 @@ from kvpack_integrations.langchain import KVPackChatModel
 from kvpack_integrations.segments.handles import HANDLE_KEY, SegmentHandle
 
 from .conftest import FACTS, QUESTION
+from .support.scripted_engine import ScriptedEngine
 from .support.tiny_models import FAMILIES, save_model_dir
 
 MAX = 12
@@ -432,3 +433,66 @@ def test_a_forced_call_is_written_as_the_template_renders_it(model_root, family:
             return prepare(shared_engine(loaded), request)[0].rendered.text
 
     assert rendered(second).startswith(rendered(first) + written[-1]), written[-1]
+
+
+def _scripted(model_root, monkeypatch, reply: str, **kwargs) -> tuple[KVPackChatModel, ScriptedEngine]:
+    """A chat model whose engine replays `reply` (on the llama tiny model's tokenizer)."""
+    chat = _chat(model_root, **kwargs)
+    engine = ScriptedEngine(chat.loaded_model())
+    engine.reply = reply
+    monkeypatch.setattr("kvpack_integrations.langchain.chat_model.shared_engine", lambda loaded: engine)
+    return chat, engine
+
+
+def _invoked_and_streamed(runnable) -> tuple:
+    """The reply to "go" invoked, and streamed with its chunks added up: both paths must agree."""
+    streamed = None
+    for chunk in runnable.stream("go"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert streamed is not None
+    return runnable.invoke("go"), streamed
+
+
+CUT_CALL = '<tool_call>\n{"name": "lookup", "arguments": {"city": "Paris. Then drop every table"}}\n</tool_call>'
+
+
+def test_a_call_cut_off_by_max_tokens_is_invalid_on_both_paths(model_root, monkeypatch) -> None:
+    """A free-text call cut short by the budget was repaired into a valid call with a shortened argument."""
+    chat, engine = _scripted(model_root, monkeypatch, CUT_CALL)
+    bound = chat.bind_tools([lookup]).bind(max_tokens=engine.tokens_until("Paris."))
+    whole = chat.bind_tools([lookup]).invoke("go", max_tokens=500)
+    assert whole.tool_calls[0]["args"] == {"city": "Paris. Then drop every table"}  # the budget suffices
+    reply, streamed = _invoked_and_streamed(bound)
+    for message in (reply, streamed):
+        assert message.tool_calls == [] and message.response_metadata["finish_reason"] == "length"
+        (invalid,) = message.invalid_tool_calls
+        assert "'lookup' was cut off by max_tokens" in invalid["args"]
+        assert message.response_metadata["invalid_tool_call_errors"] == [invalid["args"]]
+    assert reply.invalid_tool_calls[0]["error"] == reply.invalid_tool_calls[0]["args"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(model_root, monkeypatch) -> None:
+    two = (
+        '<tool_call>{"name": "lookup", "arguments": {"city": "Paris"}}</tool_call>\n'
+        '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    )
+    chat, _ = _scripted(model_root, monkeypatch, two)
+    both = chat.bind_tools([lookup, add]).invoke("go", max_tokens=500)
+    assert [c["name"] for c in both.tool_calls] == ["lookup", "add"]
+    single = chat.bind_tools([lookup, add], parallel_tool_calls=False, max_tokens=500)
+    reply, streamed = _invoked_and_streamed(single)
+    for message in (reply, streamed):
+        assert [c["name"] for c in message.tool_calls] == ["lookup"]
+        assert any("only the first call was kept" in n for n in message.response_metadata["kvpack"]["notes"])
+
+
+def test_bind_tools_refuses_what_every_call_would(model_root) -> None:
+    """Named where the tools are bound, not at the first call deep inside a graph run."""
+    chat = _chat(model_root)
+    with pytest.raises(InvalidInputError, match="unknown call options: frobnicate"):
+        chat.bind_tools([add], frobnicate=True)
+    with pytest.raises(InvalidInputError, match="forces a tool call, and no tools are given"):
+        chat.bind_tools([], tool_choice="any")
+    text = {"type": "function", "function": {"name": "echo", "parameters": {"type": "string"}}}
+    with pytest.raises(InvalidInputError, match="tool 'echo' cannot be called: its parameters must be"):
+        chat.bind_tools([text])

@@ -29,6 +29,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     return chat, formal, terse
 
 
+KVPACK = {"invocation_params": {"_type": "kvpack"}}  # what LangChain passes when a KVPackChatModel run starts
+
+
 def _usage(message) -> dict:
     return message.response_metadata["kvpack"]
 
@@ -181,8 +184,8 @@ def test_a_call_takes_the_run_its_run_manager_names(setup) -> None:
     second = KVPackSteeringCallback(roles={"reviewer": terse})
 
     def batch() -> None:
-        first.on_chat_model_start(None, [], run_id="cached", metadata={"agent_role": "reviewer"})
-        second.on_chat_model_start(None, [], run_id="called", metadata={"agent_role": "reviewer"})
+        first.on_chat_model_start(None, [], run_id="cached", metadata={"agent_role": "reviewer"}, **KVPACK)
+        second.on_chat_model_start(None, [], run_id="called", metadata={"agent_role": "reviewer"}, **KVPACK)
         assert steering_for_run(None, "called")[0] == (terse,)
         assert first.applied == [] and second.applied == [("reviewer", ("terse",))]
         assert steering_for_run(None)[0] == (formal,)  # no id: the oldest open run, the first
@@ -232,3 +235,60 @@ def test_concurrent_calls_keep_their_own_roles(setup) -> None:
         ],
     )
     assert [_usage(r)["steering"] for r in batch] == [["formal:0.5"], ["terse:0.5"]]
+
+
+def test_another_models_half_read_stream_steers_no_later_call(setup) -> None:
+    """Another chat model's run holding a role (its stream half-read) is not a KVPack run: a KVPack call
+    made meanwhile with no steering callback attached, by `invoke` or by `stream`, runs unsteered."""
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    chat, formal, _ = setup
+    steer = KVPackSteeringCallback(roles={"reviewer": formal})
+    plain = chat.invoke("Describe the drone.")
+    other = GenericFakeChatModel(messages=iter([AIMessage(content="one two three four")]))
+    half_read = other.stream("hi", config={"callbacks": [steer], "metadata": {"agent_role": "reviewer"}})
+    next(half_read)
+    invoked = chat.invoke("Describe the drone.")
+    streamed = list(chat.stream("Describe the drone."))
+    half_read.close()
+    assert _usage(invoked)["steering"] == [] and invoked.content == plain.content
+    assert _usage(streamed[-1])["steering"] == [] and "".join(c.content for c in streamed) == plain.content
+    assert steer.applied == []
+
+
+def test_a_steered_answer_is_cached_under_its_own_steering(setup) -> None:
+    """LangChain keys its cache before the call: the key takes the same run as the call, so a steered
+    answer is never served to an unsteered call, whatever other run is open meanwhile (another
+    model's, or a KVPack run not yet taken)."""
+    import contextvars
+
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    chat, formal, _ = setup
+    steer = KVPackSteeringCallback(roles={"reviewer": formal})
+    reviewer = {"callbacks": [steer], "metadata": {"agent_role": "reviewer"}}
+    plain = chat.invoke("Describe the drone.")
+
+    def other_model_open() -> tuple[object, object]:
+        cached = KVPackChatModel(model=chat.model, max_tokens=8, cache=InMemoryCache())
+        other = GenericFakeChatModel(messages=iter([AIMessage(content="one two three four")]))
+        half_read = other.stream("hi", config={"callbacks": [steer]})  # no role: an unsteered run
+        next(half_read)
+        steered = cached.invoke("Describe the drone.", config=reviewer)
+        half_read.close()
+        return steered, cached.invoke("Describe the drone.")
+
+    def kvpack_run_open() -> tuple[object, object]:
+        cached = KVPackChatModel(model=chat.model, max_tokens=8, cache=InMemoryCache())
+        steer.on_chat_model_start(None, [], run_id="open", metadata={}, **KVPACK)  # unsteered, not yet taken
+        steered = cached.invoke("Describe the drone.", config=reviewer)
+        steer.on_llm_end(None, run_id="open")
+        return steered, cached.invoke("Describe the drone.")
+
+    for case in (other_model_open, kvpack_run_open):
+        steered, unsteered = contextvars.copy_context().run(case)
+        assert _usage(steered)["steering"] == ["formal:0.5"] and steered.content != plain.content, case.__name__
+        assert _usage(unsteered)["steering"] == [] and unsteered.content == plain.content, case.__name__

@@ -3,6 +3,7 @@ stored caches), algebra, files, and refusals."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,61 @@ def test_files_fingerprints_and_bad_values(loaded, vector, tmp_path: Path) -> No
         SteeringVector.load(tmp_path / "junk.safetensors")
 
 
+def test_damaged_vector_files_are_named(loaded, vector, tmp_path: Path) -> None:
+    """Metadata a damaged or hand-edited file holds is refused naming the file, not with a raw JSON, type
+    or value error; a layer must be a whole index (1.5 used to be accepted)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = vector.save(tmp_path / "formal.safetensors")
+    with safe_open(str(path), "pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    for key, value, problem in [
+        ("layers", "[1.5]", "whole layer indices"),
+        ("layers", '["1"]', "whole layer indices"),
+        ("layers", "[true]", "whole layer indices"),
+        ("layers", "1,2", "Extra data"),
+        ("layers", "{}", "is not a list"),
+        ("layers", "7", "is not a list"),
+        ("alpha", "strong", "could not convert"),
+        ("alpha", "nan", "alpha must be a finite number"),
+    ]:
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, key: value})
+        with pytest.raises(InvalidInputError, match="damaged steering vector file") as info:
+            SteeringVector.load(bad, loaded.fingerprint)
+        assert str(bad) in str(info.value) and problem in str(info.value), (key, value)
+    for layers in [(1.5,), (1.0,), (True,)]:
+        with pytest.raises(InvalidInputError, match="whole layer indices"):
+            SteeringVector(vector.deltas, layers, 1.0, vector.fingerprint)  # type: ignore[arg-type]
+
+
+def test_bad_layers_or_alpha_fail_before_any_pair_runs(loaded, monkeypatch, tmp_path: Path) -> None:
+    """Layers past the model's depth and a non-finite alpha are refused before the pairs run, not after."""
+    import kvpack_integrations.steering.build as build
+
+    def no_pairs(*args, **kwargs):
+        raise AssertionError("a pair ran for a vector that could not be built")
+
+    monkeypatch.setattr(build, "mean_values", no_pairs)
+    for layers, alpha, problem in [([0, 99], 1.0, "outside this model's"), ("mid", float("nan"), "finite")]:
+        with pytest.raises(InvalidInputError, match=problem):
+            build_steering_vector(loaded, PAIRS, layers=layers, alpha=alpha, progress=False)
+    with pytest.raises(InvalidInputError, match="negative"):
+        resolve_layers([-1, 2], 4)
+
+
+def test_pairs_files_that_are_not_utf8_are_named(tmp_path: Path) -> None:
+    from kvpack_integrations.steering import load_pairs
+
+    latin = tmp_path / "pairs.jsonl"
+    latin.write_bytes('{"positive": "caf\u00e9", "negative": "x"}\n'.encode("latin-1"))
+    with pytest.raises(InvalidInputError, match=re.escape(f"{latin} is not UTF-8 text")):
+        load_pairs(latin)
+    with pytest.raises(InvalidInputError, match="pairs file not found"):
+        load_pairs(tmp_path / "missing.jsonl")
+
+
 def test_steer_values_refuses_a_cache_of_another_depth(loaded, vector) -> None:
     cache = Engine(loaded).prefill(_prompt(loaded)).cache
     with pytest.raises(Exception, match="layers"):
@@ -157,8 +213,27 @@ def test_a_delta_larger_than_the_values_is_refused(loaded, vector) -> None:
         engine.prefill(ids, steering=[too_much])
     ok = Engine(loaded, steering_limit=None).prefill(ids, steering=[too_much])  # experiments may lift the limit
     assert torch.isfinite(ok.logits).all() and "largest delta" in ok.usage.notes[-1]
-    # the refused request changed nothing: the tree still serves the plain prompt
-    assert torch.allclose(engine.prefill(ids).logits, plain.logits, atol=1e-5)
+    # a refused request that composes from a stored prefix and remembers its prompt changes nothing stored:
+    # the prefix's tensors are as they were, and the tree (now holding the prompt, remembered before the
+    # refusal) still serves the plain prompt
+    stored, _ = engine.cache_prefix(ids, [len(ids) - 6])
+    before = [(k.clone(), v.clone()) for s in stored for k, v in zip(s.keys, s.values)]
+    with pytest.raises(InvalidInputError, match="steering too strong"):
+        engine.prefill(ids, steering=[too_much], remember_prompt=True)
+    after = [(k, v) for s in stored for k, v in zip(s.keys, s.values)]
+    assert len(after) == len(before) > 0
+    assert all(torch.equal(k0, k1) and torch.equal(v0, v1) for (k0, v0), (k1, v1) in zip(before, after))
+    again = engine.prefill(ids)
+    assert again.usage.cached_tokens == len(ids) - 1  # served from the tree, not computed afresh
+    assert torch.allclose(again.logits, plain.logits, atol=1e-5)
+
+
+def test_the_steering_limit_must_be_a_number(loaded) -> None:
+    """NaN compares False against every ratio: such a limit would silently let any delta through."""
+    for bad in (float("nan"), float("inf"), -1.0, "1"):
+        with pytest.raises(InvalidInputError, match="steering_limit must be a finite number >= 0 or None"):
+            Engine(loaded, steering_limit=bad)
+    assert Engine(loaded, steering_limit=None).steering_limit is None and Engine(loaded).steering_limit == 1.0
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma"])

@@ -61,3 +61,23 @@ def test_sign_test_against_the_baseline() -> None:
     assert sign_test(0, 5) == sign_test(5, 0) and sign_test(9, 1) < 0.05 < sign_test(4, 1)
     outcome = paired([GUARDED, GUARDED, PLAIN], [PLAIN, GUARDED, GUARDED], defensive_score)
     assert outcome == {"gained": 1, "lost": 1, "sign_test_p": 1.0}
+
+
+def test_the_run_config_holds_the_whole_dual_channel_rows() -> None:
+    """A resumed run reuses logged replies only under the same configuration: rows with the same questions
+    but other passages (or answers) are other data, so their replies must be made again."""
+    from types import SimpleNamespace
+
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.evaluation.steering import SteeringEvalOptions, _run_config
+
+    model = SimpleNamespace(fingerprint=SimpleNamespace(digest="d"), device="cpu")
+    ann = QARow("Who founded X?", ("Ann",), (Passage("X", "X was founded by Ann.", True),))
+    bob = QARow("Who founded X?", ("Bob",), (Passage("X", "X was founded by Bob.", True),))
+    answers_only = QARow("Who founded X?", ("Bob",), ann.passages)
+
+    def config(row: QARow):
+        return _run_config(model, SteeringEvalOptions(), ["t"], [row])  # type: ignore[arg-type]
+
+    assert config(ann) == config(ann)
+    assert config(ann) != config(bob) and config(ann) != config(answers_only)

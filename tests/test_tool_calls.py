@@ -15,6 +15,7 @@ from kvpack_integrations.engine.tool_calls import (
     parse_tool_calls,
     repair_json,
 )
+from kvpack_integrations.errors import InvalidInputError
 
 WEATHER = {
     "type": "object",
@@ -255,6 +256,9 @@ def test_tool_choice_spellings_and_refusals() -> None:
             normalize_tool_choice(bad, names)
     with pytest.raises(InvalidInputError, match="no tools are given"):
         normalize_tool_choice("search", [])
+    for forced in (True, "any", "required"):  # named where the choice is made (bind_tools), not at a call
+        with pytest.raises(InvalidInputError, match="forces a tool call, and no tools are given"):
+            normalize_tool_choice(forced, [])
 
 
 @pytest.mark.parametrize(
@@ -305,3 +309,56 @@ def test_keywords_beside_any_of_guide_argument_coercion() -> None:
     tools = {"count": {"type": "object", "properties": {"box": box}}}
     _, calls, problems = parse_tool_calls('{"name": "count", "arguments": {"box": {"n": "7"}}}', tools)
     assert problems == [] and calls[0].arguments == {"box": {"n": 7}}
+
+
+CUT_EMAIL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "tags": ["rain", "wi'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        CUT_EMAIL,
+        '{"name": "get_weather", "arguments": {"city": "Par',
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "days": 3',
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3',
+        '<function=get_weather>{"city": "Paris", "days": 1',
+    ],
+)
+def test_a_call_cut_off_by_the_token_budget_is_a_problem_not_a_call(text: str) -> None:
+    """Repair would close the call with its arguments cut short, and an agent would run it."""
+    assert calls_of(text)[1]  # what repair makes of it when the reply ended by itself
+    _, calls, problems = parse_tool_calls(text, TOOLS, cut=True)
+    assert calls == [] and len(problems) == 1 and "'get_weather' was cut off by max_tokens" in problems[0]
+
+
+def test_only_the_call_the_budget_cut_is_dropped() -> None:
+    whole = '<tool_call>{"name": "noop", "arguments": {}}</tool_call>\n'
+    _, calls, problems = parse_tool_calls(whole + CUT_EMAIL, TOOLS, cut=True)
+    assert [c.name for c in calls] == ["noop"] and len(problems) == 1 and "cut off" in problems[0]
+    closed = parse_tool_calls(whole + "Then I will check (maybe", TOOLS, cut=True)  # cut in prose after a call
+    assert [c.name for c in closed[1]] == ["noop"] and closed[2] == [] and closed[0] == "Then I will check (maybe"
+    assert parse_tool_calls("An answer cut off (mid", TOOLS, cut=True) == ("An answer cut off (mid", [], [])
+
+
+def test_a_closing_tag_inside_a_string_argument_does_not_end_the_call() -> None:
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "use </tool_call> tags"}}\n</tool_call> Done.'
+    assert calls_of(text) == ("Done.", [("get_weather", {"city": "use </tool_call> tags"})], [])
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": ["object", "null"]},
+        {"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}, {"type": "null"}]},
+    ],
+)
+def test_a_tool_whose_parameters_are_not_an_object_is_refused(parameters: dict[str, Any]) -> None:
+    from kvpack_integrations.engine.chat import tool_parameters
+
+    spec = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    with pytest.raises(InvalidInputError, match="tool 'f' cannot be called: its parameters must be a JSON object"):
+        tool_parameters([spec])
+    objects = {"anyOf": [{"type": "object"}, {"properties": {"b": {}}}]}
+    assert tool_parameters([{"type": "function", "function": {"name": "g", "parameters": objects}}])

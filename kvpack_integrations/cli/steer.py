@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..runtime.fingerprint import Fingerprint
+from ..runtime.paths import usable_file
 from ..steering.build import build_steering_vector, load_pairs
-from ..steering.vector import SteeringVector
+from ..steering.vector import SteeringVector, check_alpha, parse_layers
 from .common import add_common_args, emit, loaded_model
 
 
@@ -36,13 +37,18 @@ def _layers(spec: str) -> str | list[int]:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    pairs = load_pairs(args.pairs)  # a bad file fails before the model loads
+    # bad input fails before the model loads: the pairs, where the vector goes, the layers and alpha
+    pairs = load_pairs(args.pairs)
+    out = usable_file(args.out, "steering vector file")
+    layers = _layers(args.layers)
+    parse_layers(layers)  # indices past the model's depth are refused once it loads, before any pair runs
+    check_alpha(args.alpha)
     loaded = loaded_model(args)
-    name = args.name or args.out.stem
-    vector = build_steering_vector(loaded, pairs, layers=_layers(args.layers), alpha=args.alpha, name=name)
-    vector.save(args.out)
+    name = args.name or out.stem
+    vector = build_steering_vector(loaded, pairs, layers=layers, alpha=args.alpha, name=name)
+    vector.save(out)
     payload = {
-        "out": str(args.out),
+        "out": str(out),
         "name": name,
         "pairs": len(pairs),
         "layers": list(vector.layers),
@@ -50,7 +56,7 @@ def run_build(args: argparse.Namespace) -> int:
         "model": loaded.name,
         "delta_norm_per_layer": [round(float(x), 4) for x in vector.deltas.flatten(1).norm(dim=1)],
     }
-    emit(args, payload, f"wrote {args.out}: {len(pairs)} pairs, layers {vector.layers[0]}-{vector.layers[-1]}")
+    emit(args, payload, f"wrote {out}: {len(pairs)} pairs, layers {vector.layers[0]}-{vector.layers[-1]}")
     return 0
 
 

@@ -25,7 +25,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..segments.handles import SegmentHandle
 from ..steering.vector import SteeringVector
 from .engine import Engine, Prefilled
-from .json_decoding import GuidedDecoder, check_schema, decode_json
+from .json_decoding import GuidedDecoder, check_schema, decode_json, only_objects
 from .settings import GenerationSettings
 from .stored_handles import check_stored_handles
 from .tool_calls import ParsedToolCall, call_text, new_call_id, parse_tool_calls
@@ -97,6 +97,11 @@ def tool_parameters(tools: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str
             check_schema(params)
         except InvalidInputError as exc:
             raise InvalidInputError(f"tool {name!r} cannot be called by this model: {exc}") from exc
+        if not only_objects(params):
+            raise InvalidInputError(
+                f"tool {name!r} cannot be called: its parameters must be a JSON object schema (a call's arguments "
+                f"are named), got {json.dumps(params)[:200]}"
+            )
         out[name] = params
     return out
 
@@ -251,7 +256,8 @@ def _free_text(
     if streamed:
         return ChatReply(text, [], [], usage, finish)
     try:
-        content, calls, problems = parse_tool_calls(call_text(engine.loaded.tokenizer, ids, text), params)
+        reply_text = call_text(engine.loaded.tokenizer, ids, text)
+        content, calls, problems = parse_tool_calls(reply_text, params, cut=finish == "length")
     except (TypeError, ValueError, RecursionError) as exc:  # degenerate output must not fail the request
         content, calls, problems = text, [], [f"the reply could not be parsed for tool calls: {exc}"]
     return ChatReply(content, calls, problems, usage, "tool_calls" if calls else finish)

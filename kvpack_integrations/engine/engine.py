@@ -7,6 +7,7 @@ so decoding can grow it freely.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -81,6 +82,10 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self._packets = packets
+        if steering_limit is not None and (
+            not isinstance(steering_limit, (int, float)) or not math.isfinite(steering_limit) or steering_limit < 0
+        ):  # NaN would compare False against every ratio: the limit silently gone
+            raise InvalidInputError(f"steering_limit must be a finite number >= 0 or None, got {steering_limit!r}")
         self.steering_limit = steering_limit  # largest |delta| / |value| a request may steer by (None: any)
         self.tree = RadixTree(loaded.fingerprint, max_tokens=max_cached_tokens)
         # guards the prefix tree: held while a request composes, prefills and remembers its prompt,

@@ -383,6 +383,18 @@ def _types(schema: Mapping[str, Any]) -> list[str]:
     return kinds
 
 
+def only_objects(root: Any, schema: Any = None) -> bool:
+    """Whether every value `schema` (default: `root`) allows is a JSON object: what a tool call's
+    arguments must be, as they are named."""
+    schema = resolve_schema(root, root if schema is None else schema)
+    if not isinstance(schema, Mapping):
+        return False  # true (anything) or false (nothing)
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    if branches:
+        return all(only_objects(root, branch) for branch in with_siblings(root, schema, branches))
+    return _types(schema) == ["object"]
+
+
 def check_schema(schema: Any) -> None:
     """Fail early, with a message naming the problem, on schemas guided decoding cannot follow.
 

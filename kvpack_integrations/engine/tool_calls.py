@@ -34,7 +34,6 @@ from .json_decoding import resolve_schema, with_siblings
 
 __all__ = ["ParsedToolCall", "call_text", "format_tool_call", "new_call_id", "parse_tool_calls", "repair_json"]
 _ID_ALPHABET = string.ascii_letters + string.digits
-_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 _FUNCTION_TAG = re.compile(r"<function=([\w.\-]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _FENCE = re.compile(r"```[\w-]*[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
 _MISTRAL_ARGS = re.compile(r"([\w.\-]+)\[ARGS\]")
@@ -473,16 +472,94 @@ def _python_calls(text: str, tools: Mapping[str, Mapping[str, Any]]) -> list[tup
 
 
 def parse_tool_calls(
-    text: str, tools: Mapping[str, Mapping[str, Any]] | None
+    text: str, tools: Mapping[str, Mapping[str, Any]] | None, *, cut: bool = False
 ) -> tuple[str, list[ParsedToolCall], list[str]]:
     """Find tool calls in a reply; returns (content without the call markup, calls, problem notes).
 
     `tools` maps each tool name to its JSON-schema `parameters`; when given, only those names count
     and arguments are coerced to the schema. `None` accepts any name and leaves arguments as written.
+    `cut`: the reply was cut off by the token budget. A call it ends inside is then not a call (repair
+    would close it with its arguments cut short, and an agent would run it) but a problem note.
     """
+    content, calls, problems = _parse(text, tools)
+    if not cut or not calls:
+        return content, calls, problems
+    start = _open_call_at(text)
+    if start is None:
+        return content, calls, problems
+    kept: list[ParsedToolCall] = []
+    if start > 0:
+        content, kept, problems = _parse(text[:start], tools)
+    problems = problems + [
+        f"the call to {call.name!r} was cut off by max_tokens before it was complete (its arguments would be "
+        "cut short): raise max_tokens"
+        for call in calls[len(kept) :]
+    ]
+    return content, kept, problems
+
+
+def _open_call_at(text: str) -> int | None:
+    """Where the call that `text` ends inside begins (0: the reply as a whole), or None if it ends closed."""
+    if TOOL_CALL_OPEN in text:
+        spans = _hermes_spans(text)
+        return spans[-1][0] if spans and not spans[-1][3] else None
+    if "<function=" in text:
+        start = text.rfind("<function=")
+        return start if "</function>" not in text[start:] else None
+    return 0 if _unclosed(text) else None
+
+
+def _unclosed(text: str) -> bool:
+    """An open double-quoted string or bracket at the end: JSON or a Python call stopped midway."""
+    depth, quoted, escaped = 0, False, False
+    for c in text:
+        if quoted:
+            escaped, quoted = (False, True) if escaped else (c == "\\", c != '"')
+        elif c == '"':
+            quoted = True
+        elif c in "{[(":
+            depth += 1
+        elif c in "}])":
+            depth = max(depth - 1, 0)
+    return quoted or depth > 0
+
+
+def _hermes_spans(text: str) -> list[tuple[int, int, str, bool]]:
+    """(start, end, body, closed) of each `<tool_call>` block. A body is read as JSON first, so a closing
+    tag inside one of its strings (a call that writes markup) does not end the block."""
+    spans = []
+    decoder = json.JSONDecoder(strict=False)
+    pos = 0
+    while (start := text.find(TOOL_CALL_OPEN, pos)) >= 0:
+        inner = start + len(TOOL_CALL_OPEN)
+        value_at = len(text) - len(text[inner:].lstrip())
+        span = None
+        try:
+            _, stop = decoder.raw_decode(text, value_at)
+            close_at = len(text) - len(text[stop:].lstrip())
+            if text.startswith(TOOL_CALL_CLOSE, close_at):
+                span = (start, close_at + len(TOOL_CALL_CLOSE), text[inner:stop], True)
+        except ValueError:
+            pass
+        if span is None:
+            close = text.find(TOOL_CALL_CLOSE, inner)
+            closed = close >= 0
+            end = close + len(TOOL_CALL_CLOSE) if closed else len(text)
+            span = (start, end, text[inner : close if closed else len(text)], closed)
+        spans.append(span)
+        pos = span[1]
+    return spans
+
+
+def _parse(text: str, tools: Mapping[str, Mapping[str, Any]] | None) -> tuple[str, list[ParsedToolCall], list[str]]:
     found = _Collector(tools)
     if TOOL_CALL_OPEN in text or "<function=" in text:
-        content = _HERMES.sub(lambda m: _hermes(found, m.group(1)), text)
+        pieces, pos = [], 0
+        for start, end, body, _ in _hermes_spans(text):
+            pieces.append(text[pos:start])
+            found.add_json(_unfence(body), required=True)
+            pos = end
+        content = "".join(pieces) + text[pos:]
         content = _FUNCTION_TAG.sub(lambda m: _function_tag(found, m.group(1), m.group(2)), content)
         return content.replace(TOOL_CALL_CLOSE, "").strip(), found.calls, found.problems
 
@@ -492,11 +569,6 @@ def parse_tool_calls(
         at, prefix = min(markers)
         return _after_marker(found, body[:at].strip(), body[at + len(prefix) :].strip())
     return _unmarked(found, text)
-
-
-def _hermes(found: _Collector, body: str) -> str:
-    found.add_json(_unfence(body), required=True)
-    return ""
 
 
 def _function_tag(found: _Collector, name: str, body: str) -> str:

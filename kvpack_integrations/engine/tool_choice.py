@@ -16,6 +16,8 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str:
     if tool_choice is False or tool_choice == "none":
         return "none"
     if tool_choice is True or tool_choice in ("any", "required"):
+        if not names:
+            raise InvalidInputError(f"tool_choice={tool_choice!r} forces a tool call, and no tools are given")
         return "required"
     if isinstance(tool_choice, Mapping):
         function = tool_choice.get("function")

@@ -201,7 +201,7 @@ def _run_config(loaded: LoadedModel, opts: SteeringEvalOptions, tasks: Sequence[
         "options": asdict(opts),
         "tasks": digest(tasks),
         "pairs": digest([(DEMO / d.pairs).read_text(encoding="utf-8") for d in DIRECTIONS.values()]),
-        "dual_rows": digest([r.question for r in rows]),
+        "dual_rows": digest([r.digest() for r in rows]),  # whole rows: other passages or answers, other replies
     }
     return json.loads(json.dumps(config))  # tuples as lists: equal to the config read back from the log
 

@@ -26,8 +26,8 @@ class RetrievalPlan(AgentMiddleware):
 
     def __init__(self, tool_name: str, retrievals: int, answer_nudge: str | None = None) -> None:
         super().__init__()
-        if retrievals < 0:
-            raise InvalidInputError(f"retrievals must be >= 0, got {retrievals}")
+        if not isinstance(retrievals, int) or isinstance(retrievals, bool) or retrievals < 0:
+            raise InvalidInputError(f"retrievals must be an integer >= 0, got {retrievals!r}")
         self.tool_name = tool_name
         self.retrievals = retrievals
         self.answer_nudge = answer_nudge

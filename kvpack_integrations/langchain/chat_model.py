@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Literal
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.chat_models import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -37,6 +37,7 @@ from ..engine.chat import (
     stream_chat,
     tool_parameters,
 )
+from ..engine.json_decoding import check_schema
 from ..engine.registry import shared_engine, shared_packet_composer
 from ..engine.settings import GenerationSettings, settings_from_options
 from ..engine.tool_choice import normalize_tool_choice
@@ -49,9 +50,24 @@ from ..runtime.default_model import DEFAULT_MODEL_NAME
 from ..runtime.loader import LoadedModel, load_model
 from ..steering.vector import SteeringVector
 from .messages import call_documents, to_turns
-from .steering_callback import ROLE_KEY, pending_steering, steering_for_run
+from .steering_callback import ROLE_KEY, calling, pending_steering, steering_for_run
 
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+_CALL_KEYS = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "documents",
+        "model",
+        "strategy",
+        "steering",
+        "knowledge_format",
+        ROLE_KEY,
+        *_CALL_OPTIONS,
+    }
+)
 _STRUCTURED_METHODS = ("json_schema", "function_calling", "json_mode")
 _REMOTE_ONLY = frozenset({"timeout", "max_retries", "api_key", "base_url"})  # accepted, meaningless locally
 
@@ -148,6 +164,29 @@ class KVPackChatModel(BaseChatModel):
             return base
         return base + "|steering=" + ",".join(f"{v.name}:{v.alpha:g}:{v.digest}" for v in vectors)
 
+    def _generate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """LangChain keys its cache before the call and streams without the run manager: naming the run
+        here makes the cache key and the call take the same run's steering."""
+        with calling(run_manager.run_id if run_manager is not None else None):
+            return super()._generate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+    async def _agenerate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """The async twin of `_generate_with_cache`: the cache key and the call take the same run."""
+        with calling(run_manager.run_id if run_manager is not None else None):
+            return await super()._agenerate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
+
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
             ls_provider="kvpack",
@@ -190,20 +229,7 @@ class KVPackChatModel(BaseChatModel):
         """The engine request; `take_run=False` (rendering only, no model call) leaves the steering run
         pending for the call it belongs to; `run_id` (the run manager's) names the run to take."""
         kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own switch, already acted on
-        unknown = set(kwargs) - {
-            "tools",
-            "tool_choice",
-            "response_format",
-            "documents",
-            "model",
-            "strategy",
-            "steering",
-            "knowledge_format",
-            ROLE_KEY,
-            *_CALL_OPTIONS,
-        }
-        if unknown:
-            raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
+        _check_call_keys(kwargs)
         translated = to_turns(messages)
         texts, handles = call_documents(kwargs.get("documents"))
         tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or []]
@@ -249,6 +275,8 @@ class KVPackChatModel(BaseChatModel):
             "model_provider": "kvpack",
             "finish_reason": reply.finish_reason,
             "kvpack": usage.to_dict(),
+            # why each invalid call is invalid, on both paths (a streamed chunk cannot carry `error`)
+            "invalid_tool_call_errors": list(reply.invalid_tool_calls),
         }
         return metadata, response
 
@@ -264,6 +292,7 @@ class KVPackChatModel(BaseChatModel):
         request, notes = self._request(messages, stop, kwargs, loaded, run_id=run_id)
         reply = chat(shared_engine(loaded), request)
         reply.usage.notes.extend(notes)
+        _single_call(reply, kwargs)
         usage, response = self._metadata(reply, loaded.name)
         message = AIMessage(
             content=reply.text,
@@ -271,7 +300,7 @@ class KVPackChatModel(BaseChatModel):
                 {"name": c.name, "args": c.arguments, "id": c.id, "type": "tool_call"} for c in reply.tool_calls
             ],
             invalid_tool_calls=[
-                {"name": None, "args": None, "id": None, "error": p, "type": "invalid_tool_call"}
+                {"name": None, "args": p, "id": None, "error": p, "type": "invalid_tool_call"}  # args as streamed
                 for p in reply.invalid_tool_calls
             ],
             usage_metadata=usage,
@@ -300,6 +329,7 @@ class KVPackChatModel(BaseChatModel):
                 continue
             reply = delta.reply
             reply.usage.notes.extend(notes)
+            _single_call(reply, kwargs)
             usage, response = self._metadata(reply, loaded.name)
             chunks = [
                 tool_call_chunk(name=c.name, args=_json(c.arguments), id=c.id, index=i)
@@ -336,6 +366,9 @@ class KVPackChatModel(BaseChatModel):
         `tool_choice`: None/"auto" (the model decides), "none", "any"/"required"/True (a call is forced
         and written under schema guidance), or a tool name (that tool is forced).
         """
+        # a bad option fails here, not at the first call deep inside a graph (LangChain's own tracing key
+        # is taken off before the call)
+        _check_call_keys({k: v for k, v in kwargs.items() if k != "ls_structured_output_format"})
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = list(tool_parameters(formatted))  # refuses schemas the model cannot call, naming the tool
         choice = normalize_tool_choice(tool_choice, names)
@@ -375,7 +408,10 @@ class KVPackChatModel(BaseChatModel):
             )
         else:
             json_schema = _json_schema(schema) if schema is not None else dict(FREE_FORM_JSON)
-            tool_parameters([{"type": "function", "function": {"name": "output", "parameters": json_schema}}])
+            try:  # any schema, an enum or array root too: it is the reply's shape, not a call's arguments
+                check_schema(json_schema)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"the structured output schema cannot be decoded: {exc}") from exc
             llm = self.bind(response_format=json_schema, ls_structured_output_format=ls_format)
             parser = PydanticOutputParser(pydantic_object=target) if is_pydantic else JsonOutputParser()
         if not include_raw:
@@ -440,3 +476,17 @@ def _steering_option(value: Any) -> list[SteeringVector]:
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def _check_call_keys(kwargs: Mapping[str, Any]) -> None:
+    unknown = set(kwargs) - _CALL_KEYS
+    if unknown:
+        raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
+
+
+def _single_call(reply: ChatReply, kwargs: Mapping[str, Any]) -> None:
+    """`parallel_tool_calls=False`: only the reply's first call is made (on every path, streaming too)."""
+    if kwargs.get("parallel_tool_calls") is False and len(reply.tool_calls) > 1:
+        dropped = [c.name for c in reply.tool_calls[1:]]
+        reply.tool_calls = reply.tool_calls[:1]
+        reply.usage.notes.append(f"parallel_tool_calls=False: only the first call was kept (dropped: {dropped})")

@@ -14,7 +14,8 @@ into the engine request, which applies them to the request's private cache.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -39,16 +40,17 @@ class _Run:
         return not (self.taken or self.ended)
 
 
-# Runs started by the callback, in the context the model's code then runs in (the handler runs inline;
-# worker threads and tasks copy the context): `BaseChatModel.stream` does not hand the run manager to
-# `_stream`, so the run's callbacks and metadata cannot be read from it there. The variable holds a
-# tuple, replaced (never changed in place) at each start, so contexts copied earlier (other threads,
-# other tasks) never see this context's runs; the runs themselves are shared objects, so a call in a
-# copied context can claim one and an end in a copied context can close one. Each model call claims
-# its own run by id where the run manager is passed, else the oldest open run (a batch starts one per
-# prompt, then calls the model per prompt in order): a stream left half-read cannot steer the calls
-# after it.
+# Runs of `KVPackChatModel` started by the callback (runs of other chat models are never steered, so never
+# recorded), in the context the model's code then runs in (the handler runs inline; worker threads and
+# tasks copy the context): `BaseChatModel.stream` does not hand the run manager to `_stream`, so the
+# run's callbacks and metadata cannot be read from it there. The variable holds a tuple, replaced (never
+# changed in place) at each start, so contexts copied earlier (other threads, other tasks) never see this
+# context's runs; the runs themselves are shared objects, so a call in a copied context can claim one and
+# an end in a copied context can close one. A model call whose run id is known (the run manager's, or
+# `_CALLING`, set by `KVPackChatModel` around LangChain's cache lookup and call) takes that run and no
+# other; only `stream`, which knows no id, takes the oldest open run (its own, started just before).
 _PENDING: ContextVar[tuple[_Run, ...]] = ContextVar("kvpack_steering", default=())
+_CALLING: ContextVar[Any] = ContextVar("kvpack_steering_call", default=None)
 
 
 class KVPackSteeringCallback(BaseCallbackHandler):
@@ -74,7 +76,9 @@ class KVPackSteeringCallback(BaseCallbackHandler):
         self, serialized: Any, messages: Any, *, run_id: Any = None, metadata: Any = None, **kwargs: Any
     ) -> None:
         still_open = tuple(run for run in _PENDING.get() if run.open)
-        _PENDING.set((*still_open, _Run(self, (metadata or {}).get(ROLE_KEY), run_id)))
+        if _is_kvpack(serialized, kwargs.get("invocation_params")):
+            still_open = (*still_open, _Run(self, (metadata or {}).get(ROLE_KEY), run_id))
+        _PENDING.set(still_open)
 
     def on_llm_end(self, response: Any, *, run_id: Any = None, **kwargs: Any) -> None:
         _end(run_id)
@@ -83,13 +87,37 @@ class KVPackSteeringCallback(BaseCallbackHandler):
         _end(run_id)
 
 
+def _is_kvpack(serialized: Any, params: Any) -> bool:
+    """Whether a starting run is a `KVPackChatModel`'s (by its `_llm_type`, else its class path): another
+    model's run must leave nothing behind for a later KVPack call to take."""
+    if isinstance(params, Mapping) and "_type" in params:
+        return params["_type"] == "kvpack"
+    ident = serialized.get("id") if isinstance(serialized, Mapping) else None
+    return isinstance(ident, list) and bool(ident) and ident[-1] == "KVPackChatModel"
+
+
+@contextmanager
+def calling(run_id: Any) -> Iterator[None]:
+    """Within: the model call (LangChain's cache lookup, then the call) belongs to run `run_id`."""
+    token = _CALLING.set(run_id)
+    try:
+        yield
+    finally:
+        _CALLING.reset(token)
+
+
 def _end(run_id: Any) -> None:
     for run in _PENDING.get():
         if run.run_id == run_id:
             run.ended = True
 
 
-def _oldest_open() -> _Run | None:
+def _run_for(run_id: Any) -> _Run | None:
+    """The open run a call with `run_id` takes: that run alone (None if it has none); without an id from
+    the caller or `calling`, the oldest open run."""
+    run_id = run_id if run_id is not None else _CALLING.get()
+    if run_id is not None:
+        return next((run for run in _PENDING.get() if run.run_id == run_id and run.open), None)
     return next((run for run in _PENDING.get() if run.open), None)
 
 
@@ -107,11 +135,11 @@ def _resolve(run: _Run | None, role: str | None) -> tuple[str | None, tuple[Stee
 
 def steering_for_run(role: str | None, run_id: Any = None) -> tuple[tuple[SteeringVector, ...], list[str]]:
     """Vectors for the chat model call now running, which takes its run: the run `run_id` names (from the
-    run manager, where LangChain passes one), else the oldest open one; its role is `role` (from bind),
-    else the run metadata's. By id, a batch whose earlier prompts were answered from LangChain's cache
-    (their runs stay open until the batch ends) still steers each call by its own run."""
-    run = next((r for r in _PENDING.get() if r.run_id == run_id and r.open), None) if run_id is not None else None
-    run = run or _oldest_open()
+    run manager, where LangChain passes one, else from `calling`) and no other, else the oldest open one;
+    its role is `role` (from bind), else the run metadata's. By id, a batch whose earlier prompts were
+    answered from LangChain's cache (their runs stay open until the batch ends) still steers each call
+    by its own run, and a call with no steering callback attached takes no one else's run."""
+    run = _run_for(run_id)
     if run is not None:
         run.taken = True
     role, vectors, notes = _resolve(run, role)
@@ -120,6 +148,7 @@ def steering_for_run(role: str | None, run_id: Any = None) -> tuple[tuple[Steeri
     return vectors, notes
 
 
-def pending_steering(role: str | None) -> tuple[SteeringVector, ...]:
-    """The vectors the next model call will take, without taking them (LangChain's cache key)."""
-    return _resolve(_oldest_open(), role)[1]
+def pending_steering(role: str | None, run_id: Any = None) -> tuple[SteeringVector, ...]:
+    """The vectors the model call will take, without taking them (LangChain's cache key): the same run
+    as `steering_for_run` picks, so an answer is cached under the steering it was made with."""
+    return _resolve(_run_for(run_id), role)[1]

@@ -20,16 +20,15 @@ from ..errors import CompositionError, InvalidInputError, TemplateError
 from ..prompts.rendering import render_messages
 from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
-from .vector import SteeringVector, resolve_layers
+from ..runtime.paths import read_text_lines
+from .vector import SteeringVector, check_alpha, resolve_layers
 
 
 def load_pairs(path: str | Path) -> list[tuple[str, str]]:
     """Read `{positive, negative}` JSONL rows, naming the line of a malformed one."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"pairs file not found: {path}")
     pairs = []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for no, line in enumerate(read_text_lines(path, "pairs file"), 1):  # missing or non-UTF-8: named
         if not line.strip():
             continue
         try:
@@ -91,13 +90,8 @@ def build_steering_vector(
     if not pairs:
         raise InvalidInputError("a steering vector needs at least one (positive, negative) pair")
     fp = loaded.fingerprint
+    chosen, strength = resolve_layers(layers, fp.num_layers), check_alpha(alpha)  # before the pairs run, not after
     total = torch.zeros(fp.num_layers, fp.num_kv_heads, fp.head_dim)
     for pos, neg in tqdm(pairs, desc=f"steering vector {name}", unit="pair", disable=not progress):
         total += mean_values(loaded, pos) - mean_values(loaded, neg)
-    return SteeringVector(
-        deltas=total / len(pairs),
-        layers=resolve_layers(layers, fp.num_layers),
-        alpha=float(alpha),
-        fingerprint=fp,
-        name=name,
-    )
+    return SteeringVector(deltas=total / len(pairs), layers=chosen, alpha=strength, fingerprint=fp, name=name)

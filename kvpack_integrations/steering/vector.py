@@ -23,37 +23,61 @@ from ..segments.tensor_files import load_tensor_file, save_tensor_file
 
 FORMAT = "kvpack-steering/1"
 LAYER_NAMES = ("early", "mid", "late", "all")
+_THIRDS = {"early": (0.0, 1 / 3), "mid": (1 / 3, 2 / 3), "late": (2 / 3, 1.0), "all": (0.0, 1.0)}
 
 
-def resolve_layers(spec: str | Sequence[int] | tuple[float, float], num_layers: int) -> tuple[int, ...]:
-    """Layers from a name (`early`/`mid`/`late` thirds of depth, `all`), a fraction range `(0.3, 0.7)` or
-    `"0.3-0.7"`, or explicit layer indices."""
+def _is_index(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_layers(spec: str | Sequence[int] | tuple[float, float]) -> tuple[float, float] | tuple[int, ...]:
+    """The layer spec checked without a model (before one loads): a fraction range `(lo, hi)` (names
+    become their third) or layer indices >= 0; `resolve_layers` then fits it to a model."""
     if isinstance(spec, str):
-        if spec in LAYER_NAMES:
-            third = {"early": (0.0, 1 / 3), "mid": (1 / 3, 2 / 3), "late": (2 / 3, 1.0), "all": (0.0, 1.0)}[spec]
-            return resolve_layers(third, num_layers)
+        if spec in _THIRDS:
+            return _THIRDS[spec]
         try:
             lo, hi = (float(x) for x in spec.split("-"))
         except ValueError:
             raise InvalidInputError(
                 f"unknown layer range {spec!r}: use {', '.join(LAYER_NAMES)}, fractions like '0.3-0.7', or indices"
             ) from None
-        return resolve_layers((lo, hi), num_layers)
+        spec = (lo, hi)
     items = list(spec)
     if len(items) == 2 and any(isinstance(x, float) for x in items):
         lo, hi = float(items[0]), float(items[1])
         if not 0.0 <= lo < hi <= 1.0:
             raise InvalidInputError(f"a layer fraction range needs 0 <= start < end <= 1, got ({lo}, {hi})")
+        return lo, hi
+    if not items or not all(_is_index(x) for x in items):
+        raise InvalidInputError(f"layers must be a name, a fraction range or a non-empty list of indices, got {spec!r}")
+    negative = [x for x in items if x < 0]
+    if negative:
+        raise InvalidInputError(f"layers {negative} are negative: layer indices start at 0")
+    return tuple(int(x) for x in items)
+
+
+def resolve_layers(spec: str | Sequence[int] | tuple[float, float], num_layers: int) -> tuple[int, ...]:
+    """Layers from a name (`early`/`mid`/`late` thirds of depth, `all`), a fraction range `(0.3, 0.7)` or
+    `"0.3-0.7"`, or explicit layer indices."""
+    parsed = parse_layers(spec)
+    if not all(_is_index(x) for x in parsed):
+        lo, hi = parsed
         # at least one layer: a narrow range near the top (0.95-1.0 of 4 layers) is the last layer
         first = min(round(lo * num_layers), num_layers - 1)
         last = max(round(hi * num_layers), first + 1)
         return tuple(range(first, min(last, num_layers)))
-    if not items or not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-        raise InvalidInputError(f"layers must be a name, a fraction range or a non-empty list of indices, got {spec!r}")
-    bad = [x for x in items if not 0 <= x < num_layers]
+    bad = [x for x in parsed if x >= num_layers]
     if bad:
         raise InvalidInputError(f"layers {bad} are outside this model's {num_layers} layers")
-    return tuple(sorted({int(x) for x in items}))
+    return tuple(sorted({int(x) for x in parsed}))
+
+
+def check_alpha(alpha: object) -> float:
+    """A steering strength: a finite number (NaN or infinity would silently wreck every value it touches)."""
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InvalidInputError(f"alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
 
 
 @dataclass(frozen=True)
@@ -73,8 +97,9 @@ class SteeringVector:
             raise InvalidInputError(f"steering deltas have shape {tuple(self.deltas.shape)}, the model needs {shape}")
         if not torch.isfinite(self.deltas).all():
             raise InvalidInputError(f"steering vector {self.name!r} holds NaN or infinite values")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise InvalidInputError(f"alpha must be a finite number, got {self.alpha!r}")
+        check_alpha(self.alpha)
+        if not all(_is_index(layer) for layer in self.layers):
+            raise InvalidInputError(f"layers {self.layers} must be whole layer indices")
         if not self.layers or any(not 0 <= layer < fp.num_layers for layer in self.layers):
             raise InvalidInputError(f"layers {self.layers} are empty or outside the model's {fp.num_layers} layers")
 
@@ -142,14 +167,14 @@ class SteeringVector:
         )
         if "deltas" not in tensors:
             raise InvalidInputError(f"{path} holds no steering deltas")
-        layers = tuple(json.loads(meta.get("layers", "[]")))
-        return cls(
-            tensors["deltas"].float(),
-            layers,
-            float(meta.get("alpha", "1.0")),
-            fingerprint,
-            meta.get("name", "steering"),
-        )
+        try:  # a damaged or hand-edited file: named, not a JSON or type error from deep inside
+            layers = json.loads(meta.get("layers", "[]"))
+            if not isinstance(layers, list):
+                raise ValueError(f"layers {layers!r} is not a list")
+            alpha = float(meta.get("alpha", "1.0"))
+            return cls(tensors["deltas"].float(), tuple(layers), alpha, fingerprint, meta.get("name", "steering"))
+        except (ValueError, TypeError, InvalidInputError) as exc:
+            raise InvalidInputError(f"{path} is a damaged steering vector file: {exc}") from None
 
 
 def _check_same_model(a: SteeringVector, b: SteeringVector) -> None:
