@@ -274,3 +274,188 @@ def test_eval_routing_checks_a_reused_base_by_its_label(tmp_path: Path, monkeypa
     assert kb.label("facts_sha256") not in (None, "")  # labelled by the comparison that passed
     with pytest.raises(InvalidInputError, match="identifier"):
         kb.set_label("not a key", "x")
+
+
+def test_what_chroma_refuses_is_refused_before_any_batch_is_written(tmp_path: Path) -> None:
+    """An empty id or a metadata key Chroma refuses, in a later batch, used to fail after earlier batches
+    were stored: a base with facts but no banks, and a corrected retry refused as duplicate ids."""
+    base = KnowledgeBase("refused", tmp_path / "kb", bank_size=2)
+    facts, ids = FACTS[:4], ["a", "b", "c", "d"]
+    for bad_ids, metas, message in (
+        (["a", "b", "c", ""], None, r"fact ids at positions \[3\] are empty"),
+        (ids, [{}, {}, {}, {"$src": "x"}], r"metadata of fact 3: keys \['\$src'\] are not allowed"),
+        (ids, [{}, {}, {}, {"#document": "x"}], r"metadata of fact 3: keys \['#document'\] are not allowed"),
+        (ids, [{}, {}, {}, {"": 1}], r"metadata of fact 3: keys \[''\] are not allowed"),
+        (ids, [{}, {}, {}, "src"], r"metadata of fact 3 is not a mapping"),
+    ):
+        with pytest.raises(InvalidInputError, match=message):
+            base.add(facts, ids=bad_ids, metadatas=metas, batch_size=2, progress=False)
+        assert len(base) == 0
+    base.add(facts, ids=ids, metadatas=[{}, {}, {}, {"src": "x"}], batch_size=2, progress=False)  # the retry
+    assert len(base) == 4 and base.n_banks == 2
+
+
+def test_one_string_is_not_taken_for_a_list_of_facts(tmp_path: Path) -> None:
+    """A string is a sequence of characters: add('Paris') stored five one-letter facts."""
+    from kvpack_integrations.knowledge.facts import clean_facts
+
+    base = KnowledgeBase("strings", tmp_path / "kb")
+    with pytest.raises(InvalidInputError, match="facts must be a list of strings, got one string: 'Paris'"):
+        base.add("Paris", progress=False)
+    with pytest.raises(InvalidInputError, match="ids must be a list of strings, got one string"):
+        base.add(["Paris is in France.", "Rome is in Italy."], ids="ab", progress=False)
+    with pytest.raises(InvalidInputError, match="metadatas must be a list of mappings"):
+        base.add(["Paris is in France."], metadatas={"src": "x"}, progress=False)
+    assert len(base) == 0
+    for one in ("Paris", b"Paris"):
+        with pytest.raises(InvalidInputError, match="facts must be a list of strings, got one string"):
+            clean_facts(one)  # type: ignore[arg-type]
+
+
+def _routes(base: KnowledgeBase) -> list[tuple[str, int]]:
+    """Dense-only routing (no BM25 to cover for wrong banks) of every third fact: (top id, its bank)."""
+    return [(h.id, h.bank) for f in FACTS[::3] for h in base.route(f, k=1, probes=1, lexical_weight=0)]
+
+
+def test_an_interrupted_rebalance_leaves_routing_as_it_was(kb: KnowledgeBase, tmp_path: Path, monkeypatch) -> None:
+    """A rebalance cut after its centroids were written, or halfway through relabelling the facts, used to
+    leave readers routing with new centroids over old banks, for good (dense self-routing 0.22 vs 1.0)."""
+    from kvpack_integrations.knowledge import knowledge_base
+
+    reader = KnowledgeBase("syn", tmp_path / "kb", create=False)
+    before = _routes(reader)
+    assert [i for i, _ in before] == [f"f{i}" for i in range(0, 120, 3)]
+    monkeypatch.setattr(knowledge_base, "_PAGE", 50)  # 120 facts relabelled in three pages
+    real_update = kb._facts.update
+    for pages_written in (0, 1):  # cut after the new centroids; cut after one page of new labels
+        calls = {"n": 0}
+
+        def update(*args, _written=pages_written, _calls=calls, **kwargs):
+            _calls["n"] += 1
+            if _calls["n"] > _written:
+                raise KeyboardInterrupt
+            return real_update(*args, **kwargs)
+
+        monkeypatch.setattr(kb._facts, "update", update)
+        with pytest.raises(KeyboardInterrupt):
+            kb.rebalance(12, progress=False)
+        monkeypatch.setattr(kb._facts, "update", real_update)
+        assert kb.n_banks == 6 and len(kb) == 120
+        assert _routes(reader) == before  # the reader's mirror, and a fresh process's, route as before
+        assert _routes(KnowledgeBase("syn", tmp_path / "kb", create=False)) == before
+    # cut after the stamp, before the old centroids leave: the new banks are whole and in use
+    real_delete = kb._banks.delete
+
+    def delete_only_an_attempt(*args, where=None, **kwargs):
+        if where != {"generation": 2}:  # 2: the generation this rebalance writes
+            raise KeyboardInterrupt
+        return real_delete(*args, where=where, **kwargs)
+
+    monkeypatch.setattr(kb._banks, "delete", delete_only_an_attempt)
+    with pytest.raises(KeyboardInterrupt):
+        kb.rebalance(12, progress=False)
+    monkeypatch.undo()
+    assert kb.n_banks == 12 and kb._banks.count() == 18  # the old generation's 6 are left over, unused
+    assert [i for i, _ in _routes(reader)] == [i for i, _ in before]
+    assert kb.rebalance(12, progress=False) == 12 and kb._banks.count() == 12  # a rerun cleans up
+    after = _routes(KnowledgeBase("syn", tmp_path / "kb", create=False))
+    assert [i for i, _ in after] == [i for i, _ in before] and _routes(reader) == after
+    assert kb.route(FACTS[0], k=1)[0].metadata == {}  # the label fields stay hidden
+
+
+def _as_built_before_generations(base: KnowledgeBase) -> None:
+    """Rewrite a base into the layout kvpack wrote before bank generations: centroids `bank-{b}` without
+    a generation, each fact's bank in `bank`, no layout stamp."""
+    from kvpack_integrations.knowledge.bank_layout import BankLayout
+
+    meta = base._metadata()
+    field = BankLayout.of(meta).field
+    centroids = base._banks.get(include=["embeddings", "metadatas"])
+    base._banks.delete(ids=centroids["ids"])
+    base._banks.add(
+        ids=[f"bank-{m['bank']}" for m in centroids["metadatas"]],
+        embeddings=[list(e) for e in centroids["embeddings"]],
+        metadatas=[{"bank": m["bank"], "size": m["size"]} for m in centroids["metadatas"]],
+    )
+    facts = base._facts.get(include=["metadatas"])
+    base._facts.update(
+        ids=facts["ids"], metadatas=[{"bank": m[field], "kvpack_bank": None} for m in facts["metadatas"]]
+    )
+    base._facts.modify(
+        metadata={k: v for k, v in meta.items() if not k.startswith("hnsw:") and k != "kvpack_bank_field"}
+    )
+
+
+def test_a_base_built_before_bank_generations_still_routes_and_moves_over(
+    kb: KnowledgeBase, tmp_path: Path, monkeypatch
+) -> None:
+    before = _routes(kb)
+    _as_built_before_generations(kb)
+    old = KnowledgeBase("syn", tmp_path / "kb", create=False)
+    assert old.n_banks == 6 and _routes(old) == before
+    monkeypatch.setattr(kb._facts, "update", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # a first rebalance cut short: the old layout still routes
+        kb.rebalance(12, progress=False)
+    monkeypatch.undo()
+    assert old.n_banks == 6 and _routes(old) == before
+    kb.add(["Zorblax Labs makes flutes."], ids=["late"], progress=False)  # joins an old-layout bank
+    assert old.route("Zorblax Labs makes flutes.", k=1, lexical_weight=0)[0].id == "late"
+    assert kb.rebalance(12, progress=False) == 12 and kb._banks.count() == 12  # moved over, old centroids gone
+    assert all(i.startswith("g") for i in kb._banks.get(include=[])["ids"])
+    assert [i for i, _ in _routes(old)] == [i for i, _ in before]
+
+
+def test_a_base_whose_clustering_was_cut_short_is_searched_flat(tmp_path: Path, monkeypatch) -> None:
+    """Facts stored, k-means cut short (Ctrl-C): route() asked Chroma for 0 centroids and failed with a
+    raw TypeError. It searches every fact instead, until the base is clustered."""
+    base = KnowledgeBase("unbanked", tmp_path / "kb")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "rebalance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        base.add(FACTS, ids=[f"f{i}" for i in range(len(FACTS))], progress=False)
+    monkeypatch.undo()
+    assert len(base) == 120 and base.n_banks == 0
+    reader = KnowledgeBase("unbanked", tmp_path / "kb", create=False)
+    for i in (0, 41, 119):
+        hit = reader.route(FACTS[i], k=1, lexical_weight=0)[0]
+        assert hit.id == f"f{i}" and hit.bank == -1
+    assert [h.id for h in reader.route(ROWS[7]["question"], k=1)] == ["f7"]
+    assert base.rebalance(progress=False) == 6
+    hit = reader.route(FACTS[41], k=1, lexical_weight=0)[0]
+    assert hit.id == "f41" and hit.bank >= 0
+
+
+def test_an_add_cut_before_its_stamp_keeps_order_and_readers_cheap(
+    kb: KnowledgeBase, tmp_path: Path, monkeypatch
+) -> None:
+    """An add cut between Chroma's write and its stamp: the next add took the same insertion order, and
+    readers rebuilt their whole mirror on every query (the stamped size stayed below the mirror's)."""
+    reader = KnowledgeBase("syn", tmp_path / "kb", create=False)
+    reader.warm()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kb, "_stamp", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kb.add(["Zorblax Labs makes flutes."], ids=["z1"], progress=False)
+    monkeypatch.undo()
+    kb.add(["Quibblex Foundry makes harps."], ids=["z2"], progress=False)
+    got = kb._facts.get(ids=["z1", "z2"], include=["metadatas"])
+    assert sorted(m["kvpack_order"] for m in got["metadatas"]) == [120, 121]
+    assert kb.facts()[-2:] == ["Zorblax Labs makes flutes.", "Quibblex Foundry makes harps."]
+    rebuilds = []
+    real = KnowledgeBase._mirror_pages
+
+    def counted(self, mirror, where):
+        rebuilds.append(where is None)
+        return real(self, mirror, where)
+
+    monkeypatch.setattr(KnowledgeBase, "_mirror_pages", counted)
+    for _ in range(3):
+        assert reader.route("What does Quibblex Foundry make?", k=1)[0].id == "z2"
+    assert reader.route("What does Zorblax Labs make?", k=1)[0].id == "z1"
+    assert True not in rebuilds

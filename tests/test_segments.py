@@ -265,3 +265,45 @@ def test_rebuilding_a_pack_while_it_is_read(qwen, store: PackStore) -> None:
     assert errors == []
     assert store.manifest("kb").facts in (list(FACTS), list(FACTS[:2]))
     assert not [p.name for p in store.packs_dir.iterdir() if p.name.startswith((".old-", ".build-"))]
+
+
+def test_a_rebuild_is_noticed_even_with_the_same_mtime(qwen, store: PackStore) -> None:
+    """`current_manifest` knew a rebuild only by the manifest's mtime: two builds within a coarse clock's
+    tick (or a clock set back) served the old pack's manifest for good."""
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    path = store.pack_dir("kb") / "manifest.json"
+    first = path.stat()
+    assert store.current_manifest("kb").facts == list(FACTS)
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS[:2])
+    os.utime(path, ns=(first.st_atime_ns, first.st_mtime_ns))
+    assert store.current_manifest("kb").facts == list(FACTS[:2])
+
+
+class _ExactTextEmbedder:
+    """One dimension per known fact: a fact's own text is its nearest neighbour."""
+
+    def embed(self, texts: list[str]):
+        import numpy as np
+
+        return np.array([[float(t == f) for f in FACTS] for t in texts], dtype=np.float32)
+
+
+def test_facts_that_share_a_token_are_refused_by_name(qwen, store: PackStore) -> None:
+    """With an empty separator 'a' and 'b' become one token: fact 'a' got no segment of its own, so every
+    later fact's handle named the segment of another (PackSearcher assumed one segment per fact)."""
+    from dataclasses import replace
+
+    from kvpack_integrations.knowledge.search import PackSearcher
+
+    with pytest.raises(InvalidInputError, match=r"fact 1 \('a'\) has no token of its own: with separator ''"):
+        build_pack(
+            qwen, RadixTree(qwen.fingerprint), store, "merged", ["x.", "a", "b"], fmt=KnowledgeFormat(separator="")
+        )
+    assert not store.exists("merged")
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    manifest = store.manifest("kb")
+    searcher = PackSearcher(store, "kb", _ExactTextEmbedder())  # type: ignore[arg-type]
+    assert [searcher.search(f, k=1)[0].handle.segment_id for f in FACTS] == manifest.segment_ids[1:-1]
+    # a pack built before the refusal, one segment short: which segment holds a fact is unknown, not guessed
+    store.write(replace(manifest, segment_ids=manifest.segment_ids[:-1]), [])
+    assert [searcher.search(f, k=1)[0].handle.segment_id for f in FACTS] == ["", "", ""]

@@ -85,6 +85,9 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
     new = [(i, f) for i, f in unique.items() if i not in present]
     if new:
         kb.add([f for _, f in new], ids=[i for i, _ in new])
+    clustered = len(kb) > 0 and kb.n_banks == 0
+    if clustered:  # an earlier build cut short before clustering: every fact is present, and none in a bank
+        kb.rebalance(progress=not args.json)
     store = pack_store(args)
     replaced = store.exists(args.kb)
     if replaced:  # the name is the Chroma base now: `kvpack ask --kb` must not answer from the old pack
@@ -100,6 +103,7 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
         "duplicates_in_file": len(facts) - len(unique),
         "replaced_pack": replaced,
         "banks": kb.n_banks,
+        "reclustered": clustered,  # the facts of a build cut short before clustering
         "bytes": kb.disk_bytes(),
         "seconds": round(seconds, 3),
         "embedder": kb.embedder.name,

@@ -11,7 +11,10 @@ from ..runtime.paths import read_text_lines
 
 
 def clean_facts(facts: Iterable[str]) -> list[str]:
-    """Strip facts, drop blank ones, and refuse an empty result."""
+    """Strip facts, drop blank ones, and refuse an empty result (and a lone string, which would otherwise
+    become one fact per character)."""
+    if isinstance(facts, (str, bytes, bytearray)):
+        raise InvalidInputError(f"facts must be a list of strings, got one string: {str(facts)[:60]!r}")
     out = [f.strip() for f in facts if isinstance(f, str) and f.strip()]
     if not out:
         raise EmptyKnowledgeError("no facts given: a knowledge base needs at least one non-empty fact")

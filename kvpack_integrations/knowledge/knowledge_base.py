@@ -13,7 +13,10 @@ everything. By default routing is hybrid: the facts BM25 ranks highest over the 
 join the candidates, and a candidate's score is its cosine plus `lexical_weight` times its BM25
 score relative to the best one (`lexical_weight=0` is the paper's dense-only routing). Bank
 membership and BM25 live in a per-process `FactMirror`, rebuilt from Chroma when the stamps in the
-facts collection's metadata change. KV for routed facts is computed lazily by the engine.
+facts collection's metadata change. Centroids and fact labels are kept per generation (`BankLayout`),
+so a rebalance, even an interrupted one, never pairs one generation's centroids with another's
+labels. A base with facts but no banks yet (its first add cut short) is searched flat, by Chroma's
+own index over the facts. KV for routed facts is computed lazily by the engine.
 
 Writers: one process at a time per knowledge base (Chroma has no transactions); readers any number.
 """
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 from ..errors import EmptyKnowledgeError, InvalidInputError, KnowledgeBaseUnavailableError, UnknownKnowledgeBaseError
 from ..runtime.default_model import kvpack_home
 from ..runtime.embedder import Embedder, load_embedder
+from .bank_layout import LABEL_FIELDS, BankLayout
 from .fact_mirror import FactMirror
 from .projection import Projection
 from .search import check_k
@@ -43,7 +47,7 @@ FORMAT = "kvpack-kb/1"
 DEFAULT_BANK_SIZE = 20
 _MINIBATCH_FROM = 10_000
 _PAGE = 5_000
-_RESERVED = ("bank", "kvpack_order")
+_RESERVED = (*LABEL_FIELDS, "kvpack_order")
 DEFAULT_LEXICAL_WEIGHT = 1.0
 _LEXICAL_CANDIDATES = 8  # BM25's best rows that join the banked candidates (at least 2k)
 _EMPTY_BANK_SLACK = 8  # extra nearest banks fetched, to read past empty ones
@@ -109,7 +113,9 @@ def list_knowledge_bases(
             {
                 "kb": name,
                 "facts": int(facts.count()),
-                "banks": int(client.get_collection(banks, embedding_function=None).count()) if banks in names else 0,
+                "banks": _count_banks(client.get_collection(banks, embedding_function=None), meta)
+                if banks in names
+                else 0,
                 "embedder": meta.get("embedder"),
                 "dims": meta.get("dim"),
                 "routing_dims": meta.get("routing_dim"),
@@ -117,6 +123,39 @@ def list_knowledge_bases(
             }
         )
     return rows
+
+
+def _count_banks(banks: Any, meta: Mapping[str, Any]) -> int:
+    """The current generation's centroids (a rebalance cut short leaves another's beside them)."""
+    return len(banks.get(where=BankLayout.of(meta).centroids(), include=[])["ids"])
+
+
+def _one_string(name: str, value: object) -> None:
+    """A lone string would be taken apart character by character: refuse it by name."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise InvalidInputError(f"{name} must be a list of strings, got one string: {str(value)[:60]!r}")
+
+
+def _check_metadata(metas: Sequence[Any]) -> None:
+    """What Chroma would refuse, found before anything is written: Chroma refuses a whole batch, after
+    earlier batches were stored."""
+    for position, m in enumerate(metas):
+        if not isinstance(m, Mapping):
+            raise InvalidInputError(f"metadata of fact {position} is not a mapping: {type(m).__name__}")
+        clash = [k for k in _RESERVED if k in m]
+        if clash:
+            raise InvalidInputError(f"metadata of fact {position}: keys {clash} are reserved by the knowledge base")
+        keys = [k for k in m if not isinstance(k, str) or not k or k[0] in "#$"]
+        if keys:
+            raise InvalidInputError(
+                f"metadata of fact {position}: keys {keys[:3]} are not allowed (a key is a non-empty string "
+                "not starting with '#' or '$')"
+            )
+        wrong = [k for k, v in m.items() if not isinstance(v, (str, int, float, bool))]
+        if wrong:
+            raise InvalidInputError(
+                f"metadata of fact {position}: values of {wrong[:3]} are not a string, number or boolean"
+            )
 
 
 class KnowledgeBase:
@@ -227,15 +266,16 @@ class KnowledgeBase:
     def _metadata(self) -> dict[str, Any]:
         return dict(self._client.get_collection(f"{self.name}-facts").metadata or {})
 
-    def _state(self) -> tuple[int, int]:
-        """(number of facts, bank generation) as last stamped by a writer (~1 ms)."""
+    def _state(self) -> tuple[int, BankLayout]:
+        """(number of facts, bank layout) as last stamped by a writer (~1 ms)."""
         meta = self._metadata()
         size = meta.get("kvpack_size")
-        return (int(size) if size is not None else len(self)), int(meta.get("kvpack_generation", 0))
+        return (int(size) if size is not None else len(self)), BankLayout.of(meta)
 
-    def _stamp(self, **changes: int) -> None:
+    def _stamp(self, size: int, layout: BankLayout | None = None) -> None:
+        """One metadata write: a new layout and the size it holds become current together."""
         meta = {k: v for k, v in self._metadata().items() if not k.startswith("hnsw:")}
-        self._facts.modify(metadata={**meta, **{f"kvpack_{k}": int(v) for k, v in changes.items()}})
+        self._facts.modify(metadata={**meta, "kvpack_size": int(size), **(layout.stamp() if layout else {})})
 
     def label(self, key: str) -> str | None:
         """A caller's label on this base (e.g. a digest of the file it was built from), or None."""
@@ -254,11 +294,14 @@ class KnowledgeBase:
         self._synced()
 
     def _synced(self) -> FactMirror:
-        """This process's mirror, caught up with Chroma: new facts appended, a rebalance reloaded."""
-        size, generation = self._state()
+        """This process's mirror, caught up with Chroma: new facts appended, a rebalance reloaded.
+
+        Only a new layout rebuilds it: a stamped size below the mirror's (an add cut before its stamp,
+        whose facts the mirror already fetched) needs nothing."""
+        size, layout = self._state()
         mirror = self._mirror
-        if mirror is None or mirror.generation != generation or size < len(mirror):
-            mirror = FactMirror(generation)
+        if mirror is None or mirror.layout != layout:
+            mirror = FactMirror(layout)
             self._mirror_pages(mirror, None)
         elif size > len(mirror):
             self._mirror_pages(mirror, {"kvpack_order": {"$gte": len(mirror)}})
@@ -267,10 +310,11 @@ class KnowledgeBase:
 
     def _mirror_pages(self, mirror: FactMirror, where: dict[str, Any] | None) -> None:
         rows: list[tuple[int, str, str, int]] = []
+        field = mirror.layout.field
         for offset in range(0, 1 << 62, _PAGE):
             page = self._facts.get(where=where, include=["documents", "metadatas"], limit=_PAGE, offset=offset)
             rows += [
-                (int(m["kvpack_order"]), fid, doc, int(m["bank"]))
+                (int(m["kvpack_order"]), fid, doc, int(m.get(field, -1)))  # -1: not in a bank yet
                 for fid, doc, m in zip(page["ids"], page["documents"], page["metadatas"])
             ]
             if len(page["ids"]) < _PAGE:
@@ -285,7 +329,8 @@ class KnowledgeBase:
 
     @property
     def n_banks(self) -> int:
-        return int(self._banks.count())
+        """Banks of the current generation (0: facts not clustered yet)."""
+        return _count_banks(self._banks, self._metadata())
 
     def disk_bytes(self) -> int:
         """Everything on disk for the embedded store (the whole Chroma directory); 0 for a server."""
@@ -304,7 +349,14 @@ class KnowledgeBase:
         batch_size: int = 256,
         progress: bool = True,
     ) -> list[str]:
-        """Embed and store facts. The first add clusters them into banks; later ones join the nearest bank."""
+        """Embed and store facts. The first add clusters them into banks; later ones join the nearest bank.
+
+        Everything Chroma would refuse is refused first, naming the fact: a batch refused after earlier
+        ones were stored would leave a base that a corrected retry finds full of duplicate ids."""
+        _one_string("facts", facts)
+        _one_string("ids", ids)
+        if isinstance(metadatas, Mapping):
+            raise InvalidInputError("metadatas must be a list of mappings, one per fact, got one mapping")
         texts = [f.strip() if isinstance(f, str) else f for f in facts]
         if not texts:
             raise EmptyKnowledgeError("no facts given: a knowledge base needs at least one non-empty fact")
@@ -312,21 +364,17 @@ class KnowledgeBase:
         if bad:
             raise InvalidInputError(f"facts at positions {bad[:5]} are empty or not strings")
         ids = [str(i) for i in ids] if ids is not None else [uuid.uuid4().hex for _ in texts]
-        metas = [dict(m) for m in metadatas] if metadatas is not None else [{} for _ in texts]
+        empty = [i for i, fid in enumerate(ids) if not fid]
+        if empty:
+            raise InvalidInputError(f"fact ids at positions {empty[:5]} are empty")
+        metas = list(metadatas) if metadatas is not None else [{} for _ in texts]
         if len(ids) != len(texts) or len(metas) != len(texts):
             raise InvalidInputError(f"{len(texts)} facts but {len(ids)} ids and {len(metas)} metadata entries")
+        _check_metadata(metas)
         self._check_ids(ids)
-        for position, m in enumerate(metas):
-            clash = [k for k in _RESERVED if k in m]
-            if clash:
-                raise InvalidInputError(f"metadata keys {clash} are reserved by the knowledge base")
-            # checked before anything is written: Chroma would refuse the batch holding it, after earlier ones
-            wrong = [k for k, v in m.items() if not isinstance(k, str) or not isinstance(v, (str, int, float, bool))]
-            if wrong:
-                raise InvalidInputError(
-                    f"metadata of fact {position}: values of {wrong[:3]} are not a string, number or boolean"
-                )
-        order, generation = self._state()
+        stamped, layout = self._state()
+        # after the stamped size, or after what is stored if an add was cut between its write and its stamp
+        order = max(stamped, len(self))
         # the first add clusters; so does the next one if the first was cut short before it could
         first = order == 0 or self.n_banks == 0
         mirror = self._mirror if self._mirror is not None and len(self._mirror) == order else None
@@ -335,19 +383,19 @@ class KnowledgeBase:
         for lo in range(0, len(texts), batch_size):
             chunk = texts[lo : lo + batch_size]
             vectors = fitted[lo : lo + batch_size] if fitted is not None else self._embed(chunk)
-            banks = [0] * len(chunk) if first else self._nearest_banks(vectors)
+            banks = [] if first else self._nearest_banks(vectors, layout)  # first: labelled by the rebalance
             self._facts.add(
                 ids=list(ids[lo : lo + batch_size]),
                 embeddings=vectors.tolist(),
                 documents=list(chunk),
                 metadatas=[
-                    {**m, "bank": int(b), "kvpack_order": order + lo + j}
-                    for j, (m, b) in enumerate(zip(metas[lo : lo + batch_size], banks))
+                    {**metas[lo + j], "kvpack_order": order + lo + j, **({layout.field: banks[j]} if banks else {})}
+                    for j in range(len(chunk))
                 ],
             )
             if mirror is not None and not first:
                 mirror.add(list(ids[lo : lo + batch_size]), list(chunk), banks)
-            self._stamp(size=order + lo + len(chunk), generation=generation)  # an interrupted add stays counted
+            self._stamp(size=order + lo + len(chunk))  # an interrupted add stays counted
             bar.update(len(chunk))
         bar.close()
         self._mirror = mirror
@@ -392,9 +440,21 @@ class KnowledgeBase:
             found.update(self._facts.get(ids=list(ids[lo : lo + _PAGE]), include=[])["ids"])
         return found
 
-    def _nearest_banks(self, vectors: np.ndarray) -> list[int]:
-        found = self._banks.query(query_embeddings=vectors.tolist(), n_results=1, include=["metadatas"])
-        return [int(m[0]["bank"]) for m in found["metadatas"]]
+    def _nearest_banks(self, vectors: np.ndarray, layout: BankLayout) -> list[int]:
+        nearest = self._centroid_query(vectors, 1, layout)
+        return [int(m[0]["bank"]) for m in nearest]
+
+    def _centroid_query(self, vectors: np.ndarray, n: int, layout: BankLayout) -> list[list[Mapping[str, Any]]]:
+        """Each vector's `n` nearest centroids of `layout`'s generation. Chroma's `where` costs ~10 ms at 5,000
+        banks, so it is asked only when another generation's centroids came back (a rebalance under way,
+        or cut short): without any, the unfiltered nearest are the same."""
+        found = self._banks.query(query_embeddings=vectors.tolist(), n_results=n, include=["metadatas"])
+        if all(layout.holds(m) for row in found["metadatas"] for m in row):
+            return [list(row) for row in found["metadatas"]]
+        found = self._banks.query(
+            query_embeddings=vectors.tolist(), n_results=n, where=layout.centroids(), include=["metadatas"]
+        )
+        return [list(row) for row in found["metadatas"]]
 
     def _all(self, include: list[str]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"ids": [], **{k: [] for k in include}}
@@ -406,7 +466,11 @@ class KnowledgeBase:
         return out
 
     def rebalance(self, n_banks: int | None = None, *, seed: int = 0, progress: bool = True) -> int:
-        """Re-cluster every fact into `n_banks` (default ceil(N / bank_size)) k-means banks."""
+        """Re-cluster every fact into `n_banks` (default ceil(N / bank_size)) k-means banks.
+
+        Written as the next generation beside the current one and made current by one stamp, so readers
+        route with the old banks until then, and a rebalance cut short (Ctrl-C, a dead server) leaves
+        them whole; running it again finishes the job."""
         from sklearn.cluster import KMeans, MiniBatchKMeans
 
         n = len(self)
@@ -426,22 +490,25 @@ class KnowledgeBase:
             np.linalg.norm(model.cluster_centers_, axis=1, keepdims=True), 1e-12
         )
         sizes = np.bincount(labels, minlength=banks)
-        new = [f"bank-{b}" for b in range(banks)]
-        # the new centroids go in before the old ones leave: an interrupted rebalance never leaves no banks
-        self._banks.upsert(
-            ids=new,
-            embeddings=centroids.tolist(),
-            metadatas=[{"bank": b, "size": int(sizes[b])} for b in range(banks)],
-        )
-        stale = sorted(set(self._banks.get(include=[])["ids"]) - set(new))
-        if stale:
-            self._banks.delete(ids=stale)
+        layout = BankLayout.of(self._metadata()).following()
+        self._banks.delete(where={"generation": layout.generation})  # an earlier attempt's, never current
+        for lo in range(0, banks, _PAGE):
+            self._banks.add(
+                ids=[layout.centroid_id(b) for b in range(lo, min(lo + _PAGE, banks))],
+                embeddings=centroids[lo : lo + _PAGE].tolist(),
+                metadatas=[
+                    {"bank": b, "size": int(sizes[b]), "generation": layout.generation}
+                    for b in range(lo, min(lo + _PAGE, banks))
+                ],
+            )
         for lo in tqdm(range(0, n, _PAGE), desc="assigning banks", disable=not progress or n <= _PAGE):
-            metas = [{**m, "bank": int(b)} for m, b in zip(data["metadatas"][lo : lo + _PAGE], labels[lo : lo + _PAGE])]
+            metas = [
+                {**m, layout.field: int(b)} for m, b in zip(data["metadatas"][lo : lo + _PAGE], labels[lo : lo + _PAGE])
+            ]
             self._facts.update(ids=data["ids"][lo : lo + _PAGE], metadatas=metas)
-        generation = int(self._metadata().get("kvpack_generation", 0)) + 1
-        self._stamp(size=n, generation=generation)
-        mirror = FactMirror(generation)
+        self._stamp(size=n, layout=layout)  # readers switch to the new banks here, all at once
+        self._banks.delete(where={"generation": {"$ne": layout.generation}})  # older generations, untagged ones
+        mirror = FactMirror(layout)
         order = sorted(range(n), key=lambda i: data["metadatas"][i]["kvpack_order"])
         mirror.add(
             [data["ids"][i] for i in order], [data["documents"][i] for i in order], [int(labels[i]) for i in order]
@@ -454,7 +521,10 @@ class KnowledgeBase:
     def route(
         self, query: str, k: int = 4, probes: int = 1, *, lexical_weight: float = DEFAULT_LEXICAL_WEIGHT
     ) -> list[RoutedFact]:
-        """The `k` best facts for `query`: those of its `probes` nearest banks, plus BM25's best (hybrid)."""
+        """The `k` best facts for `query`: those of its `probes` nearest banks, plus BM25's best (hybrid).
+
+        A base with facts but no banks yet (its first add cut short before clustering; `rebalance()` or
+        the next add clusters it) is searched flat: the nearest facts by Chroma's index, `bank` -1."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the query is empty")
         check_k(k)
@@ -466,22 +536,13 @@ class KnowledgeBase:
         if len(mirror) == 0:
             raise EmptyKnowledgeError(f"knowledge base {self.name!r} at {self.where} holds no facts")
         vector = self._embed([query])[0]
-        # banks nearest first; k-means can leave a bank empty (fewer distinct facts than banks), and an
-        # empty bank is skipped so that `probes` banks with facts are read
-        nearest = self._banks.query(
-            query_embeddings=[vector.tolist()],
-            n_results=min(probes + _EMPTY_BANK_SLACK, self.n_banks),
-            include=["metadatas"],
-        )
-        rows: set[int] = set()
-        read = 0
-        for meta in nearest["metadatas"][0]:
-            members = set(mirror.rows_in([int(meta["bank"])]))
-            if members:
-                rows |= members
-                read += 1
-                if read == probes:
-                    break
+        nearest = self._nearest_centroids(vector, probes, mirror)
+        if not nearest and self._state()[1] != mirror.layout:
+            # a rebalance was stamped meanwhile and removed the centroids of the mirror's generation
+            mirror = self._synced()
+            nearest = self._nearest_centroids(vector, probes, mirror)
+        banked = bool(nearest)
+        rows = self._bank_rows(nearest, probes, mirror) if banked else self._flat_rows(vector, k, probes, mirror)
         lexical = dict(mirror.lexical.top(query, max(2 * k, _LEXICAL_CANDIDATES))) if lexical_weight else {}
         rows.update(lexical)
         wanted = {mirror.ids[r]: r for r in rows}
@@ -502,12 +563,38 @@ class KnowledgeBase:
                 text=doc,
                 score=score,
                 similarity=sim,
-                bank=int(meta["bank"]),
+                bank=mirror.banks[wanted[fid]] if banked else -1,
                 metadata={k2: v for k2, v in meta.items() if k2 not in _RESERVED},
                 position=int(meta["kvpack_order"]),
             )
             for score, sim, fid, doc, meta in ranked[:k]
         ]
+
+    def _nearest_centroids(self, vector: np.ndarray, probes: int, mirror: FactMirror) -> list[Mapping[str, Any]]:
+        """The mirror's generation's centroids, nearest first (a few more than `probes`, to read past empty banks)."""
+        return self._centroid_query(vector[None, :], probes + _EMPTY_BANK_SLACK, mirror.layout)[0]
+
+    @staticmethod
+    def _bank_rows(nearest: Sequence[Mapping[str, Any]], probes: int, mirror: FactMirror) -> set[int]:
+        """The facts of the `probes` nearest banks; k-means can leave a bank empty (fewer distinct facts than
+        banks), and an empty bank is skipped so that `probes` banks with facts are read."""
+        rows: set[int] = set()
+        read = 0
+        for meta in nearest:
+            members = set(mirror.rows_in([int(meta["bank"])]))
+            if members:
+                rows |= members
+                read += 1
+                if read == probes:
+                    break
+        return rows
+
+    def _flat_rows(self, vector: np.ndarray, k: int, probes: int, mirror: FactMirror) -> set[int]:
+        """No banks: as many nearest facts as `probes` banks would hold, by Chroma's own index over the facts."""
+        found = self._facts.query(
+            query_embeddings=[vector.tolist()], n_results=max(k, probes * self.bank_size), include=[]
+        )
+        return {row for fid in found["ids"][0] if (row := mirror.row_of(fid)) is not None}
 
     def facts(self) -> list[str]:
         """Every fact's text, in insertion order."""

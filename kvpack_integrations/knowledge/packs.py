@@ -15,6 +15,7 @@ import torch
 
 from ..composition.exact import materialize
 from ..composition.radix_tree import RadixTree
+from ..errors import InvalidInputError
 from ..prompts.knowledge import KnowledgeFormat
 from ..prompts.rendering import encode_with_offsets, render_messages, tokens_ending_by
 from ..runtime.device import dtype_name
@@ -28,20 +29,27 @@ class KnowledgePrompt:
     """Token ids of knowledge + conversation, and the pack's segment boundaries (token counts).
 
     `knowledge_cuts` end after each knowledge piece and, last, just before the first user message's
-    content, so a pack also covers the template text between the knowledge and the question.
+    content, so a pack also covers the template text between the knowledge and the question. A piece
+    with no token of its own (its text shares one with what follows, e.g. facts joined by an empty
+    separator) gets no cut: it is listed in `merged` (indices into `fmt.pieces(facts)`).
     """
 
     token_ids: list[int]
     knowledge_cuts: list[int]
+    merged: tuple[int, ...] = ()
 
 
-def _cuts(offsets: Sequence[tuple[int, int]], char_ends: Sequence[int]) -> list[int]:
+def _cuts(offsets: Sequence[tuple[int, int]], char_ends: Sequence[int]) -> tuple[list[int], tuple[int, ...]]:
+    """Token counts at each end that adds a token, and the indices of the ends that add none."""
     cuts: list[int] = []
-    for end in char_ends:
+    merged: list[int] = []
+    for i, end in enumerate(char_ends):
         n = tokens_ending_by(offsets, end)
         if n > (cuts[-1] if cuts else 0):
             cuts.append(n)
-    return cuts
+        else:
+            merged.append(i)
+    return cuts, tuple(merged)
 
 
 def knowledge_prompt(
@@ -66,16 +74,32 @@ def knowledge_prompt(
         rendered = render_messages(tokenizer, messages)
         base = rendered.part(0).chars[0]
         ends = [base + b for b in fmt.boundaries(facts)] + [rendered.part(1).chars[0]]
-        return KnowledgePrompt(list(rendered.token_ids), _cuts(rendered.offsets, ends))
+        cuts, merged = _cuts(rendered.offsets, ends)
+        return KnowledgePrompt(list(rendered.token_ids), cuts, merged)
     text = fmt.system_content(facts)
     raw_ids, offsets = encode_with_offsets(tokenizer, text)
     ids = list(raw_ids)
-    cuts = _cuts(offsets, fmt.boundaries(facts))
+    cuts, merged = _cuts(offsets, fmt.boundaries(facts))
     conversation = render_messages(tokenizer, turns)
     header = conversation.tokens_before(conversation.part(0).chars[0])
     if header:
         cuts.append(len(ids) + header)
-    return KnowledgePrompt(ids + list(conversation.token_ids), cuts)
+    return KnowledgePrompt(ids + list(conversation.token_ids), cuts, merged)
+
+
+def _refuse_merged(prompt: KnowledgePrompt, facts: Sequence[str], fmt: KnowledgeFormat) -> None:
+    """A pack holds one segment per piece (what handles and fact indices point at): a piece that has no
+    token of its own cannot be one, so the build is refused by name rather than shifting every later one."""
+    pieces = fmt.pieces(facts)
+    merged = [i for i in prompt.merged if i < len(pieces)]
+    if not merged:
+        return
+    first = 1 if fmt.instruction else 0
+    what = "the instruction" if merged[0] < first else f"fact {merged[0] - first} ({pieces[merged[0]][:40]!r})"
+    raise InvalidInputError(
+        f"{what} has no token of its own: with separator {fmt.separator!r} its text shares a token with what "
+        "follows, so it cannot be cached as a segment of its own; use a separator such as '\\n\\n'"
+    )
 
 
 @dataclass
@@ -103,6 +127,7 @@ def build_pack(
     fmt = fmt or KnowledgeFormat()
     t0 = time.perf_counter()
     prompt = knowledge_prompt(loaded.tokenizer, facts, None, fmt, raw=raw)
+    _refuse_merged(prompt, facts, fmt)
     segments, prefilled = materialize(loaded, tree, prompt.token_ids, prompt.knowledge_cuts)
     manifest = PackManifest(
         name=name,

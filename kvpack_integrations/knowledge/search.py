@@ -22,6 +22,18 @@ def check_k(k: object) -> None:
         raise InvalidInputError(f"k must be a positive integer, got {k!r}")
 
 
+def fact_segments(manifest: PackManifest) -> list[str]:
+    """Each fact's segment id. A pack has one segment per piece (the instruction, if any, then each fact),
+    then one for the template up to the question (a raw pack may have none). A pack that does not (built
+    before facts sharing a token were refused) cannot say which segment holds a fact: "" (unknown)."""
+    first = 1 if manifest.knowledge_format.instruction else 0
+    pieces = first + len(manifest.facts)
+    ids = manifest.segment_ids
+    if len(ids) == pieces + 1 or (manifest.raw and len(ids) == pieces):
+        return list(ids[first:pieces])
+    return [""] * len(manifest.facts)
+
+
 @dataclass(frozen=True)
 class FactHit:
     text: str
@@ -38,11 +50,13 @@ class PackSearcher:
         self.embedder = embedder
         self._manifest: PackManifest | None = None
         self._vectors: np.ndarray | None = None
+        self._segments: list[str] = []
 
     def _index(self) -> tuple[PackManifest, np.ndarray]:
         manifest = self.store.current_manifest(self.name)
         if manifest is not self._manifest or self._vectors is None:  # first use, or the pack was rebuilt
             self._vectors = self.embedder.embed(list(manifest.facts))
+            self._segments = fact_segments(manifest)
             self._manifest = manifest
         return self._manifest, self._vectors
 
@@ -53,8 +67,6 @@ class PackSearcher:
         manifest, vectors = self._index()
         scores = vectors @ self.embedder.embed([query])[0]
         order = np.argsort(-scores, kind="stable")[:k]
-        offset = len(manifest.segment_ids) - len(manifest.facts) - 1  # instruction piece, if any, comes first
-        ids = manifest.segment_ids
         return [
             FactHit(
                 text=manifest.facts[i],
@@ -63,7 +75,7 @@ class PackSearcher:
                     store=str(self.store.root),
                     pack=self.name,
                     fact_index=int(i),
-                    segment_id=ids[int(i) + offset] if 0 <= int(i) + offset < len(ids) else "",
+                    segment_id=self._segments[int(i)],
                     fingerprint=manifest.fingerprint.digest,
                     model_name=manifest.model_name,
                 ),

@@ -137,7 +137,7 @@ class PackStore:
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = usable_directory(root if root is not None else default_store_dir(), "pack store")
-        self._current: dict[str, tuple[int, PackManifest]] = {}
+        self._current: dict[str, tuple[tuple[int, ...], PackManifest]] = {}
 
     @property
     def packs_dir(self) -> Path:
@@ -198,9 +198,14 @@ class PackStore:
 
     def current_manifest(self, name: str) -> PackManifest:
         """`manifest(name)`, re-read only when the file changed (a rebuild), so a per-request check costs a
-        stat; the same object comes back while the pack is unchanged."""
+        stat; the same object comes back while the pack is unchanged. A rebuild swaps in a new file, so
+        the inode tells it apart even where two builds share an mtime (coarse timestamps, quick builds)."""
         path = self.pack_dir(name) / "manifest.json"
-        stamp = path.stat().st_mtime_ns if path.is_file() else -1
+        try:
+            st = path.stat()
+            stamp: tuple[int, ...] = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:  # not there (or unreadable): `manifest` says which
+            stamp = ()
         cached = self._current.get(name)
         if cached is None or cached[0] != stamp:
             cached = (stamp, self.manifest(name))
