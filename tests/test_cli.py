@@ -74,6 +74,14 @@ def test_build_ask_list_roundtrip(capsys, tmp_path, model_dir, facts_file) -> No
     assert kv["answer"] == rag["answer"]
     assert kv["usage"]["cached_tokens"] == built["tokens"] and rag["usage"]["cached_tokens"] == 0
     assert kv["usage"]["prefilled_tokens"] < rag["usage"]["prefilled_tokens"]
+    assert "ignored" not in kv
+    ask = ["ask", "Which company makes the battery?", "--kb", "demo", "--max-new-tokens", "2", *common]
+    code, routed = run(capsys, *ask, "--k", "2", "--port", "9000")  # Chroma options, and the name is a pack
+    assert code == 0 and routed["ignored"] == "--k, --port: 'demo' is a pack, so nothing is routed"
+    code, err = run(capsys, *ask, "--packet-adapter", "none")  # known before any work: refused
+    assert code == 2 and err["error"].startswith("--packet-adapter would be ignored: --mode kv composes no packets")
+    code, err = run(capsys, *ask, "--stream")
+    assert code == 2 and err["error"] == "--stream would be ignored: --json prints one line once the answer is complete"
     listing_args = ["--store", str(tmp_path / "s"), "--json"]  # list loads no model: it takes no --model
     code, listing = run(capsys, "list", *listing_args)
     assert [k["kb"] for k in listing["knowledge_bases"]] == ["demo"]
@@ -392,17 +400,18 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
         assert 0.0 <= s[key] <= 1.0
     assert s["bytes_per_fact"] > 0 and s["build_facts_per_s"] > 0 and s["p95_overhead_ms"] >= s["p50_overhead_ms"]
     # dense only, every bank probed: flat search, and the KB (reused, not rebuilt) holds every fact
+    routing = ["--facts", str(facts), "--kb-dir", str(tmp_path / "kb"), "--json"]  # no language model options
     dense = ["--routing-only", "--probes", "3", "--lexical-weight", "0"]
-    code, flat = run(capsys, "eval", "routing", *common, *dense)
+    code, flat = run(capsys, "eval", "routing", *routing, *dense)
     assert code == 0 and flat["build_facts_per_s"] is None and flat["answer_accuracy"] is None
     assert flat["dtype"] is None and flat["model"] is None  # routing alone loads no language model
     assert flat["routing"].startswith("dense") and flat["routing_accuracy"] >= 0.7  # MiniLM on invented names
-    code, hybrid = run(capsys, "eval", "routing", *common, "--routing-only")  # one probe, BM25 on
+    code, hybrid = run(capsys, "eval", "routing", *routing, "--routing-only")  # one probe, BM25 on
     assert hybrid["routing"].startswith("hybrid") and hybrid["routing_accuracy"] == 1.0 and hybrid["n_questions"] == 60
     name = "eval-syn"  # the knowledge base eval routing named after the file
     code, out = run(capsys, "rebalance", "--kb", name, "--kb-dir", str(tmp_path / "kb"), "--banks", "5", "--json")
     assert code == 0 and out == {**out, "facts": 60, "banks_before": 3, "banks": 5}
-    code, again = run(capsys, "eval", "routing", *common, "--routing-only")
+    code, again = run(capsys, "eval", "routing", *routing, "--routing-only")
     assert again["n_banks"] == 5 and again["routing_accuracy"] == 1.0
     code, err = run(capsys, "rebalance", "--kb", "nope", "--kb-dir", str(tmp_path / "kb"), "--json")
     assert code == 2 and "no knowledge base named 'nope'" in err["error"]
@@ -414,13 +423,14 @@ def test_synthesize_and_eval_routing(capsys, tmp_path, model_dir) -> None:
     bad.write_text('{"fact": "x"}\n')
     code, err = run(capsys, "eval", "routing", "--facts", str(bad), "--model", model_dir, "--json")
     assert code == 2 and "expected {fact, question, answer}" in err["error"]
-    # routing alone loads no language model (a missing one is no error); another file of as many rows
-    # with the same name is refused, not routed against the old base
-    code, alone = run(capsys, "eval", "routing", *common[:-3], "--model", "/nonexistent", "--json", "--routing-only")
-    assert code == 0 and alone["model"] is None and alone["routing_accuracy"] == 1.0
+    # routing alone loads no language model, so model options are refused, not ignored; another file of
+    # as many rows with the same name is refused, not routed against the old base
+    for option in (["--model", "/nonexistent"], ["--dtype", "float16"], ["--max-new-tokens", "8"]):
+        code, err = run(capsys, "eval", "routing", *routing, *option, "--routing-only")
+        assert code == 2 and err["error"] == f"{option[0]} would be ignored: --routing-only loads no language model"
     other = tmp_path / "other" / "syn.jsonl"
     run(capsys, "synthesize", "60", "--seed", "7", "--output", str(other), "--json")
-    code, err = run(capsys, "eval", "routing", "--facts", str(other), *common[2:], "--routing-only")
+    code, err = run(capsys, "eval", "routing", "--facts", str(other), *routing[2:], "--routing-only")
     assert code == 2 and "holds other facts than the file" in err["error"]
     # synthesize refuses a bad count without touching the file it was to write
     before = facts.read_text()
@@ -502,6 +512,31 @@ def test_steer_build_and_ask_with_steering(capsys, tmp_path, model_dir, facts_fi
     pairs.write_text('{"positive": "only one side"}\n')
     code, err = run(capsys, "steer", "build", str(pairs), "--out", str(vec), "--model", model_dir, "--json")
     assert code == 2 and "expected {positive, negative}" in err["error"]
+
+
+def test_steer_build_refuses_bad_options_before_the_model_loads(capsys, tmp_path, model_dir, monkeypatch) -> None:
+    """A folder as --out, an unknown --layers name and a non-finite --alpha fail by name up front, not
+    after the model loaded and every pair ran (a folder as --out used to end in a raw IsADirectoryError)."""
+    import kvpack_integrations.cli.steer as steer_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded for a command that could not succeed")
+
+    monkeypatch.setattr(steer_cli, "loaded_model", no_model)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"positive": "Certainly, I would be delighted.", "negative": "yeah ok"}\n')
+    (tmp_path / "folder").mkdir()
+    vec = str(tmp_path / "v.safetensors")
+    for extra, problem in (
+        (["--out", str(tmp_path / "folder")], f"steering vector file {tmp_path / 'folder'} is a folder"),
+        (["--out", str(pairs / "v.safetensors")], f"{pairs} is a file, not a folder"),
+        (["--out", vec, "--layers", "midle"], "unknown layer range 'midle'"),
+        (["--out", vec, "--alpha", "nan"], "alpha must be a finite number, got nan"),
+        (["--out", vec, "--alpha", "inf"], "alpha must be a finite number, got inf"),
+    ):
+        code, err = run(capsys, "steer", "build", str(pairs), *extra, "--model", model_dir, "--json")
+        assert code == 2 and err["type"] == "InvalidInputError" and problem in err["error"], extra
+    assert not Path(vec).exists()
 
 
 def test_eval_steering_on_a_tiny_model(capsys, tmp_path, model_dir) -> None:
@@ -611,3 +646,31 @@ def test_build_with_packets_and_ask_in_packet_modes(capsys, tmp_path, model_dir,
     code, blended = run(capsys, *question, "--mode", "blend", *packets, *common)
     assert code == 0 and blended["usage"]["strategy"] == "blend"
     assert any("3 of them cached now" in n for n in blended["usage"]["notes"])  # plain packets, first use
+
+
+def test_build_clusters_a_chroma_base_an_earlier_build_left_without_banks(capsys, tmp_path, monkeypatch) -> None:
+    """A build cut during k-means left every fact stored and no bank; building again found every id present,
+    added nothing and so never clustered: routing stayed broken for good."""
+    import hashlib
+
+    from kvpack_integrations.knowledge.knowledge_base import KnowledgeBase
+
+    lines = [f"Fact number {i} says the widget weighs {i} grams." for i in range(30)]
+    facts = tmp_path / "facts.txt"
+    facts.write_text("\n".join(lines))
+    cut = KnowledgeBase("cut", tmp_path / "kb")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cut, "rebalance", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # the ids `kvpack build` gives: content hashes
+        cut.add(lines, ids=[hashlib.blake2b(f.encode(), digest_size=12).hexdigest() for f in lines], progress=False)
+    monkeypatch.undo()
+    assert len(cut) == 30 and cut.n_banks == 0
+    common = ["--kb", "cut", "--chroma", "--kb-dir", str(tmp_path / "kb"), "--store", str(tmp_path / "s"), "--json"]
+    code, built = run(capsys, "build", str(facts), *common)
+    assert code == 0 and built["added"] == 0 and built["already_present"] == 30
+    assert built["banks"] == 2 and built["reclustered"] is True
+    code, again = run(capsys, "build", str(facts), *common)
+    assert code == 0 and again["banks"] == 2 and again["reclustered"] is False

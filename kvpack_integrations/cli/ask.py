@@ -20,6 +20,7 @@ from ..packet.layout import packet_prompt
 from ..prompts.knowledge import KnowledgeFormat
 from ..segments.pack_store import PackManifest, PackStore
 from .common import (
+    DEFAULT_CHROMA_PORT,
     adapter_option,
     add_chroma_args,
     add_common_args,
@@ -28,8 +29,12 @@ from .common import (
     loaded_model,
     pack_store,
     positive_int,
+    refuse_unused,
+    unused_report,
 )
 from .steer import parse_steer_option
+
+DEFAULT_K = 4
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steer", action="append", default=[], metavar="FILE[:ALPHA]", help="apply a steering vector (repeatable)"
     )
-    p.add_argument("--k", type=positive_int, default=4, help="facts routed to the question (Chroma knowledge bases)")
+    p.add_argument(
+        "--k", type=positive_int, default=DEFAULT_K, help="facts routed to the question (Chroma knowledge bases)"
+    )
     add_chroma_args(p)
     add_common_args(p)
     p.set_defaults(run=run)
@@ -79,8 +86,25 @@ def _knowledge(args: argparse.Namespace, store: PackStore) -> tuple[PackManifest
 def run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise InvalidInputError("the question is empty")
+    refuse_unused([("--stream", args.stream and args.json)], "--json prints one line once the answer is complete")
+    if args.mode in ("kv", "rag"):
+        packet_options = [
+            ("--packet-store", args.packet_store is not None),
+            ("--packet-adapter", args.adapter is not None),
+        ]
+        refuse_unused(packet_options, f"--mode {args.mode} composes no packets (they apply to packet and blend)")
     store = pack_store(args)
     manifest, routed = _knowledge(args, store)  # an unknown kb fails before the model loads
+    ignored = None
+    if manifest is not None:  # the name is a pack: Chroma routing options given for it are said, not dropped
+        chroma_options = [
+            ("--k", args.k != DEFAULT_K),
+            ("--kb-dir", args.kb_dir is not None),
+            ("--host", args.host is not None),
+            ("--port", args.port != DEFAULT_CHROMA_PORT),
+            ("--embedder", args.embedder is not None),
+        ]
+        ignored = unused_report(chroma_options, f"{args.kb!r} is a pack, so nothing is routed")
     facts = list(manifest.facts) if manifest is not None else [r["text"] for r in routed]
     fmt = manifest.knowledge_format if manifest is not None else KnowledgeFormat()
     raw = manifest.raw if manifest is not None else False
@@ -128,12 +152,13 @@ def run(args: argparse.Namespace) -> int:
         "usage": usage.to_dict(),
         "model": loaded.name,
         **({"backend": "chroma", "routed": routed} if manifest is None else {}),
+        **({"ignored": ignored} if ignored else {}),
     }
     text = "" if args.stream else answer
     text += (
         f"\n[{args.mode}] {usage.input_tokens} input tokens: {usage.cached_tokens} from cache, "
         f"{usage.prefilled_tokens} prefilled; TTFT {usage.ttft_ms:.0f} ms; "
         f"{'exact' if usage.exact else 'approximate'}"
-    )
+    ) + (f"\nignored {ignored}" if ignored else "")
     emit(args, payload, text)
     return 0

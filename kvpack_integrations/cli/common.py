@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInputError
 from ..packet.adapter import shipped_adapter
 from ..runtime.loader import LoadedModel, load_model
 from ..segments.pack_store import PackStore, default_store_dir
@@ -48,6 +50,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: bool = True, stor
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
 
 
+DEFAULT_CHROMA_PORT = 8000
+
+
 def add_chroma_args(
     parser: argparse.ArgumentParser,
     kb_dir_help: str = "embedded Chroma directory (default: $KVPACK_KB)",
@@ -56,7 +61,7 @@ def add_chroma_args(
     """Where a Chroma knowledge base lives: an embedded directory or a server, and its embedder."""
     parser.add_argument("--kb-dir", type=Path, default=None, help=kb_dir_help)
     parser.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=DEFAULT_CHROMA_PORT)
     parser.add_argument("--embedder", default=None, help=embedder_help)
 
 
@@ -116,3 +121,16 @@ def chosen_adapter(value: str | None, loaded: LoadedModel) -> Path | None:
     """The adapter file `--packet-adapter` names (the shipped one's path when unset; None for 'none')."""
     option = adapter_option(value)
     return shipped_adapter(loaded) if option == "shipped" else (option if isinstance(option, Path) else None)
+
+
+def refuse_unused(flags: Sequence[tuple[str, bool]], why: str) -> None:
+    """Refuse options given (`True` beside the flag) that this invocation would ignore, before any work."""
+    given = [flag for flag, used in flags if used]
+    if given:
+        raise InvalidInputError(f"{', '.join(given)} would be ignored: {why}")
+
+
+def unused_report(flags: Sequence[tuple[str, bool]], why: str) -> str | None:
+    """Options given that the data made useless (known only once the data is read): said, not dropped."""
+    given = [flag for flag, used in flags if used]
+    return f"{', '.join(given)}: {why}" if given else None

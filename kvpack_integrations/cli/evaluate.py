@@ -27,7 +27,10 @@ from .common import (
     loaded_model,
     pack_store,
     positive_int,
+    refuse_unused,
 )
+
+DEFAULT_ROUTING_ANSWER_TOKENS = 24
 
 
 def _shared(p: argparse.ArgumentParser, *, store: bool) -> None:
@@ -65,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_chroma_args(p, kb_dir_help="Chroma directory (default: a new one under $KVPACK_HOME)")
     p.add_argument("--routing-only", action="store_true", help="skip the answers (no language model)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=24)
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_ROUTING_ANSWER_TOKENS)
     p.add_argument("--output", type=Path, default=None, help="also write the summary JSON here")
     add_common_args(p, store=False)
     p.set_defaults(run=run_routing_cmd)
@@ -246,6 +249,14 @@ def run_packet_cmd(args: argparse.Namespace) -> int:
 
 
 def run_routing_cmd(args: argparse.Namespace) -> int:
+    if args.routing_only:
+        model_options = [
+            ("--model", args.model is not None),
+            ("--device", args.device != "auto"),
+            ("--dtype", args.dtype != "auto"),
+            ("--max-new-tokens", args.max_new_tokens != DEFAULT_ROUTING_ANSWER_TOKENS),
+        ]
+        refuse_unused(model_options, "--routing-only loads no language model")
     rows = load_routing_rows(args.facts)
     name = "eval-" + "".join(c if c.isalnum() else "-" for c in args.facts.stem)[:40].strip("-")
     kb_dir = args.kb_dir or kvpack_home() / "kb-eval" / f"{name}-{len(rows)}"
