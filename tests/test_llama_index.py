@@ -182,11 +182,11 @@ def test_metadata_leaves_out_a_bound_packs_tokens(model_root, pack_store) -> Non
     assert 0 < pack_tokens < 512
     assert _llm(model_root, kb="kb", store=store).metadata.context_window == 2048 - pack_tokens
     assert _llm(model_root, kb="kb", store=store, context_window=512).metadata.context_window == 512 - pack_tokens
-    tight = _llm(model_root, kb="kb", store=store, context_window=pack_tokens + 9, max_tokens=8)
-    assert tight.metadata.context_window == 9  # one token left for the query
-    for window, max_tokens in ((pack_tokens + 8, 8), (pack_tokens, 1)):  # no room for a query: named now
-        full = _llm(model_root, kb="kb", store=store, context_window=window, max_tokens=max_tokens)
-        with pytest.raises(ContextTooLongError, match=f"'kb' holds {pack_tokens} tokens and max_tokens is"):
+    tight = _llm(model_root, kb="kb", store=store, context_window=pack_tokens + 2, max_tokens=8)
+    assert tight.metadata.context_window == 2  # room for a query token and one new one: a call may ask that
+    for window in (pack_tokens + 1, pack_tokens):  # no room for a query and its answer: named now
+        full = _llm(model_root, kb="kb", store=store, context_window=window)
+        with pytest.raises(ContextTooLongError, match=f"'kb' holds {pack_tokens} tokens: a {window}-token"):
             full.metadata  # noqa: B018
 
 

@@ -340,6 +340,27 @@ def test_only_the_call_the_budget_cut_is_dropped() -> None:
     assert parse_tool_calls("An answer cut off (mid", TOOLS, cut=True) == ("An answer cut off (mid", [], [])
 
 
+PARIS_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "kept", "noted"),
+    [
+        (PARIS_CALL + '\nI called it "because', 'I called it "because', 1, False),  # prose cut: calls whole
+        ("```json\n" + PARIS_CALL + "\n```\nThen I will check [maybe", None, 1, False),
+        (PARIS_CALL + '\n{"name": "noop", "arguments": {', "", 1, True),  # the next call cut: said
+        ("Sure.\n<tool_call>" + PARIS_CALL + '</tool_call>\n<tool_call>\n{"na', "Sure.", 1, True),
+        ('<tool_call>\n{"na', "", 0, True),  # a call cut before it could be read is said too
+    ],
+)
+def test_calls_before_the_cut_are_kept(text: str, content: str | None, kept: int, noted: bool) -> None:
+    """Only what the budget cut is lost: whole calls before it stay calls, and a cut call is always said."""
+    got, calls, problems = parse_tool_calls(text, TOOLS, cut=True)
+    assert [c.name for c in calls] == ["get_weather"] * kept
+    assert bool(problems) == noted and all("cut off by max_tokens" in p for p in problems)
+    assert content is None or got == content
+
+
 def test_a_closing_tag_inside_a_string_argument_does_not_end_the_call() -> None:
     text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "use </tool_call> tags"}}\n</tool_call> Done.'
     assert calls_of(text) == ("Done.", [("get_weather", {"city": "use </tool_call> tags"})], [])

@@ -482,46 +482,64 @@ def parse_tool_calls(
     would close it with its arguments cut short, and an agent would run it) but a problem note.
     """
     content, calls, problems = _parse(text, tools)
-    if not cut or not calls:
+    opened = _open_call_at(text) if cut else None
+    if opened is None:
         return content, calls, problems
-    start = _open_call_at(text)
-    if start is None:
+    start, marked = opened
+    head, kept, head_problems = _parse(text[:start], tools) if start > 0 else ("", [], [])
+    dropped = calls[len(kept) :]
+    # unmarked, the budget may have cut prose (an open bracket or quote); but JSON opened after whole calls
+    # is the next call, which repair could not make one of
+    next_call = bool(kept) and text[start:].lstrip("[ \t\r\n").startswith("{")
+    if not dropped and not marked and not next_call:
         return content, calls, problems
-    kept: list[ParsedToolCall] = []
-    if start > 0:
-        content, kept, problems = _parse(text[:start], tools)
-    problems = problems + [
+    notes = [
         f"the call to {call.name!r} was cut off by max_tokens before it was complete (its arguments would be "
         "cut short): raise max_tokens"
-        for call in calls[len(kept) :]
-    ]
-    return content, kept, problems
+        for call in dropped
+    ] or ["a tool call was cut off by max_tokens before it could be read: raise max_tokens"]
+    return head, kept, head_problems + notes
 
 
-def _open_call_at(text: str) -> int | None:
-    """Where the call that `text` ends inside begins (0: the reply as a whole), or None if it ends closed."""
+def _open_call_at(text: str) -> tuple[int, bool] | None:
+    """Where what `text` ends inside begins, and whether it is call markup (`<tool_call>`, `<function=`);
+    None if the text ends closed. Without markup it is the outermost JSON bracket (or string) left open:
+    calls before it are whole."""
     if TOOL_CALL_OPEN in text:
         spans = _hermes_spans(text)
-        return spans[-1][0] if spans and not spans[-1][3] else None
+        return (spans[-1][0], True) if spans and not spans[-1][3] else None
     if "<function=" in text:
         start = text.rfind("<function=")
-        return start if "</function>" not in text[start:] else None
-    return 0 if _unclosed(text) else None
+        return (start, True) if "</function>" not in text[start:] else None
+    opened = _open_json_at(text)
+    if opened is None:
+        return None
+    marker = min((text.find(p) for p in _PREFIXES if 0 <= text.find(p) <= opened), default=None)
+    # after `<|python_tag|>` or `[TOOL_CALLS]` everything is meant as calls: the cut reaches back to it
+    return (marker, True) if marker is not None else (opened, False)
 
 
-def _unclosed(text: str) -> bool:
-    """An open double-quoted string or bracket at the end: JSON or a Python call stopped midway."""
-    depth, quoted, escaped = 0, False, False
-    for c in text:
-        if quoted:
-            escaped, quoted = (False, True) if escaped else (c == "\\", c != '"')
+def _open_json_at(text: str) -> int | None:
+    """The outermost `{`/`[` (or, outside any, the `"`) still open at the end of `text`, or None."""
+    stack: list[int] = []
+    quote_at, escaped = -1, False
+    for i, c in enumerate(text):
+        if quote_at >= 0:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                quote_at = -1
         elif c == '"':
-            quoted = True
-        elif c in "{[(":
-            depth += 1
-        elif c in "}])":
-            depth = max(depth - 1, 0)
-    return quoted or depth > 0
+            quote_at = i
+        elif c in "{[":
+            stack.append(i)
+        elif c in "}]" and stack:
+            stack.pop()
+    if stack:
+        return stack[0]
+    return quote_at if quote_at >= 0 else None
 
 
 def _hermes_spans(text: str) -> list[tuple[int, int, str, bool]]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..engine.engine import Engine
@@ -129,6 +130,8 @@ def _setup(loaded: LoadedModel, opts: PacketEvalOptions, adapter: PacketAdapter 
     """What a record's answer depends on besides its row: a resumed run must not mix in other settings."""
     return {
         "model": loaded.fingerprint.digest,
+        "device": str(loaded.device),  # timings are only comparable on one machine and thread count
+        "threads": torch.get_num_threads(),
         "max_new_tokens": opts.max_new_tokens,
         "max_passages": opts.max_passages,
         **({"blend_ratio": opts.blend_ratio} if method == "blend" else {}),

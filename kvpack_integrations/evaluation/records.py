@@ -35,7 +35,8 @@ class RecordLog:
     one line per method); records are then keyed by (row, that field's value).
     `config`: what a record's result depends on besides its row, one mapping or a function of the part
     (a method's own settings). A record made under another configuration stays in the file and is not
-    reused: its work is redone, and `set_aside` counts such records so a report can say so.
+    reused: its work is redone, and `set_aside` counts the rows (or parts) this run redoes for that
+    reason (none once a record of this configuration is there too), so a report can say so.
     `row_digests`: what each row of this run holds (`QARow.digest`). A record is reused only for the row
     it was made from: records of another data file under the same log are refused by name, and records
     past the last row (an earlier run with a higher limit) are left alone."""
@@ -53,7 +54,7 @@ class RecordLog:
         self._config = config
         self.row_digests = list(row_digests) if row_digests is not None else None
         self.records: dict[tuple[int, Any], dict[str, Any]] = {}
-        self.set_aside = 0
+        self._aside: set[tuple[int, Any]] = set()
         if self.path and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
@@ -62,6 +63,7 @@ class RecordLog:
                     continue  # blank, or a line cut short by an interrupted run: that row is redone
                 if isinstance(rec, dict):
                     self._keep(rec)
+        self.set_aside = len(self._aside - self.records.keys())
 
     def config(self, part: Any = None) -> dict[str, Any]:
         """The configuration records of `part` are made under, as it reads back from JSON."""
@@ -72,19 +74,20 @@ class RecordLog:
         row = rec.get("row")
         if not isinstance(row, int) or row < 0:
             return
+        part = rec.get(self.part) if self.part else None
         if self.row_digests is not None:
             if row >= len(self.row_digests):
                 return
             if "row_digest" not in rec:
-                return  # written before rows were recorded: redone, as nothing tells whose it is
+                self._aside.add((row, part))  # written before rows were recorded: nothing tells whose it is
+                return
             if rec["row_digest"] != self.row_digests[row]:
                 raise InvalidInputError(
                     f"{self.path} holds records of other data (row {row} differs): remove it "
                     "(or pass another --records)"
                 )
-        part = rec.get(self.part) if self.part else None
         if rec.get("config") != self.config(part):
-            self.set_aside += 1  # another configuration: its row (or part) starts over
+            self._aside.add((row, part))  # another configuration: its row (or part) starts over
             return
         self.records[row, part] = rec
 

@@ -162,17 +162,17 @@ class KVPackLLM(FunctionCallingLLM):
 
         A bound pack (`kb=`) opens every prompt, so its tokens (the manifest's count) are not free for
         the nodes and the query: a synthesizer sizing its prompt from this window must not count them.
-        A pack that leaves no room for the query and `max_tokens` is a `ContextTooLongError` here, named,
-        as every call would be (LlamaIndex's prompt helper would fail later on a negative size).
+        A pack that leaves no room for even one query token and one new token is a `ContextTooLongError`
+        here, named, as every call would be (a window of 0 or less would fail later, unnamed). `max_tokens`
+        is not held against it: a call may ask for fewer, and LlamaIndex's prompt helper sizes with it.
         """
         window = self.context_window or self.loaded_model().context_window
         if self._pack is not None:
             pack_tokens = self._pack.manifest().token_count
-            if pack_tokens + self.max_tokens >= window:
+            if pack_tokens + 2 > window:
                 raise ContextTooLongError(
-                    f"knowledge base {self.kb!r} holds {pack_tokens} tokens and max_tokens is {self.max_tokens}: "
-                    f"a {window}-token context window leaves no room for a query; bind fewer facts, lower "
-                    "max_tokens or raise context_window"
+                    f"knowledge base {self.kb!r} holds {pack_tokens} tokens: a {window}-token context window "
+                    "leaves no room for a query and its answer; bind fewer facts or raise context_window"
                 )
             window -= pack_tokens
         return LLMMetadata(
