@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -271,7 +272,40 @@ def main() -> None:
     loaded = build_model(device, dtype, args.tiny)
     build_s = time.perf_counter() - t0
     adapter = PacketAdapter.initial(loaded)  # untrained soft tokens: the same cost as trained ones
-    store = tempfile.mkdtemp(prefix="kvpack-gpu-packets-")
+    with tempfile.TemporaryDirectory(prefix="kvpack-gpu-packets-") as store:  # GiBs of packets: removed at the end
+        run(args, loaded, adapter, build_s, dtype, device, Path(store))
+
+
+def _resumed(out: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shapes an earlier run of the same configuration measured into `out` (a device session may end
+    mid-run); another configuration's results are refused, not overwritten."""
+    if not out.is_file():
+        return []
+    earlier = json.loads(out.read_text())
+    keys = ("model", "config", "dtype", "device", "repeats", "load_threads", "methods")
+    differ = [k for k in keys if earlier.get(k) != result[k]]
+    if differ:
+        raise SystemExit(
+            f"{out} holds results of another configuration ({', '.join(differ)}): remove it or pass another --out"
+        )
+    return list(earlier.get("shapes", []))
+
+
+def _clear(store: Path) -> None:
+    for child in store.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def run(
+    args: argparse.Namespace,
+    loaded: Any,
+    adapter: PacketAdapter,
+    build_s: float,
+    dtype: torch.dtype,
+    device: str,
+    store: Path,
+) -> None:
+    """Time every shape not yet in `--out`, writing the results after each one."""
     composer = PacketComposer(loaded, store, adapter, resident_bytes=0, host_bytes=0, load_threads=args.load_threads)
     options = PacketEvalOptions(methods=args.methods.split(","), max_new_tokens=1)
     harness = PacketHarness(loaded, composer, options)
@@ -297,18 +331,27 @@ def main() -> None:
         "ttft": "median ms from the start of loading the document caches (packet methods) or of the "
         "prefill (full) to the first new token, as `kvpack eval packet` times it",
         "machine": machine_info(),
+        "methods": args.methods,
         "shapes": [],
     }
     out = Path(args.out)
+    result["shapes"] = _resumed(out, result)
+    done = {(r["documents"], r["tokens_per_document"]) for r in result["shapes"]}
     for shape in args.shapes.split(","):
         documents, tokens = (int(x) for x in shape.split("x"))
+        if (documents, tokens) in done:
+            continue  # measured by an earlier, interrupted run of the same configuration
         row = time_shape(harness, resident, host, loaded, documents, tokens, args.repeats)
         result["shapes"].append(row)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: row[k] for k in ("prompt_tokens", "ttft_ms", "full_over_method", "load_variants_ms")}))
         sys.stdout.flush()
+        if shape != args.profile:
+            _clear(store)  # this shape's packets (GiBs at 64x512) leave the disk
     if args.profile:
         documents, tokens = (int(x) for x in args.profile.split("x"))
+        if (documents, tokens) in done:  # its packets went with the earlier run: cache them again
+            harness.prepare(shape_prompt(loaded, documents, tokens, seed=documents * 100_003 + tokens))
         out.with_suffix(".profile.txt").write_text(profile(harness, resident, host, loaded, documents, tokens) + "\n")
 
 

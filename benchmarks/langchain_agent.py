@@ -107,14 +107,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "k": args.k,
         "max_tokens": MAX_TOKENS,
         "answer_nudge": ANSWER_NUDGE,
+        "fingerprint": loaded.fingerprint.digest,
     }
-    log = RecordLog(args.records, config)
+    log = RecordLog(args.records, config, [row.digest() for row in rows])  # records of other rows: refused
     generator = pipeline("text-generation", model=loaded.model, tokenizer=loaded.tokenizer, return_full_text=False)
     hf = ChatHuggingFace(llm=HuggingFacePipeline(pipeline=generator), tokenizer=loaded.tokenizer)
     for index, row in enumerate(rows):
         if log.done(index):
             continue
-        name = f"musique-{index}"
+        name = f"musique-{index}-{row.digest()[:8]}-{loaded.fingerprint.digest[:8]}"  # never another row's or model's
         if not store.exists(name):
             build_pack(loaded, RadixTree(loaded.fingerprint), store, name, row.facts())
         shared_engine(loaded).tree.clear()  # each question starts cold: only its pack, loaded from disk

@@ -76,14 +76,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = load_rows(args.data, args.limit)
     loaded = load_model()
     store = PackStore(args.store)
-    config = {"data": Path(args.data).name, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
-    log = RecordLog(args.records, config)
+    config = {
+        "data": Path(args.data).name,
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+        "fingerprint": loaded.fingerprint.digest,
+    }
+    log = RecordLog(args.records, config, [row.digest() for row in rows])  # records of other rows: refused
     kv_llm = KVPackLLM(max_tokens=args.max_new_tokens)
     text_llm = KVPackLLM(max_tokens=args.max_new_tokens, strategy="text", remember=False)
     for index, row in enumerate(rows):
         if log.done(index):
             continue
-        name = f"hotpot-{index:05d}"
+        name = (
+            f"hotpot-{index:05d}-{row.digest()[:8]}-{loaded.fingerprint.digest[:8]}"  # never another row's or model's
+        )
         if not store.exists(name):
             build_pack(loaded, RadixTree(loaded.fingerprint), store, name, row.facts())
         retriever = KVPackLlamaRetriever(name, store=str(store.root), similarity_top_k=args.top_k, order="source")

@@ -5,13 +5,14 @@ the device is asynchronous; `gpu_packet_ttft.py` times that there) and checks it
 file after another. The alternatives: the memory-mapped load the store used before (safetensors'
 `safe_open`, copying from the page cache as the tensors are used), safetensors' `load` of the bytes,
 and files spread over threads. Here they are timed on packet files of
-the default model's shape (30 layers, 3 KV heads of 64, bfloat16, 180 positions: a document of 164
+the default model's shape (30 layers, 3 KV heads of 64, float32 as the CPU store holds them, or
+`--dtype bfloat16`, 180 positions: a document of 164
 tokens in 16 soft tokens), written by the product's own `save_packet`, with the page cache warm and
 with the files' pages evicted first (`posix_fadvise(DONTNEED)`: a store larger than memory). Every way
 copies every byte once (as composition does), so a lazy map is not timed as free. Medians of
 `--repeats` runs.
 
-Usage: python benchmarks/packet_load_cpu.py --out FILE [--files 20] [--repeats 7]
+Usage: python benchmarks/packet_load_cpu.py --out FILE [--files 20] [--repeats 7] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -37,22 +38,28 @@ from kvpack_integrations.packet.store import load_packet, save_packet
 from kvpack_integrations.runtime.fingerprint import Fingerprint
 
 LAYERS, KV_HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 180
-FINGERPRINT = Fingerprint("LlamaForCausalLM", LAYERS, KV_HEADS, HEAD_DIM, 49152, "bench", "bench", "bfloat16")
+DTYPE = torch.float32  # set from --dtype before any file is written
+
+
+def fingerprint() -> Fingerprint:
+    return Fingerprint(
+        "LlamaForCausalLM", LAYERS, KV_HEADS, HEAD_DIM, 49152, "bench", "bench", str(DTYPE).removeprefix("torch.")
+    )
 
 
 def write_packets(root: Path, count: int) -> list[Path]:
     paths = []
     for i in range(count):
         g = torch.Generator().manual_seed(i)
-        kv = [torch.randn(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, generator=g).bfloat16() for _ in range(2)]
+        kv = [torch.randn(LAYERS, KV_HEADS, TOKENS, HEAD_DIM, generator=g).to(DTYPE) for _ in range(2)]
         packet = PacketCache(tuple(range(i, i + TOKENS)), kv[0], kv[1])
-        paths.append(save_packet(root / f"{i}.safetensors", packet, FINGERPRINT))
+        paths.append(save_packet(root / f"{i}.safetensors", packet, fingerprint()))
     return paths
 
 
 def store(path: Path) -> None:
     document = tuple(range(int(path.stem), int(path.stem) + TOKENS))
-    packet = load_packet(path, FINGERPRINT, torch.bfloat16, "cpu", document, None)
+    packet = load_packet(path, fingerprint(), DTYPE, "cpu", document, None)
     packet.keys.clone(), packet.values.clone()  # one copy of every byte, as composition makes
 
 
@@ -103,7 +110,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory(prefix="kvpack-load-") as tmp:
         paths = write_packets(Path(tmp), args.files)
         size = sum(p.stat().st_size for p in paths)
@@ -119,7 +129,7 @@ def main() -> None:
         "files": args.files,
         "bytes": size,
         "packet_shape": {"layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tokens": TOKENS},
-        "dtype": "bfloat16",
+        "dtype": args.dtype,
         "repeats": args.repeats,
         "machine": machine_info(),
         "rows": rows,

@@ -12,7 +12,8 @@ ADAPTERS=benchmarks/adapters
 mkdir -p "$OUT"
 score() {  # data rows adapter-name adapter
   local out="$OUT/packet_divergence_$1_$3.json"
-  [ -f "$out" ] && return
+  # kept only if it scored as many rows as asked now (another row count is rerun, not reported as this one)
+  [ -f "$out" ] && [ "$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["n"])' "$out")" = "$2" ] && return
   kvpack packet divergence --data "$DATA/$1.jsonl" --limit "$2" --adapter "$4" --json | tail -1 > "$out.tmp"
   mv "$out.tmp" "$out"  # a failed run leaves no result behind
 }

@@ -33,12 +33,21 @@ run routing_hotpotqa_dev "${HQ[@]}" --limit 100
 run routing_hotpotqa_dev_dense "${HQ[@]}" --limit 300 --lexical-weight 0 --routing-only
 
 PORT=${PORT:-8765}
-chroma run --path "$STORES/chroma-server" --host 127.0.0.1 --port "$PORT" > "$STORES/chroma-server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/api/v2/heartbeat" > /dev/null && break; sleep 1; done
+SERVER=
+trap '[ -z "$SERVER" ] || kill $SERVER 2>/dev/null || true' EXIT
+serve() {  # a Chroma server on its own directory, replacing the last one
+  [ -z "$SERVER" ] || { kill $SERVER; wait $SERVER 2>/dev/null || true; }
+  chroma run --path "$STORES/$1" --host 127.0.0.1 --port "$PORT" > "$STORES/$1.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/api/v2/heartbeat" > /dev/null && break; sleep 1; done
+}
+serve chroma-server
 run routing_synthetic_5000_server "${S5[@]}" --host 127.0.0.1 --port "$PORT" --limit 100
+# the 100,000-fact base on a server of its own: its directory's size (du -sb, divided by 100,000) is the
+# server row's bytes per fact, which the client cannot see
+serve chroma-server-100000
 run routing_synthetic_100000_server "${S100[@]}" --host 127.0.0.1 --port "$PORT" --dims 128 --limit 100
+[ -f "$OUT/routing_synthetic_100000_server.bytes" ] || du -sb "$STORES/chroma-server-100000" > "$OUT/routing_synthetic_100000_server.bytes"
 
 run routing_synthetic_100000_dims128 "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --dims 128 --limit 100
 run routing_synthetic_100000_dims128_routing "${S100[@]}" --kb-dir "$STORES/kb-100000-d128" --limit 1000 --routing-only

@@ -147,8 +147,9 @@ def test_an_interrupted_eval_resumes_from_its_records(tmp_path) -> None:
     longer = PacketEvalOptions(methods=("full", "rerotated"), max_new_tokens=4)
     longer_run = run_packet_eval(loaded, _rows(), None, longer, records_path=records, progress=False)
     assert longer_run["records_set_aside"] == 4 and len(records.read_text().splitlines()) == 8  # all redone, none lost
-    assert run_packet_eval(loaded, _rows(), None, opts, records_path=records, progress=False)["records_set_aside"] == 4
-    assert len(records.read_text().splitlines()) == 8  # each setting's records are still there to reuse
+    back = run_packet_eval(loaded, _rows(), None, opts, records_path=records, progress=False)
+    assert back["records_set_aside"] == 0 and back["methods"] == s["methods"]  # the first settings' records reused
+    assert len(records.read_text().splitlines()) == 8  # nothing redone: each setting's records were kept
     # a run killed mid-write leaves half a line: that row is redone, the file stays readable
     records.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
     again = run_packet_eval(loaded, _rows(), None, opts, records_path=records, progress=False)
@@ -171,15 +172,28 @@ def test_agreement_f1_compares_whole_answers() -> None:
 
 def test_gpu_timing_script_runs_on_a_tiny_model(tmp_path) -> None:
     """`benchmarks/gpu_packet_ttft.py --tiny`: the GPU benchmark's code path, checked where CI runs."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_packet_ttft.py"
     out = tmp_path / "gpu.json"
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary)}
     args = [sys.executable, str(script), "--tiny", "--out", str(out), "--shapes", "3x12", "--repeats", "1"]
-    subprocess.run(args, check=True, capture_output=True, timeout=300)
-    shape = json.loads(out.read_text())["shapes"][0]
+    subprocess.run(args, check=True, capture_output=True, timeout=300, env=env)
+    assert not list(temporary.iterdir())  # its packet store went with it
+    first = json.loads(out.read_text())["shapes"]
+    # an interrupted run resumes: measured shapes are kept as they were, only the new one is timed
+    more = [*args[:-3], "2x8,3x12", "--repeats", "1"]
+    subprocess.run(more, check=True, capture_output=True, timeout=300, env=env)
+    shapes = json.loads(out.read_text())["shapes"]
+    assert shapes[0] == first[0] and [(r["documents"], r["tokens_per_document"]) for r in shapes] == [(3, 12), (2, 8)]
+    other = subprocess.run([*args[:-1], "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert other.returncode != 0 and "holds results of another configuration (repeats)" in other.stderr
+    shape = shapes[0]
     assert shape["prompt_tokens"] > shape["tail_tokens"] + 36  # preamble + 3 documents of 12 tokens + tail
     assert set(shape["ttft_ms"]) == {"full", "packet", "rerotated", "blend", "epic", "packet_resident", "packet_host"}
     assert shape["recomputed_tokens"]["packet"] == 0 and shape["recomputed_tokens"]["full"] == 36
