@@ -115,3 +115,42 @@ def test_context_too_long_and_bad_settings(ids) -> None:
         GenerationSettings(stop=("",))
     with pytest.raises(InvalidInputError, match="strategy"):
         Engine(small).compose([1, 2], strategy="magic")
+
+
+def test_a_composed_cache_of_another_prompt_is_refused_not_remembered(llama) -> None:
+    """A cache composed for prompt A and cut to 3 positions, given with prompt B: its K/V were stored in
+    the tree under B's tokens, and later requests for B were served A's cache, reported exact."""
+    tok = llama.tokenizer
+    a = tok("The Aurora X2 flies for 48 minutes. Which company makes the battery?", add_special_tokens=False)
+    b = tok("Quill Energy makes the Tessel-9 battery. Who founded the lab in Kelmark?", add_special_tokens=False)
+    a, b = a["input_ids"], b["input_ids"]
+    engine = Engine(llama)
+    engine.cache_prefix(a, [10])
+    settings = GenerationSettings(max_new_tokens=6)
+    for prompt, refused in ((b, True), (a, False)):
+        composed = engine.compose(a)
+        composed.cache.crop(3 - composed.cached_tokens)  # a caller keeps the first 3 positions
+        composed.cached_tokens = 3
+        if refused:
+            with pytest.raises(InvalidInputError, match="made for another prompt"):
+                engine.generate(prompt, settings, composed=composed, remember_prompt=True)
+        else:  # its own prompt, cropped: accepted, and equal to text stuffing
+            kv = engine.generate(prompt, settings, composed=composed, remember_prompt=True)
+            assert kv.token_ids == Engine(llama).generate(prompt, settings, strategy="text").token_ids
+    later = engine.generate(b, settings)
+    assert later.token_ids == Engine(llama).generate(b, settings, strategy="text").token_ids
+
+
+def test_settings_and_token_ids_that_would_fail_raw_are_refused_by_name(llama, ids) -> None:
+    for bad, match in (
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"top_p": float("nan")}, "top_p must be a finite number"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"top_k": 1.5}, "top_k must be an integer"),
+    ):
+        with pytest.raises(InvalidInputError, match=match):
+            GenerationSettings(**bad)
+    vocabulary = llama.fingerprint.vocab_size
+    for wrong in (vocabulary, -1):
+        with pytest.raises(InvalidInputError, match=rf"token ids \[{wrong}\] are not ids of this model's vocabulary"):
+            Engine(llama).generate([*ids[:5], wrong], GenerationSettings(max_new_tokens=2))

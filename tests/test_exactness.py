@@ -129,3 +129,39 @@ def test_prompt_that_changes_a_cached_token_is_recomputed_not_reused() -> None:
     first_diff = next(i for i, (x, y) in enumerate(zip(p.token_ids, q.token_ids)) if x != y)
     assert kv.usage.cached_tokens == first_diff
     assert kv.token_ids == Engine(loaded).generate(q.token_ids, GREEDY, strategy="text").token_ids
+
+
+def _longrope_phi3(limit: int):
+    """A tiny Phi-3 with LongRoPE whose short-factor range ends at `limit` positions (Phi-3 128k's kind)."""
+    half = make_model("phi3").fingerprint.head_dim // 2
+    parameters = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * half,
+        "long_factor": [4.0 + i for i in range(half)],
+        "original_max_position_embeddings": limit,
+    }
+    return make_model("phi3", original_max_position_embeddings=limit, rope_parameters=parameters)
+
+
+def test_longrope_prompts_past_the_short_range_reuse_nothing_and_stay_exact() -> None:
+    """LongRoPE rotates a whole forward with long factors once it reaches past its short range: a cached
+    prefix (computed short) reused under such a prompt gave other tokens, reported exact."""
+    loaded = _longrope_phi3(32)
+    assert loaded.rope_regime_limit == 32 and make_model("phi3").rope_regime_limit is None
+    prompt = knowledge_prompt(loaded.tokenizer, FACTS, QUESTION, FMT)
+    ids = prompt.token_ids
+    assert len(ids) > 32
+    engine = Engine(loaded)
+    engine.cache_prefix(ids, [20])  # a short prefix, computed in the short regime
+    kv = engine.generate(ids, GREEDY, remember_prompt=True)
+    text = Engine(loaded).generate(ids, GREEDY, strategy="text")
+    assert kv.token_ids == text.token_ids and kv.usage.exact
+    assert kv.usage.cached_tokens == 0 and any("LongRoPE" in n for n in kv.usage.notes)
+    assert engine.tree.match(ids).length == 20  # the long prompt was not remembered
+    short = ids[:30]  # within the short range the prefix is reused, and exactly
+    reused = engine.generate(short, GREEDY)
+    assert reused.usage.cached_tokens == 20
+    assert reused.token_ids == Engine(loaded).generate(short, GREEDY, strategy="text").token_ids
+    with pytest.raises(CompositionError, match="LongRoPE"):  # a pack past the range is refused, as a window is
+        Engine(loaded).cache_prefix(ids, prompt.knowledge_cuts)

@@ -99,3 +99,43 @@ def test_a_chain_longer_than_the_budget_still_inserts_and_matches() -> None:
     tree.insert([], seg([], [1, 2, 3, 4]))
     tree.insert([1, 2, 3, 4], seg([1, 2, 3, 4], [5]))
     assert tree.match([1, 2, 3, 4, 5]).length == 5
+
+
+def _held_tokens(tree: RadixTree) -> int:
+    """Tokens of every distinct segment the tree keeps alive (what its memory really holds)."""
+    nodes, held = [tree._root], {}
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.children.values())
+        if node.piece is not None:
+            held[id(node.piece.segment)] = len(node.piece.segment)
+    return sum(held.values())
+
+
+def test_the_budget_bounds_the_memory_held_not_only_the_tokens_counted() -> None:
+    """After a split, the part above kept the whole segment alive when the part below was evicted: the
+    count stayed at the budget while memory grew without bound (48,775 tokens held for 1,000)."""
+    for shared in (lambda i, prefix: list(range(10)), lambda i, prefix: prefix):
+        tree, prefix = RadixTree(FP, max_tokens=1000), []
+        for i in range(30):  # agent prompts of 1,000 tokens sharing a prefix, then diverging
+            head = shared(i, prefix)
+            ids = head + [100_000 + i] * (1000 - len(head))
+            context = ids[: tree.match(ids).length]
+            tree.insert(context, seg(context, ids[len(context) :]))
+            prefix = ids[: len(prefix) + 1]
+        assert tree.cached_tokens <= 1000 and _held_tokens(tree) <= 1000
+        for ids in ([*range(10), *[100_029] * 990], prefix[:-1] + [100_029] * (1001 - len(prefix))):
+            m = tree.match(ids)  # what is kept is still served, with the right K/V
+            if m.length:
+                keys = torch.cat([p.segment.keys[0][:, p.lo : p.hi] for p in m.pieces], dim=1)
+                assert keys[0, :, 0].tolist() == list(range(m.length))
+
+
+def test_a_segment_partly_cached_already_is_stored_without_the_cached_part() -> None:
+    tree = RadixTree(FP)
+    tree.insert([], seg([], [1, 2, 3]))
+    tree.insert([], seg([], [1, 2, 3, 4, 5]))  # its first three tokens are in the tree already
+    assert tree.cached_tokens == 5 and _held_tokens(tree) == 5
+    m = tree.match([1, 2, 3, 4, 5])
+    assert m.length == 5 and [p.segment.start + p.lo for p in m.pieces] == [0, 3]
+    assert torch.cat([p.segment.keys[0][:, p.lo : p.hi] for p in m.pieces], dim=1)[0, :, 0].tolist() == [0, 1, 2, 3, 4]

@@ -62,6 +62,23 @@ def check_sliding_window(
         )
 
 
+def check_rope_regime(
+    loaded: LoadedModel,
+    positions: int,
+    what: str = "this knowledge prefix",
+    remedy: str = "keep knowledge shorter or use text mode",
+    error: type[KVPackError] = CompositionError,
+) -> None:
+    """LongRoPE rotates every key of a forward reaching past `original_max_position_embeddings` with
+    other factors: a cache computed so would not equal any shorter prompt's. Refused, naming `what`."""
+    limit = loaded.rope_regime_limit
+    if limit is not None and positions > limit:
+        raise error(
+            f"{loaded.name} uses LongRoPE, whose factors change for forward passes past {limit} positions, and "
+            f"{what} spans {positions}: its cache would not equal a shorter prompt's; {remedy}"
+        )
+
+
 def segments_from_cache(
     loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int], boundaries: Sequence[int], start: int = 0
 ) -> list[KVSegment]:

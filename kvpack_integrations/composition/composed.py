@@ -18,3 +18,5 @@ class ComposedCache:
     segment_ids: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     soft_tokens: int = 0  # of the cached positions, trained soft tokens (packet adapters), not prompt tokens
+    # the prompt tokens an `exact` cache covers: a prompt given it must start with them (None: unknown)
+    token_ids: tuple[int, ...] | None = None

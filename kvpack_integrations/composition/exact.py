@@ -13,6 +13,7 @@ from ..runtime.loader import LoadedModel
 from .cache_ops import (
     cache_from_pieces,
     check_context_window,
+    check_rope_regime,
     check_sliding_window,
     empty_cache,
     forward,
@@ -23,7 +24,19 @@ from .radix_tree import RadixTree
 
 
 def compose_exact(loaded: LoadedModel, tree: RadixTree, prompt_ids: Sequence[int]) -> ComposedCache:
-    """Reuse the longest cached prefix, keeping at least the last prompt token to prefill."""
+    """Reuse the longest cached prefix, keeping at least the last prompt token to prefill.
+
+    A LongRoPE prompt past its short-factor range reuses nothing: text stuffing rotates all its keys
+    with the long factors, and every cached segment was computed with the short ones."""
+    limit = loaded.rope_regime_limit
+    if limit is not None and len(prompt_ids) > limit:
+        note = (
+            f"prefilled whole: {loaded.name} uses LongRoPE, whose factors change past {limit} positions, "
+            f"and the prompt has {len(prompt_ids)}: no cached prefix equals its cache"
+        )
+        return ComposedCache(
+            cache=empty_cache(loaded), cached_tokens=0, strategy="exact", exact=True, notes=[note], token_ids=()
+        )
     match = tree.match(prompt_ids).truncated(max(0, len(prompt_ids) - 1))
     notes = []
     lossless = all(p.segment.lossless for p in match.pieces)
@@ -38,6 +51,7 @@ def compose_exact(loaded: LoadedModel, tree: RadixTree, prompt_ids: Sequence[int
         exact=lossless,
         segment_ids=tuple(dict.fromkeys(p.segment.id for p in match.pieces)),
         notes=notes,
+        token_ids=tuple(prompt_ids[: match.length]),
     )
 
 
@@ -52,6 +66,7 @@ def materialize(
     end = boundaries[-1]
     check_context_window(loaded, end)
     check_sliding_window(loaded, end)
+    check_rope_regime(loaded, end)
     match = tree.match(ids[:end])
     lossy = next((i for i, p in enumerate(match.pieces) if not p.segment.lossless), None)
     if lossy is not None:  # recompute from there, so new segments never inherit rounded K/V

@@ -152,7 +152,10 @@ class RadixTree:
             )
         if walked == len(full):
             return  # every token already cached
-        piece = SegmentSlice(segment, walked - len(context_ids), len(segment))
+        lo = walked - len(context_ids)
+        if lo:  # the tree holds the first `lo` tokens already: keep only the rest, not the whole segment
+            segment = segment.part(lo, len(segment), context_hash(full[:walked]))
+        piece = SegmentSlice(segment, 0, len(segment))
         child = _Node(piece=piece, parent=node, last_used=next(self._clock))
         node.children[piece.token_ids[0]] = child
         self._tokens += len(piece)
@@ -186,6 +189,23 @@ class RadixTree:
                 return
             del leaf.parent.children[leaf.tokens[0]]
             self._tokens -= len(leaf.piece)
+            self._compact(leaf.parent, leaf.piece.segment)
+
+    def _compact(self, node: _Node, segment: KVSegment) -> None:
+        """After a split edge's lower part is evicted, the nodes above still slice its segment, whose
+        tensors stay alive whole: give each of them a copy of just its own tokens, so the budget counts
+        what is held."""
+        while node.piece is not None and node.piece.segment is segment and node.parent is not None:
+            context: list[int] = []
+            above = node.parent
+            while above.piece is not None:
+                context[:0] = above.tokens
+                above = above.parent  # type: ignore[assignment]
+            piece = node.piece
+            node.piece = SegmentSlice(
+                segment.part(piece.lo, piece.hi, context_hash(context) if context else ""), 0, len(piece)
+            )
+            node = node.parent
 
     def clear(self) -> None:
         self._root = _Node(piece=None, parent=None)

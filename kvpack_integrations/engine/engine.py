@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, TypeVar, cast
 
 import torch
@@ -19,6 +20,7 @@ from transformers import DynamicCache
 
 from ..composition.cache_ops import (
     check_context_window,
+    check_rope_regime,
     check_sliding_window,
     empty_cache,
     forward,
@@ -145,6 +147,12 @@ class Engine:
         ids = list(prompt_ids)
         if not ids:
             raise InvalidInputError("the prompt is empty")
+        vocabulary = self.loaded.fingerprint.vocab_size
+        wrong = [t for t in ids if not isinstance(t, Integral) or isinstance(t, bool) or not 0 <= t < vocabulary]
+        if wrong:  # an embedding lookup out of range fails raw on a CPU, and breaks a CUDA context for good
+            raise InvalidInputError(
+                f"token ids {wrong[:5]} are not ids of this model's vocabulary (0..{vocabulary - 1})"
+            )
         appended = composed is not None and composed.strategy in APPENDED_STRATEGIES
         total = (composed.cached_tokens if composed is not None and appended else 0) + len(ids)
         check_context_window(self.loaded, total, settings.max_new_tokens)
@@ -155,6 +163,15 @@ class Engine:
                 f"the composed cache holds {composed.cache.get_seq_length()} positions but claims "
                 f"{composed.cached_tokens}: a ComposedCache is used up by one generation; compose again"
             )
+        elif (
+            not appended
+            and composed.token_ids is not None
+            and tuple(ids[: composed.cached_tokens]) != composed.token_ids[: composed.cached_tokens]
+        ):  # (a caller may crop the cache to fewer positions: the tokens it keeps must be this prompt's)
+            raise InvalidInputError(
+                "the composed cache was made for another prompt (its tokens are not this prompt's first "
+                f"{composed.cached_tokens}): compose it for this prompt"
+            )
         cached = 0 if appended else composed.cached_tokens
         if cached >= len(ids):
             raise InvalidInputError("the composed cache covers the whole prompt: leave at least one token to prefill")
@@ -163,9 +180,14 @@ class Engine:
         body = len(ids) if deltas is None else len(ids) - 1  # what is prefilled before steering
         logits = forward(self.loaded, cache, ids[cached:body]) if body > cached else None
         notes = list(composed.notes)
-        if remember_prompt and composed.strategy == "exact" and body > cached:
+        # only a cache known to be this prompt's own prefix may extend the tree under its tokens
+        known = composed.token_ids is not None or cached == 0
+        if remember_prompt and composed.strategy == "exact" and body > cached and not known:
+            notes.append("prompt not remembered: the composed cache does not say which tokens it covers")
+        if remember_prompt and composed.strategy == "exact" and body > cached and known:
             try:
                 check_sliding_window(self.loaded, body)
+                check_rope_regime(self.loaded, len(ids), "the prompt")
             except CompositionError as exc:  # the answer still comes; only the caching is skipped
                 notes.append(f"prompt not remembered: {exc}")
             else:
@@ -226,7 +248,11 @@ class Engine:
                 finish = "stop"
                 break
             if step + 1 < settings.max_new_tokens:
-                logits = forward(self.loaded, cache, [token])
+                if self.loaded.rope_regime_limit is None:
+                    logits = forward(self.loaded, cache, [token])
+                else:  # LongRoPE swaps the model's shared frequency buffer on each forward: one at a time
+                    with self.lock:
+                        logits = forward(self.loaded, cache, [token])
         tail = text.finish()
         usage.total_ms = (time.perf_counter() - t0) * 1000
         yield StreamChunk(text=tail, usage=usage, finish_reason=finish)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -25,6 +26,13 @@ class GenerationSettings:
         if isinstance(self.stop, str):  # a lone string is one stop sequence, not its characters
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
+        for name in ("max_new_tokens", "top_k"):  # 2.5 tokens failed deep in decoding, unnamed
+            checked_integer(name, getattr(self, name))
+        if self.seed is not None:
+            checked_integer("seed", self.seed)
+        for name in ("temperature", "top_p"):  # NaN passes every comparison below, then breaks sampling
+            if not math.isfinite(checked_number(name, getattr(self, name))):
+                raise InvalidInputError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

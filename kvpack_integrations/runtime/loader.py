@@ -50,6 +50,24 @@ class LoadedModel:
         return int(window)
 
     @property
+    def rope_regime_limit(self) -> int | None:
+        """Longest forward pass whose RoPE frequencies do not depend on its length, if they ever do.
+
+        LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini) picks short factors while a forward's last position is
+        within `original_max_position_embeddings` and long ones past it, for every key of that forward:
+        a prompt past it is rotated unlike any cached prefix computed in a shorter forward."""
+        params = getattr(self.config, "rope_parameters", None) or getattr(self.config, "rope_scaling", None) or {}
+        entries = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+        fallback = getattr(self.config, "original_max_position_embeddings", None)
+        limits = [
+            int(e.get("original_max_position_embeddings") or fallback or 0)
+            for e in entries
+            if isinstance(e, dict) and (e.get("rope_type") or e.get("type")) == "longrope"
+        ]
+        positive = [limit for limit in limits if limit > 0]
+        return min(positive) if positive else None
+
+    @property
     def eos_token_ids(self) -> frozenset[int]:
         """Token ids that end a turn: generation config's eos plus the tokenizer's."""
         ids: set[int] = set()

@@ -90,6 +90,19 @@ class KVSegment:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def part(self, lo: int, hi: int, context: str) -> KVSegment:
+        """Tokens [lo, hi) as a segment of their own, its tensors copied (not views that would keep the
+        whole segment's memory alive); `context` is the hash of everything in front of token `lo`."""
+        return KVSegment(
+            token_ids=self.token_ids[lo:hi],
+            keys=[k[:, lo:hi].clone() for k in self.keys],
+            values=[v[:, lo:hi].clone() for v in self.values],
+            start=self.start + lo,
+            fingerprint=self.fingerprint,
+            kind=self.kind,
+            context=context,
+        )
+
     def cast(self, dtype: torch.dtype) -> KVSegment:
         """A copy whose tensors are in `dtype` (fp16/bf16 storage, or back to compute dtype)."""
         return KVSegment(
