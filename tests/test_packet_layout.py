@@ -70,6 +70,18 @@ def test_adapter_files_and_refusals(tmp_path) -> None:
     (tmp_path / "junk.safetensors").write_text("junk")
     with pytest.raises(InvalidInputError, match="not a readable packet adapter"):
         PacketAdapter.load(tmp_path / "junk.safetensors")
+    from kvpack_integrations.segments.tensor_files import save_tensor_file
+
+    for steps in ("many", "-3"):  # an edited file: named, not a bare ValueError from int()
+        tampered = save_tensor_file(
+            tmp_path / "t.safetensors",
+            {"header": adapter.header, "trailer": adapter.trailer},
+            file_format="kvpack-packet-adapter/1",
+            fingerprint=loaded.fingerprint,
+            metadata={"trained_steps": steps},
+        )
+        with pytest.raises(InvalidInputError, match=f"{tampered}: trained_steps '{steps}' is not a whole number"):
+            PacketAdapter.load(tampered)
 
 
 def test_training_lowers_the_kl_and_resumes_from_its_checkpoint(tmp_path) -> None:
@@ -91,6 +103,84 @@ def test_training_lowers_the_kl_and_resumes_from_its_checkpoint(tmp_path) -> Non
     assert longer.trained_steps == 14 and more.losses[:12] == state.losses and len(more.losses) == 14
     with pytest.raises(InvalidInputError, match="other options"):
         train_adapter(loaded, rows, out, TrainOptions(**{**opts.__dict__, "lr": 0.01}), progress=False)
+
+
+def _trained_checkpoint(tmp_path):
+    """A 4-step run with a checkpoint at step 4, and a `resume(**option changes)` of it."""
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet.trainer import TrainOptions, train_adapter
+
+    loaded = make_model("llama")
+    rows = [QARow(QUESTION, ("Quill Energy",), tuple(Passage(f"T{i}", f, i == 2) for i, f in enumerate(FACTS[:3])))]
+    opts = TrainOptions(steps=4, accumulation=1, lr=0.05, header_tokens=2, trailer_tokens=2, checkpoint_every=2)
+    out = tmp_path / "adapter.safetensors"
+    train_adapter(loaded, rows, out, opts, progress=False)
+
+    def resume(fmt: KnowledgeFormat | None = None, **changes):
+        return train_adapter(loaded, rows, out, TrainOptions(**{**opts.__dict__, **changes}), fmt=fmt, progress=False)
+
+    return tmp_path / "adapter.safetensors.ckpt", resume
+
+
+def test_a_resume_below_the_checkpoint_step_or_in_another_format_is_refused(tmp_path) -> None:
+    """A checkpoint at step 4 resumed with steps=2 returned the 4-step adapter as if it were the 2-step one,
+    and one written for another knowledge format resumed as if nothing had changed."""
+    _, resume = _trained_checkpoint(tmp_path)
+    with pytest.raises(InvalidInputError, match="the checkpoint is at step 4; pass --steps >= 4"):
+        resume(steps=2)
+    with pytest.raises(InvalidInputError, match="another knowledge format"):
+        resume(fmt=KnowledgeFormat(separator="\n"))
+    adapter, state = resume(steps=5)  # extended, in the format it was written for
+    assert adapter.trained_steps == 5 and state.step == 5
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_by_name(tmp_path) -> None:
+    """A half-written or foreign checkpoint raised raw pickle errors, and a pickle ran its code on load; each
+    is refused naming the file, and a checkpoint is read without running pickled code."""
+    import io
+
+    ckpt, resume = _trained_checkpoint(tmp_path)
+    good = ckpt.read_bytes()
+    saved = torch.load(ckpt, weights_only=True)
+    saved["state"]["bogus"] = 1
+    torch.save(saved, ckpt)
+    with pytest.raises(InvalidInputError, match=f"{ckpt} holds a damaged training state.*remove it to start over"):
+        resume()
+    torch.save({"fingerprint": 1, "options": {}}, ckpt)
+    with pytest.raises(InvalidInputError, match="missing or malformed: fingerprint, header, trailer, optimizer"):
+        resume()
+    ckpt.write_bytes(good[: len(good) // 2])
+    with pytest.raises(InvalidInputError, match=f"{ckpt} is not a readable training checkpoint"):
+        resume()
+    marker = tmp_path / "pickle-ran"
+
+    class Foreign:
+        def __reduce__(self):
+            return (io.open, (str(marker), "w"))
+
+    torch.save({"options": Foreign()}, ckpt)
+    with pytest.raises(InvalidInputError, match="is not a readable training checkpoint"):
+        resume()
+    assert not marker.exists()  # read with weights_only: the pickled call never ran
+    ckpt.write_bytes(good)
+    assert resume(steps=5)[1].step == 5  # the intact checkpoint still resumes
+
+
+def test_training_refuses_a_window_without_room_for_the_answer(tmp_path) -> None:
+    """The context check counted the prompt and soft tokens but not the answer both passes run after it."""
+    from kvpack_integrations.errors import ContextTooLongError
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet.trainer import TrainOptions, train_adapter
+
+    facts = FACTS[:2]
+    row = QARow(QUESTION, ("Quill Energy",), tuple(Passage("", f, i == 0) for i, f in enumerate(facts)))
+    tokenizer = make_model("llama").tokenizer
+    prompt_tokens = len(packet_prompt(tokenizer, facts, QUESTION, KnowledgeFormat()).text_ids()) + 2 * 4
+    loaded = make_model("llama", max_positions=prompt_tokens + 4)
+    opts = TrainOptions(steps=1, accumulation=1, header_tokens=2, trailer_tokens=2, max_answer_tokens=16)
+    with pytest.raises(ContextTooLongError, match="16 new tokens were asked for"):
+        train_adapter(loaded, [row], tmp_path / "adapter.safetensors", opts, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before the first step: no checkpoint written
 
 
 def test_training_passages_in_the_data_order() -> None:

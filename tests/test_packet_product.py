@@ -97,6 +97,25 @@ def test_blend_recomputes_a_share_and_refusals(tmp_path) -> None:
         PacketPrompt.from_cuts([1, 2, 3], [2, 1])
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_blend_on_every_family_fused_qkv_included(tmp_path, family: str) -> None:
+    """Blend's selection reads layer-1 values; Phi-3 projects Q, K and V in one `qkv_proj` (no `v_proj`),
+    which failed with a raw AttributeError. The values read must be those of a full forward's cache."""
+    from kvpack_integrations.packet.recompute import layer_values
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model(family)
+    ids = loaded.tokenizer(FACTS[0], add_special_tokens=False)["input_ids"]
+    full = empty_cache(loaded)
+    forward(loaded, full, ids)
+    torch.testing.assert_close(layer_values(loaded, ids), full.layers[1].values[0])
+    engine = Engine(loaded, packets=PacketComposer(loaded, tmp_path / "p", None, blend_ratio=0.2))
+    reply = chat(engine, _request(strategy="blend"))
+    assert "CacheBlend" in next(n for n in reply.usage.notes if n.startswith("approximate"))
+    assert reply.usage.strategy == "blend" and reply.usage.exact is False
+
+
 def _model_and_pack(tmp_path, store) -> tuple[str, object, str]:
     """A tiny Llama saved as a model directory, the pack `energy` of FACTS, and a packet store path."""
     path = save_model_dir("llama", tmp_path / "models")
@@ -265,6 +284,7 @@ def test_packet_files_are_checked_on_load(tmp_path) -> None:
         packet_path(tmp_path, first, adapter, loaded.fingerprint),
         cache_packet(loaded, adapter, first),
         loaded.fingerprint,
+        adapter,
     )
     args = (loaded.fingerprint, loaded.dtype, loaded.device)
     assert load_packet(path, *args, first, adapter).length == len(first) + 4
@@ -283,6 +303,51 @@ def test_packet_files_are_checked_on_load(tmp_path) -> None:
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CorruptSegmentError, match="document ids missing"):
         load_packet(path, *args, first, adapter)
+
+
+def test_a_packet_of_another_adapter_is_refused(tmp_path) -> None:
+    """The file records its adapter: adapter A's packet copied into adapter B's folder (same document, same
+    shape) was composed as B's. Files written before the adapter was recorded are still read."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from kvpack_integrations.errors import CorruptSegmentError
+    from kvpack_integrations.packet.store import adapter_id, load_packet, packet_path, save_packet
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    a, b = PacketAdapter.initial(loaded, 2, 2, seed=0), PacketAdapter.initial(loaded, 2, 2, seed=1)
+    document = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).documents[0]
+    args = (loaded.fingerprint, loaded.dtype, loaded.device, document)
+    # the composer records the adapter of every packet it stores
+    composer = PacketComposer(loaded, tmp_path / "store", a)
+    assert composer.ensure([document]) == 1
+    stored = packet_path(tmp_path / "store", document, a, loaded.fingerprint)
+    with safe_open(str(stored), framework="pt") as fh:
+        assert fh.metadata()["adapter"] == adapter_id(a)
+    misplaced = packet_path(tmp_path / "store", document, b, loaded.fingerprint)
+    misplaced.parent.mkdir(parents=True)
+    misplaced.write_bytes(stored.read_bytes())
+    with pytest.raises(CorruptSegmentError, match=f"wrapped in adapter {adapter_id(a)}, not {adapter_id(b)}"):
+        load_packet(misplaced, *args, b)
+    with pytest.raises(CorruptSegmentError, match=f"wrapped in adapter {adapter_id(a)}"):
+        PacketComposer(loaded, tmp_path / "store", b).load([document], "packet")
+    plain = save_packet(tmp_path / "plain.safetensors", cache_packet(loaded, None, document), loaded.fingerprint)
+    assert load_packet(plain, *args, None).length == len(document)
+    # a wrapped packet saved without its adapter would record `plain`: refused when written
+    wrapped = cache_packet(loaded, a, document)
+    for wrong in (None, "plain", PacketAdapter.initial(loaded, 3, 2)):
+        with pytest.raises(InvalidInputError, match="pass the adapter it was cached with"):
+            save_packet(tmp_path / "w.safetensors", wrapped, loaded.fingerprint, wrong)
+    with pytest.raises(InvalidInputError, match="pass the adapter it was cached with"):
+        save_packet(tmp_path / "w.safetensors", cache_packet(loaded, None, document), loaded.fingerprint, a)
+    assert not (tmp_path / "w.safetensors").exists()
+    # a file from before the adapter was recorded: accepted as before (its folder names its adapter)
+    with safe_open(str(stored), framework="pt") as fh:
+        metadata = {k: v for k, v in fh.metadata().items() if k != "adapter"}
+    save_file(load_file(str(stored)), str(stored), metadata=metadata)
+    assert load_packet(stored, *args, a).length == len(document) + 4
 
 
 def test_models_sharing_a_tokenizer_share_a_store(tmp_path) -> None:

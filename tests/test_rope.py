@@ -10,7 +10,7 @@ from kvpack_integrations.composition.cache_ops import empty_cache, forward
 from kvpack_integrations.composition.rope import rerotate, rope_spec
 from kvpack_integrations.errors import CompositionError
 
-from .support.tiny_models import FAMILIES, make_model
+from .support.tiny_models import FAMILIES, INTERLEAVED_ROPE, make_interleaved_rope_model, make_model
 
 DOC = "The Tessel-9 battery is made by Quill Energy in Ondria."
 PREFIX = "Answer the user's question using the knowledge below. Fact one. Fact two. Fact three."
@@ -39,6 +39,42 @@ def _check_moves(loaded) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_rerotated_keys_equal_keys_computed_at_the_new_position(family: str) -> None:
     _check_moves(make_model(family))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_two_halves_families_are_read_as_such(family: str) -> None:
+    assert not rope_spec(make_model(family)).interleaved
+
+
+@pytest.mark.parametrize("name", sorted(INTERLEAVED_ROPE))
+def test_interleaved_rope_families_are_rerotated_pairwise(name: str) -> None:
+    """Cohere, GLM, Ernie 4.5, Helium pair dims (2i, 2i+1) under the same RoPE type as Llama: moved in the
+    two-halves layout their keys came out wrong (max error ~7.9) with no error at all."""
+    loaded = make_interleaved_rope_model(name)
+    _check_moves(loaded)
+    assert rope_spec(loaded).interleaved
+
+
+def test_interleaved_partial_rotary_leaves_the_rest() -> None:
+    loaded = make_interleaved_rope_model("glm", partial_rotary_factor=0.25)
+    _check_moves(loaded)
+    spec = rope_spec(loaded)
+    assert spec.interleaved and spec.rot_dim == loaded.fingerprint.head_dim // 4
+
+
+def test_unknown_rotary_layout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose modeling code has no `rotate_half` (or one of a third layout) cannot be re-rotated
+    safely: refused by name, not guessed."""
+    import sys
+
+    loaded = make_model("llama")
+    module = sys.modules[type(loaded.model).__module__]
+    monkeypatch.setattr(module, "rotate_half", lambda x: torch.flip(x, dims=(-1,)))
+    with pytest.raises(CompositionError, match=r"tiny-llama-0: its rotate_half maps \[0, 1, 2, 3\] to \[3.0"):
+        rope_spec(loaded)
+    monkeypatch.delattr(module, "rotate_half")
+    with pytest.raises(CompositionError, match=r"tiny-llama-0: its modeling code .* has no rotate_half"):
+        rope_spec(loaded)
 
 
 @pytest.mark.parametrize(

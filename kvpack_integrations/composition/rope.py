@@ -5,6 +5,11 @@ compose, R(p + d) = R(d) R(p), so moving it to p + d needs only R(d), built from
 frequencies the model uses (llama3 and yarn scaling change them; linear scaling divides them) and
 without applying s again. Values carry no position and stay as they are.
 
+Two layouts pair the rotated dims: the two halves (dim i with i + rot_dim/2: Llama, Qwen, Mistral,
+Gemma, Phi) and interleaved (dims 2i and 2i+1: Cohere, Cohere 2, GLM, GLM-4, Ernie 4.5, Helium). Which
+one is read from the model's own `rotate_half` (`rotary_layout`); a model without one is refused, since
+re-rotating in the wrong layout gives wrong keys without any error.
+
 Refused with a clear error: RoPE variants whose frequencies depend on the sequence length (dynamic,
 longrope), models with several rotary embeddings (Gemma 3's local/global layers) and models without
 RoPE. Partial rotary (a `partial_rotary_factor` below 1, as in Phi-2) rotates only the first dims,
@@ -15,6 +20,7 @@ concern: their caches cannot be composed past the window (`check_sliding_window`
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +29,8 @@ from ..errors import CompositionError
 from ..runtime.loader import LoadedModel
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# rotate_half(arange(4)) in each layout: halves pairs dim i with i + d/2, interleaved 2i with 2i+1
+ROTATE_HALF_PROBES = {"halves": [-2.0, -3.0, 0.0, 1.0], "interleaved": [-1.0, 0.0, -3.0, 2.0]}
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class RopeSpec:
     rot_dim: int
     rope_type: str
     unrotated_layers: frozenset[int] = frozenset()  # layers whose attention applies no RoPE
+    interleaved: bool = False  # pairs (2i, 2i+1) instead of (i, i + rot_dim/2)
     _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def frequencies(self, device: torch.device) -> torch.Tensor:
@@ -73,7 +82,42 @@ def rope_spec(loaded: LoadedModel) -> RopeSpec:
         raise CompositionError(
             f"{loaded.name}: rotary width {rot_dim} exceeds the head dim {loaded.fingerprint.head_dim}"
         )
-    return RopeSpec(inv_freq.detach().float().cpu().clone(), rot_dim, rope_type, _unrotated_layers(loaded))
+    interleaved = rotary_layout(loaded) == "interleaved"
+    return RopeSpec(inv_freq.detach().float().cpu().clone(), rot_dim, rope_type, _unrotated_layers(loaded), interleaved)
+
+
+def rotary_layout(loaded: LoadedModel) -> str:
+    """`halves` or `interleaved`: how the model pairs its rotated dims, read from its own `rotate_half` run
+    on [0, 1, 2, 3], since both layouts use the same RoPE type and config keys. A `CompositionError` when
+    the modeling code has no `rotate_half` or it does something else: keys re-rotated in a guessed layout
+    would be silently wrong."""
+    decoder = getattr(loaded.model, "model", loaded.model)
+    layers = getattr(decoder, "layers", None)
+    attention = getattr(layers[0], "self_attn", None) if layers else None
+    owners = [type(m).__module__ for m in (attention, loaded.model) if m is not None]
+    rotate_half = next(
+        (f for name in owners if callable(f := getattr(sys.modules.get(name), "rotate_half", None))), None
+    )
+    if rotate_half is None:
+        raise CompositionError(
+            f"{loaded.name}: its modeling code ({owners[0]}) has no rotate_half, so how it pairs the rotary "
+            "dimensions is unknown: key re-rotation is not supported for it; use exact composition"
+        )
+    try:
+        with torch.no_grad():
+            probe = [float(x) for x in rotate_half(torch.arange(4.0)).reshape(-1).tolist()]
+    except Exception as exc:  # modeling code of any shape: whatever it raises means "layout unknown"
+        raise CompositionError(
+            f"{loaded.name}: its rotate_half cannot be probed ({exc}): key re-rotation is not supported for it; "
+            "use exact composition"
+        ) from exc
+    for layout, expected in ROTATE_HALF_PROBES.items():
+        if probe == expected:
+            return layout
+    raise CompositionError(
+        f"{loaded.name}: its rotate_half maps [0, 1, 2, 3] to {probe}, neither the two-halves nor the "
+        "interleaved RoPE layout: key re-rotation is not supported for it; use exact composition"
+    )
 
 
 def _unrotated_layers(loaded: LoadedModel) -> frozenset[int]:
@@ -110,15 +154,17 @@ def rerotate(
 ) -> torch.Tensor:
     """Keys [..., seq, head_dim] moved by `delta` positions (an int, or one per position), into `out` (a
     new tensor by default; a slice of a composed cache saves a copy). In float32, rounded once to the
-    keys' dtype. With x = (x1, x2) the two halves of the rotated width: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    keys' dtype. With (x1, x2) the rotated pairs (the two halves of the rotated width, or its even and odd
+    dims when `spec.interleaved`): (x1 cos - x2 sin, x2 cos + x1 sin)."""
     if out is not None and out.untyped_storage().data_ptr() == keys.untyped_storage().data_ptr():
         raise CompositionError("rerotate writes the second half from the first: `out` must not share the keys' memory")
     cos, sin = _cos_sin(delta, spec, keys.shape[-2], keys.device)
     half, rot = spec.rot_dim // 2, spec.rot_dim
     out = torch.empty_like(keys) if out is None else out
-    x1, x2 = keys[..., :half].float(), keys[..., half:rot].float()
-    out[..., :half] = x1 * cos - x2 * sin
-    out[..., half:rot] = x2 * cos + x1 * sin
+    first, second = (slice(0, rot, 2), slice(1, rot, 2)) if spec.interleaved else (slice(0, half), slice(half, rot))
+    x1, x2 = keys[..., first].float(), keys[..., second].float()
+    out[..., first] = x1 * cos - x2 * sin
+    out[..., second] = x2 * cos + x1 * sin
     if rot < keys.shape[-1]:
         out[..., rot:] = keys[..., rot:]
     return out

@@ -91,7 +91,13 @@ class PacketAdapter:
         )
         if {"header", "trailer"} - tensors.keys():
             raise InvalidInputError(f"{path} lacks the header or trailer tensor")
-        steps = int(meta.get("trained_steps", "0"))
+        raw = meta.get("trained_steps", "0")
+        try:
+            steps = int(raw)
+        except ValueError:
+            steps = -1
+        if steps < 0:  # an edited or foreign file: named, not a bare ValueError from int()
+            raise InvalidInputError(f"{path}: trained_steps {raw!r} is not a whole number of steps >= 0")
         return cls(tensors["header"], tensors["trailer"], fingerprint, steps, meta.get("notes", ""))
 
 

@@ -155,7 +155,7 @@ class PacketComposer:
         for document in documents:
             path = packet_path(self.store, document, key, self.loaded.fingerprint)
             if not path.is_file():
-                save_packet(path, cache_packet(self.loaded, adapter, document), self.loaded.fingerprint)
+                save_packet(path, cache_packet(self.loaded, adapter, document), self.loaded.fingerprint, key)
                 built += 1
         return built
 
@@ -222,7 +222,7 @@ class PacketComposer:
                             packet = next(from_store)
                     else:  # not in the store: cached now, and stored for the next query
                         packet = cache_packet(self.loaded, adapter, document)
-                        save_packet(paths[i], packet, fingerprint)
+                        save_packet(paths[i], packet, fingerprint, key)
                         built.append(i)
                     if paths[i] in again:  # kept for its next place only: a streamed packet is let go once composed
                         made[paths[i]] = packet

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..composition.cache_ops import empty_cache
 from ..errors import CompositionError
 from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
@@ -60,31 +61,42 @@ class _Stop(Exception):
 
 
 def layer_values(loaded: LoadedModel, ids: Sequence[int], layer: int = 1) -> torch.Tensor:
-    """Values [kv_heads, len, head_dim] of `layer` under a full forward, running only layers 0..layer."""
-    decoder = getattr(loaded.model, "model", loaded.model)
-    attention = decoder.layers[layer].self_attn
-    captured: list[torch.Tensor] = []
-    owner = threading.get_ident()
+    """Values [kv_heads, len, head_dim] of `layer` under a full forward, running only layers 0..layer.
 
-    def grab(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+    Read from the forward's own cache once that decoder layer has run, not from a projection module:
+    models with a fused QKV projection (Phi-3's `qkv_proj`) have no `v_proj`, and the cache holds the
+    values exactly as composed caches do (after any value norm), so the deviation compares like with like."""
+    decoder = getattr(loaded.model, "model", loaded.model)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not 0 <= layer < len(layers):
+        raise CompositionError(f"{loaded.name}: no decoder layer {layer} to read values from")
+    owner = threading.get_ident()
+    reached: list[bool] = []
+
+    def stop(module: torch.nn.Module, args: tuple, output: object) -> None:
         # the model is shared: another thread's forward (a request decoding) passes through untouched
         if threading.get_ident() != owner:
             return
-        captured.append(output.detach())
+        reached.append(True)
         raise _Stop
 
-    handle = attention.v_proj.register_forward_hook(grab)
+    cache = empty_cache(loaded)
+    handle = layers[layer].register_forward_hook(stop)
     try:
         with torch.no_grad():
-            loaded.model(input_ids=torch.tensor([list(ids)], device=loaded.device), use_cache=False)
+            loaded.model(
+                input_ids=torch.tensor([list(ids)], device=loaded.device),
+                **with_cache(loaded.model, cache),
+                use_cache=True,
+            )
     except _Stop:
         pass
     finally:
         handle.remove()
-    if not captured:
-        raise CompositionError("the value projection of the model's attention was not reached")
-    fp = loaded.fingerprint
-    return captured[0][0].view(len(ids), fp.num_kv_heads, fp.head_dim).transpose(0, 1)
+    values = getattr(cache.layers[layer], "values", None) if reached and len(cache.layers) > layer else None
+    if values is None or values.shape[-2] != len(ids):
+        raise CompositionError(f"{loaded.name}: the values of layer {layer} for {len(ids)} tokens were not cached")
+    return values[0]
 
 
 def value_deviation(loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int], layer: int = 1) -> torch.Tensor:

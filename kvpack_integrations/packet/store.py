@@ -25,6 +25,7 @@ from .compose import PacketCache, wrapped_length
 from .resident import ResidentPackets
 
 FORMAT = "kvpack-packet/1"
+ADAPTER_KEY = "adapter"  # the metadata entry naming the adapter a packet was wrapped in (`adapter_id`)
 LOAD_THREADS = 16  # files read at once onto a GPU (measured on an H200 host: 16 beat 8 by 13-23%)
 
 
@@ -44,14 +45,31 @@ def packet_path(
     return Path(root).expanduser() / fingerprint.digest / folder / f"{doc}.safetensors"
 
 
-def save_packet(path: Path, packet: PacketCache, fingerprint: Fingerprint) -> Path:
-    """Keys and values in the cache's own dtype (the fingerprint fixes it), so loading converts nothing."""
+def save_packet(
+    path: Path, packet: PacketCache, fingerprint: Fingerprint, adapter: PacketAdapter | str | None = None
+) -> Path:
+    """Keys and values in the cache's own dtype (the fingerprint fixes it), so loading converts nothing.
+    The file records the adapter it was wrapped in (`adapter_id`; None: plain), so a packet copied or
+    moved into another adapter's folder is refused when read, not composed with the wrong soft tokens."""
     tensors = {
         "keys": packet.keys,
         "values": packet.values,
         "document": torch.tensor(packet.document, dtype=torch.long),
     }
-    return save_tensor_file(path, tensors, file_format=FORMAT, fingerprint=fingerprint, keep_dtype=True)
+    recorded = adapter if isinstance(adapter, str) else adapter_id(adapter)
+    # the length tells a wrapped packet from a plain one: a caller that forgot the adapter (None: plain)
+    # is refused here, rather than writing a file that names the wrong adapter
+    if isinstance(adapter, str):  # an id alone: only plain or wrapped can be told
+        fits = (packet.length == len(packet.document)) == (adapter == "plain")
+    else:
+        fits = packet.length == wrapped_length(packet.document, adapter)
+    if not fits:
+        raise InvalidInputError(
+            f"a packet of {packet.length} positions for a document of {len(packet.document)} tokens cannot be "
+            f"stored as wrapped in adapter {recorded}: pass the adapter it was cached with"
+        )
+    meta = {ADAPTER_KEY: recorded}
+    return save_tensor_file(path, tensors, file_format=FORMAT, fingerprint=fingerprint, metadata=meta, keep_dtype=True)
 
 
 def default_load_threads(device: torch.device) -> int:
@@ -96,11 +114,12 @@ def iter_packets(
     threads = default_load_threads(device) if threads is None else threads
     if threads < 1:
         raise InvalidInputError(f"packet load threads must be >= 1, got {threads}")
+    wanted = adapter_id(adapter)  # once: hashing the soft tokens per file would cost ms each on a large model
 
     def fetch(path: Path, document: Sequence[int]) -> PacketCache:
         """The packet in host memory: read whole from its file and checked (and kept in `host`)."""
-        tensors, _, _ = read_tensor_file_whole(path, file_format=FORMAT, what="packet", expected=expected, pin=pin)
-        packet = _checked(path, tensors, expected, document, adapter)
+        tensors, meta, _ = read_tensor_file_whole(path, file_format=FORMAT, what="packet", expected=expected, pin=pin)
+        packet = _checked(path, tensors, meta, expected, document, adapter, wanted)
         if host is not None:
             host.put(path, packet)
         return packet
@@ -139,11 +158,14 @@ def load_packet(
 def _checked(
     path: Path,
     tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
     expected: Fingerprint,
     document: Sequence[int],
     adapter: PacketAdapter | None,
+    wanted: str,
 ) -> PacketCache:
-    """The file's packet, still where it was read, once it is shown to be `document`'s, whole."""
+    """The file's packet, still where it was read, once it is shown to be `document`'s, whole, wrapped in
+    `adapter` (whose `adapter_id` is `wanted`)."""
     keys, values, stored = tensors.get("keys"), tensors.get("values"), tensors.get("document")
     if keys is None or values is None or stored is None:
         raise CorruptSegmentError(f"{path}: keys, values or document ids missing")
@@ -155,6 +177,15 @@ def _checked(
         )
     if tuple(int(x) for x in stored.reshape(-1).tolist()) != tuple(document):
         raise CorruptSegmentError(f"{path}: holds the packet of another document")
+    # Files written before the adapter was recorded carry no entry: they are accepted as before, since
+    # `packet_path` put each in its adapter's folder (only a file moved by hand could be misplaced), and
+    # refusing them would make every existing store unusable until rebuilt.
+    # (checked after the shapes: a plain packet read as a wrapped one is named by its length first)
+    recorded = meta.get(ADAPTER_KEY)
+    if recorded is not None and recorded != wanted:
+        raise CorruptSegmentError(
+            f"{path}: holds a packet wrapped in adapter {recorded}, not {wanted}: remove it to rebuild it"
+        )
     return PacketCache(tuple(document), keys, values)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -137,7 +138,7 @@ def train_adapter(
     order = list(range(len(rows)))
     random.Random(opts.seed).shuffle(order)
     if ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = _read_checkpoint(ckpt)
         # only the step count may change between runs: a run is extended (or cut short) by resuming it
         # (a checkpoint from before an option existed was written with that option's default)
         same = {**asdict(TrainOptions()), **saved["options"], "steps": opts.steps} == asdict(opts)
@@ -148,11 +149,24 @@ def train_adapter(
                 f"{ckpt} was written for other training data (other files, another --limit, or edited rows): "
                 "resume with the same data, or remove it to start over"
             )
-        with torch.no_grad():
-            header.copy_(saved["header"])
-            trailer.copy_(saved["trailer"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = TrainState(**saved["state"])
+        if saved.get("format", fmt.to_dict()) != fmt.to_dict():  # (nor one from before the format was recorded)
+            raise InvalidInputError(
+                f"{ckpt} was written for another knowledge format (instruction or separator): resume with the "
+                "same one, or remove it to start over"
+            )
+        try:
+            with torch.no_grad():
+                header.copy_(saved["header"])
+                trailer.copy_(saved["trailer"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state = TrainState(**saved["state"])
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:  # shapes or fields edited by hand
+            raise InvalidInputError(f"{ckpt} holds a damaged training state ({exc}): remove it to start over") from exc
+        if state.step > opts.steps:  # the soft tokens of an earlier step are not kept: it cannot be cut below
+            raise InvalidInputError(
+                f"{ckpt}: the checkpoint is at step {state.step}; pass --steps >= {state.step} (steps={opts.steps} "
+                "asked), or remove it to start over"
+            )
     teacher = Teacher(loaded, opts.max_answer_tokens)
     bar = tqdm(total=opts.steps, initial=state.step, desc="packet adapter", unit="step", disable=not progress)
     while state.step < opts.steps:
@@ -165,8 +179,10 @@ def train_adapter(
             row = rows[index]
             prompt = packet_prompt(loaded.tokenizer, _facts(row, opts.max_passages, opts.order), row.question, fmt)
             text_ids = prompt.text_ids()
-            check_context_window(
-                loaded, len(text_ids) + len(prompt.documents) * (opts.header_tokens + opts.trailer_tokens)
+            check_context_window(  # the teacher and the student both run the answer after the prompt
+                loaded,
+                len(text_ids) + len(prompt.documents) * (opts.header_tokens + opts.trailer_tokens),
+                opts.max_answer_tokens,
             )
             answer, target = teacher(text_ids)
             with torch.enable_grad():
@@ -180,7 +196,7 @@ def train_adapter(
         bar.update(1)
         bar.set_postfix(kl=f"{state.losses[-1]:.4f}")
         if state.step % opts.checkpoint_every == 0 or state.step == opts.steps:
-            _checkpoint(ckpt, loaded, header, trailer, optimizer, state, opts, data)
+            _checkpoint(ckpt, loaded, header, trailer, optimizer, state, opts, data, fmt)
     bar.close()
     trained = PacketAdapter(
         header.detach().clone(),
@@ -210,6 +226,41 @@ def _starting_adapter(loaded: LoadedModel, opts: TrainOptions) -> PacketAdapter:
     return start
 
 
+# what a checkpoint must hold, and of which type, before any of it is used
+CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "fingerprint": str,
+    "options": dict,
+    "header": torch.Tensor,
+    "trailer": torch.Tensor,
+    "optimizer": dict,
+    "state": dict,
+}
+OPTIONAL_CHECKPOINT_FIELDS = {"rows": str, "format": dict}  # absent from checkpoints written before them
+
+
+def _read_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's payload, read with `weights_only=True`: it holds only tensors, numbers, strings,
+    lists and dicts, so a foreign or tampered file cannot run pickled code. Anything unreadable or not
+    shaped like a checkpoint is an `InvalidInputError` naming the file, never a raw pickle error."""
+    try:
+        saved = torch.load(ckpt, weights_only=True)
+    except Exception as exc:  # pickle, zip and torch's own errors alike: all mean "not a usable checkpoint"
+        # the first line, without colour codes: torch's weights-only refusal runs to pages
+        reason = (re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines() or [""])[0][:160]
+        raise InvalidInputError(
+            f"{ckpt} is not a readable training checkpoint ({type(exc).__name__}: {reason}): remove it to start over"
+        ) from exc
+    if not isinstance(saved, dict):
+        raise InvalidInputError(f"{ckpt} is not a training checkpoint (no fields): remove it to start over")
+    wrong = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(saved.get(k), kind)]
+    wrong += [k for k, kind in OPTIONAL_CHECKPOINT_FIELDS.items() if k in saved and not isinstance(saved[k], kind)]
+    if wrong:
+        raise InvalidInputError(
+            f"{ckpt} is not a training checkpoint (missing or malformed: {', '.join(wrong)}): remove it to start over"
+        )
+    return saved
+
+
 def _tail_mean(losses: Sequence[float], n: int = 10) -> float:
     tail = list(losses[-n:])
     return sum(tail) / len(tail) if tail else math.nan
@@ -224,11 +275,13 @@ def _checkpoint(
     state: TrainState,
     opts: TrainOptions,
     data: str,
+    fmt: KnowledgeFormat,
 ) -> None:
     payload: dict[str, Any] = {
         "fingerprint": loaded.fingerprint.to_json(),
         "options": asdict(opts),
         "rows": data,
+        "format": fmt.to_dict(),
         "header": header.detach().clone(),
         "trailer": trailer.detach().clone(),
         "optimizer": optimizer.state_dict(),

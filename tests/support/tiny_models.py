@@ -241,3 +241,25 @@ def save_model_dir(family: str, root: Any, seed: int = 0) -> str:
         loaded.model.save_pretrained(target)
         loaded.tokenizer.save_pretrained(target)
     return str(target)
+
+
+# Architectures whose RoPE pairs dims (2i, 2i+1) (`rotate_half` on even/odd dims) instead of the two halves;
+# not chat families (no templates of their own), built over the Llama tokenizer for the re-rotation tests.
+INTERLEAVED_ROPE = {
+    "cohere": ("CohereConfig", "CohereForCausalLM"),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM"),
+    "glm": ("GlmConfig", "GlmForCausalLM"),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM"),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM"),
+    "helium": ("HeliumConfig", "HeliumForCausalLM"),
+}
+
+
+def make_interleaved_rope_model(name: str, seed: int = 0, **overrides: Any) -> LoadedModel:
+    """A 2-layer model of an interleaved-RoPE architecture (`INTERLEAVED_ROPE`), seeded random weights."""
+    import transformers
+
+    config_name, model_name = INTERLEAVED_ROPE[name]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
+    options = {"head_dim": 16, **overrides}  # hidden 64 over 4 heads (some configs default to 128)
+    return tiny_model(config_cls, model_cls, make_tokenizer("llama"), f"tiny-{name}-{seed}", seed, **options)
