@@ -36,7 +36,7 @@ PORT=${PORT:-8765}
 SERVER=
 trap '[ -z "$SERVER" ] || kill $SERVER 2>/dev/null || true' EXIT
 serve() {  # a Chroma server on its own directory, replacing the last one
-  [ -z "$SERVER" ] || { kill $SERVER; wait $SERVER 2>/dev/null || true; }
+  [ -z "$SERVER" ] || { kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; }  # it may have died
   chroma run --path "$STORES/$1" --host 127.0.0.1 --port "$PORT" > "$STORES/$1.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/api/v2/heartbeat" > /dev/null && break; sleep 1; done

@@ -154,3 +154,17 @@ def test_settings_and_token_ids_that_would_fail_raw_are_refused_by_name(llama, i
     for wrong in (vocabulary, -1):
         with pytest.raises(InvalidInputError, match=rf"token ids \[{wrong}\] are not ids of this model's vocabulary"):
             Engine(llama).generate([*ids[:5], wrong], GenerationSettings(max_new_tokens=2))
+
+
+def test_a_tensor_or_numpy_ids_are_a_prompt_too(llama, ids) -> None:
+    """A tokenizer's `return_tensors="pt"` row worked before the vocabulary check; it still does."""
+    import numpy as np
+
+    settings = GenerationSettings(max_new_tokens=3)
+    plain = Engine(llama).generate(ids, settings).token_ids
+    assert Engine(llama).generate(torch.tensor(ids), settings).token_ids == plain
+    assert Engine(llama).generate(np.array(ids), settings).token_ids == plain
+    with pytest.raises(InvalidInputError, match="token ids must be integers, got float"):
+        Engine(llama).generate([*ids[:3], 1.5], settings)
+    with pytest.raises(InvalidInputError, match="token ids must be integers, got bool"):
+        Engine(llama).generate([*ids[:3], True], settings)

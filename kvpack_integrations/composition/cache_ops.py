@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -114,6 +115,6 @@ def segments_from_cache(
 def forward(loaded: LoadedModel, cache: DynamicCache, ids: Sequence[int]) -> torch.Tensor:
     """Run `ids` on top of `cache` (which grows); returns the logits of the last position."""
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=loaded.device)
-    with torch.no_grad():
+    with torch.no_grad(), loaded.forward_lock if loaded.rope_regime_limit is not None else contextlib.nullcontext():
         out = loaded.model(input_ids=input_ids, **with_cache(loaded.model, cache), use_cache=True, logits_to_keep=1)
     return out.logits[0, -1].float()

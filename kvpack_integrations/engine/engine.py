@@ -144,15 +144,7 @@ class Engine:
         """
         settings = settings or GenerationSettings()
         t0 = started_at if started_at is not None else time.perf_counter()
-        ids = list(prompt_ids)
-        if not ids:
-            raise InvalidInputError("the prompt is empty")
-        vocabulary = self.loaded.fingerprint.vocab_size
-        wrong = [t for t in ids if not isinstance(t, Integral) or isinstance(t, bool) or not 0 <= t < vocabulary]
-        if wrong:  # an embedding lookup out of range fails raw on a CPU, and breaks a CUDA context for good
-            raise InvalidInputError(
-                f"token ids {wrong[:5]} are not ids of this model's vocabulary (0..{vocabulary - 1})"
-            )
+        ids = token_id_list(prompt_ids, self.loaded.fingerprint.vocab_size)
         appended = composed is not None and composed.strategy in APPENDED_STRATEGIES
         total = (composed.cached_tokens if composed is not None and appended else 0) + len(ids)
         check_context_window(self.loaded, total, settings.max_new_tokens)
@@ -248,11 +240,7 @@ class Engine:
                 finish = "stop"
                 break
             if step + 1 < settings.max_new_tokens:
-                if self.loaded.rope_regime_limit is None:
-                    logits = forward(self.loaded, cache, [token])
-                else:  # LongRoPE swaps the model's shared frequency buffer on each forward: one at a time
-                    with self.lock:
-                        logits = forward(self.loaded, cache, [token])
+                logits = forward(self.loaded, cache, [token])
         tail = text.finish()
         usage.total_ms = (time.perf_counter() - t0) * 1000
         yield StreamChunk(text=tail, usage=usage, finish_reason=finish)
@@ -281,3 +269,21 @@ def _span(layers: Sequence[int]) -> str:
     if ordered == list(range(ordered[0], ordered[-1] + 1)):
         return f"{ordered[0]}-{ordered[-1]}"
     return ",".join(map(str, ordered))
+
+
+def token_id_list(prompt_ids: Sequence[int] | torch.Tensor, vocabulary: int) -> list[int]:
+    """The prompt as plain ints (a tensor of ids, NumPy ints), each an id of the vocabulary: an embedding
+    lookup out of range fails raw on a CPU and breaks a CUDA context for good. Checked in one pass over
+    long prompts (this runs under the engine's lock)."""
+    ids = prompt_ids.reshape(-1).tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+    if not ids:
+        raise InvalidInputError("the prompt is empty")
+    if not all(type(t) is int for t in ids):
+        odd = next((t for t in ids if isinstance(t, bool) or not isinstance(t, Integral)), None)
+        if odd is not None:
+            raise InvalidInputError(f"token ids must be integers, got {type(odd).__name__} {odd!r}")
+        ids = [int(t) for t in ids]  # NumPy and other integral types
+    if min(ids) < 0 or max(ids) >= vocabulary:
+        wrong = [t for t in ids if not 0 <= t < vocabulary]
+        raise InvalidInputError(f"token ids {wrong[:5]} are not ids of this model's vocabulary (0..{vocabulary - 1})")
+    return ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ class LoadedModel:
     name: str
     fingerprint: Fingerprint
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # LongRoPE swaps the model's shared frequency buffer on every forward: its forwards run one at a time
+    forward_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,7 +52,7 @@ class LoadedModel:
             return None
         return int(window)
 
-    @property
+    @functools.cached_property
     def rope_regime_limit(self) -> int | None:
         """Longest forward pass whose RoPE frequencies do not depend on its length, if they ever do.
 
