@@ -172,12 +172,11 @@ class Engine:
         body = len(ids) if deltas is None else len(ids) - 1  # what is prefilled before steering
         logits = forward(self.loaded, cache, ids[cached:body]) if body > cached else None
         notes = list(composed.notes)
-        # only a cache known to be this prompt's own prefix may extend the tree under its tokens
-        known = composed.token_ids is not None or cached == 0
-        if remember_prompt and composed.strategy == "exact" and body > cached and not known:
-            notes.append("prompt not remembered: the composed cache does not say which tokens it covers")
-        if remember_prompt and composed.strategy == "exact" and body > cached and known:
+        if remember_prompt and composed.strategy == "exact" and body > cached:
             try:
+                # only a cache known to be this prompt's own prefix may extend the tree under its tokens
+                if composed.token_ids is None and cached:
+                    raise CompositionError("the composed cache does not say which tokens it covers")
                 check_sliding_window(self.loaded, body)
                 check_rope_regime(self.loaded, len(ids), "the prompt")
             except CompositionError as exc:  # the answer still comes; only the caching is skipped

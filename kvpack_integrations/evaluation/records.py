@@ -55,6 +55,7 @@ class RecordLog:
         self.row_digests = list(row_digests) if row_digests is not None else None
         self.records: dict[tuple[int, Any], dict[str, Any]] = {}
         self._aside: set[tuple[int, Any]] = set()
+        self._configs: dict[Any, dict[str, Any]] = {}
         if self.path and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
@@ -66,15 +67,21 @@ class RecordLog:
         self.set_aside = len(self._aside - self.records.keys())
 
     def config(self, part: Any = None) -> dict[str, Any]:
-        """The configuration records of `part` are made under, as it reads back from JSON."""
-        config = self._config(part) if callable(self._config) else self._config
-        return json.loads(json.dumps(dict(config)))  # tuples as lists: equal to a config read back
+        """The configuration records of `part` are made under, as it reads back from JSON (worked out
+        once per part: a long log compares every record with it)."""
+        if part not in self._configs:
+            config = self._config(part) if callable(self._config) else self._config
+            self._configs[part] = json.loads(json.dumps(dict(config)))  # tuples as lists, as read back
+        return self._configs[part]
+
+    def _part_of(self, record: Mapping[str, Any]) -> Any:
+        return record.get(self.part) if self.part else None
 
     def _keep(self, rec: dict[str, Any]) -> None:
         row = rec.get("row")
         if not isinstance(row, int) or row < 0:
             return
-        part = rec.get(self.part) if self.part else None
+        part = self._part_of(rec)
         if self.row_digests is not None:
             if row >= len(self.row_digests):
                 return
@@ -97,17 +104,15 @@ class RecordLog:
     def get(self, row: int, part: Any = None) -> dict[str, Any] | None:
         return self.records.get((row, part))
 
-    def add(self, row: int, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Record `row` (its part read from `record`), durably before returning; the stored record."""
+    def add(self, row: int, record: Mapping[str, Any]) -> None:
+        """Record `row` (its part read from `record`), durably before returning."""
         self.add_all(row, [record])
-        part = record.get(self.part) if self.part else None
-        return self.records[row, part]
 
     def add_all(self, row: int, records: Sequence[Mapping[str, Any]]) -> None:
         """Record several parts of `row` with one durable write."""
         stored = []
         for record in records:
-            part = record.get(self.part) if self.part else None
+            part = self._part_of(record)
             rec = {"row": row, "config": self.config(part), **record}
             if self.row_digests is not None:
                 rec["row_digest"] = self.row_digests[row]

@@ -10,11 +10,16 @@ from ..errors import EmptyKnowledgeError, InvalidInputError
 from ..runtime.paths import read_text_lines
 
 
+def refuse_one_string(name: str, value: object) -> None:
+    """A lone string where a list of strings belongs would be taken apart character by character."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise InvalidInputError(f"{name} must be a list of strings, got one string: {str(value)[:60]!r}")
+
+
 def clean_facts(facts: Iterable[str]) -> list[str]:
     """Strip facts, drop blank ones, and refuse an empty result (and a lone string, which would otherwise
     become one fact per character)."""
-    if isinstance(facts, (str, bytes, bytearray)):
-        raise InvalidInputError(f"facts must be a list of strings, got one string: {str(facts)[:60]!r}")
+    refuse_one_string("facts", facts)
     out = [f.strip() for f in facts if isinstance(f, str) and f.strip()]
     if not out:
         raise EmptyKnowledgeError("no facts given: a knowledge base needs at least one non-empty fact")

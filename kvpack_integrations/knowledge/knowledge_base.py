@@ -40,6 +40,7 @@ from ..runtime.default_model import kvpack_home
 from ..runtime.embedder import Embedder, load_embedder
 from .bank_layout import LABEL_FIELDS, BankLayout
 from .fact_mirror import FactMirror
+from .facts import refuse_one_string
 from .projection import Projection
 from .search import check_k
 
@@ -128,12 +129,6 @@ def list_knowledge_bases(
 def _count_banks(banks: Any, meta: Mapping[str, Any]) -> int:
     """The current generation's centroids (a rebalance cut short leaves another's beside them)."""
     return len(banks.get(where=BankLayout.of(meta).centroids(), include=[])["ids"])
-
-
-def _one_string(name: str, value: object) -> None:
-    """A lone string would be taken apart character by character: refuse it by name."""
-    if isinstance(value, (str, bytes, bytearray)):
-        raise InvalidInputError(f"{name} must be a list of strings, got one string: {str(value)[:60]!r}")
 
 
 def _check_metadata(metas: Sequence[Any]) -> None:
@@ -353,8 +348,8 @@ class KnowledgeBase:
 
         Everything Chroma would refuse is refused first, naming the fact: a batch refused after earlier
         ones were stored would leave a base that a corrected retry finds full of duplicate ids."""
-        _one_string("facts", facts)
-        _one_string("ids", ids)
+        refuse_one_string("facts", facts)
+        refuse_one_string("ids", ids)
         if isinstance(metadatas, Mapping):
             raise InvalidInputError("metadatas must be a list of mappings, one per fact, got one mapping")
         texts = [f.strip() if isinstance(f, str) else f for f in facts]
