@@ -22,6 +22,7 @@ from kvpack_integrations.packet import PacketAdapter
 from kvpack_integrations.packet.compose import cache_packet, compose_packets
 from kvpack_integrations.packet.composer import PacketComposer
 from kvpack_integrations.packet.layout import PacketPrompt, packet_prompt
+from kvpack_integrations.packet.store import iter_packets, load_packet, packet_path, save_packet
 from kvpack_integrations.prompts.conversation import ChatTurn, render_conversation
 from kvpack_integrations.prompts.knowledge import KnowledgeFormat
 
@@ -331,8 +332,12 @@ def test_a_packet_of_another_adapter_is_refused(tmp_path) -> None:
     misplaced.write_bytes(stored.read_bytes())
     with pytest.raises(CorruptSegmentError, match=f"wrapped in adapter {adapter_id(a)}, not {adapter_id(b)}"):
         load_packet(misplaced, *args, b)
-    with pytest.raises(CorruptSegmentError, match=f"wrapped in adapter {adapter_id(a)}"):
-        PacketComposer(loaded, tmp_path / "store", b).load([document], "packet")
+    # the composer caches the document again under b and replaces the misplaced file
+    composer_b = PacketComposer(loaded, tmp_path / "store", b)
+    assert composer_b.load([document], "packet")[1] == 1
+    assert load_packet(misplaced, *args, b).length == len(document) + 4
+    with safe_open(str(misplaced), framework="pt") as fh:
+        assert fh.metadata()["adapter"] == adapter_id(b)
     plain = save_packet(tmp_path / "plain.safetensors", cache_packet(loaded, None, document), loaded.fingerprint)
     assert load_packet(plain, *args, None).length == len(document)
     # a wrapped packet saved without its adapter would record `plain`: refused when written
@@ -469,8 +474,46 @@ def test_streamed_composition_is_the_listed_one_and_stops_at_a_bad_file(tmp_path
     bad = packet_path(tmp_path, split.documents[1], adapter, loaded.fingerprint)
     bad.write_bytes(bad.read_bytes()[:-3])
     with pytest.raises(InvalidInputError, match=f"{bad.name}: its tensors end at byte"):
-        composer.compose(engine, split, "packet")
-    assert bad.exists() and len(composer.resident) == 1  # the packet read before the bad one, nothing rebuilt
+        list(iter_packets([(bad, split.documents[1])], loaded.fingerprint, loaded.dtype, "cpu", adapter))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_refused_packet_file_is_cached_again_and_replaced(tmp_path, threads: int) -> None:
+    """A stored packet is only a cache of its document: a file cut short, of another document, another
+    adapter or another model is rebuilt in its place mid-stream, the composition is the one from fresh
+    packets, and the usage says which file was replaced and why."""
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    adapter = PacketAdapter.initial(loaded, 2, 2)
+    composer = PacketComposer(loaded, tmp_path, adapter, load_threads=threads)
+    engine = Engine(loaded, packets=composer)
+    split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
+    composer.ensure(split.documents)
+    want = composer.compose(engine, split, "packet").composed.cache
+    paths = [packet_path(tmp_path, d, adapter, loaded.fingerprint) for d in split.documents]
+    other = make_model("llama", seed=1)
+    twin = (*split.documents[1][:-1], split.documents[1][-1] + 1)  # another document of the same length
+    damages = {
+        "its tensors end at byte": lambda p: p.write_bytes(p.read_bytes()[:-3]),
+        "another document": lambda p: save_packet(p, cache_packet(loaded, adapter, twin), loaded.fingerprint, adapter),
+        "header + document + trailer": lambda p: p.write_bytes(paths[2].read_bytes()),
+        "built for another model": lambda p: save_packet(
+            p, cache_packet(other, PacketAdapter.initial(other, 2, 2), split.documents[1]), other.fingerprint, adapter
+        ),
+    }
+    for why, damage in damages.items():
+        damage(paths[1])
+        composition = composer.compose(engine, split, "packet")
+        assert composition.packets_built == 1
+        for a, b in zip(composition.composed.cache.layers, want.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        notes = composition.composed.notes
+        assert any(n.startswith("1 stored packet files were refused and replaced") and why in n for n in notes), notes
+        stored = load_packet(paths[1], loaded.fingerprint, loaded.dtype, "cpu", split.documents[1], adapter)
+        fresh = cache_packet(loaded, adapter, split.documents[1])  # the refused file now holds its own packet
+        assert torch.equal(stored.keys, fresh.keys) and torch.equal(stored.values, fresh.values)
+        assert composer.compose(engine, split, "packet").packets_built == 0  # and read from then on
 
 
 def test_a_document_twice_in_a_query_is_built_once(tmp_path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from kvpack_integrations import Engine, build_pack, knowledge_prompt, load_pack
+from kvpack_integrations import Engine, GenerationSettings, build_pack, knowledge_prompt, load_pack
 from kvpack_integrations.composition import RadixTree
 from kvpack_integrations.errors import (
     CorruptSegmentError,
@@ -22,6 +23,7 @@ from kvpack_integrations.errors import (
 )
 from kvpack_integrations.packet import PacketAdapter
 from kvpack_integrations.prompts import KnowledgeFormat
+from kvpack_integrations.runtime.fingerprint import NOT_RECORDED
 from kvpack_integrations.segments import PackStore, load_segment, save_segment
 
 from .conftest import FACTS, QUESTION
@@ -307,3 +309,55 @@ def test_facts_that_share_a_token_are_refused_by_name(qwen, store: PackStore) ->
     # a pack built before the refusal, one segment short: which segment holds a fact is unknown, not guessed
     store.write(replace(manifest, segment_ids=manifest.segment_ids[:-1]), [])
     assert [searcher.search(f, k=1)[0].handle.segment_id for f in FACTS] == ["", "", ""]
+
+
+def test_a_pack_computed_under_other_numerics_is_reused_but_not_called_exact(store: PackStore) -> None:
+    """The same weights under another attention kernel (or device) compute K/V that differ by rounding: a pack
+    built there is reused here, reported not exact with the reason, and a pack built on top recomputes it."""
+    loaded = make_model("qwen2")
+    report = build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)
+    assert report.manifest.computed_on == "cpu/sdpa" == store.manifest("kb").computed_on
+    loaded.model.set_attn_implementation("eager")
+    engine = Engine(loaded)
+    load_pack(loaded, engine.tree, store, "kb")
+    ids = knowledge_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).token_ids
+    usage = engine.generate(ids, GenerationSettings(max_new_tokens=3)).usage
+    assert usage.cached_tokens > 0 and usage.exact is False
+    assert any("computed on cpu/sdpa, reused on cpu/eager" in note for note in usage.notes)
+    more = [*FACTS, "Kelmark has 14,000 people."]
+    rebuilt = build_pack(loaded, engine.tree, store, "more", more)
+    assert rebuilt.prefilled_tokens == rebuilt.manifest.token_count  # nothing inherited from the sdpa pack
+    assert rebuilt.manifest.computed_on == "cpu/eager"
+    here = Engine(loaded)
+    load_pack(loaded, here.tree, store, "more")
+    ids = knowledge_prompt(loaded.tokenizer, more, QUESTION, KnowledgeFormat()).token_ids
+    usage = here.generate(ids, GenerationSettings(max_new_tokens=3)).usage
+    assert usage.cached_tokens > 0 and usage.exact is True and not usage.notes
+
+
+def test_a_pack_from_before_the_numerics_stamp_stays_exact(store: PackStore) -> None:
+    loaded = make_model("qwen2")
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)
+    manifest = store.pack_dir("kb") / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["computed_on"]
+    manifest.write_text(json.dumps(data))
+    for path in (store.pack_dir("kb") / "segments").glob("*.safetensors"):
+        tensors, meta = _read_plain(path)
+        del meta["computed_on"]
+        save_file(tensors, str(path), metadata=meta)
+    assert store.manifest("kb").computed_on == NOT_RECORDED
+    engine = Engine(loaded)
+    load_pack(loaded, engine.tree, store, "kb")
+    ids = knowledge_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).token_ids
+    usage = engine.generate(ids, GenerationSettings(max_new_tokens=3)).usage
+    assert usage.cached_tokens > 0 and usage.exact is True
+
+
+def _read_plain(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+    return load_file(str(path)), metadata

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
                 "tokens": m.token_count,
                 "model": m.model_name,
                 "storage_dtype": m.storage_dtype,
+                "computed_on": m.computed_on,
                 "bytes": store.size_bytes(name),
             }
         )
@@ -43,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     lines = [
         f"{r['kb']}: damaged ({r['error']})"
         if "error" in r
-        else f"{r['kb']}: {r['facts']} facts, {r['tokens']} tokens, {r['model']}, {r['storage_dtype']}"
+        else (
+            f"{r['kb']}: {r['facts']} facts, {r['tokens']} tokens, {r['model']}, {r['storage_dtype']}, "
+            f"computed on {r['computed_on']}"
+        )
         for r in rows
     ] or [f"no knowledge bases in {store.root}"]
     lines += [

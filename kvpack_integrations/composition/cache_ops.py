@@ -106,6 +106,7 @@ def segments_from_cache(
                 fingerprint=loaded.fingerprint,
                 kind=SegmentKind.EXACT_PREFIX,
                 context=context_hash(ids[:prev]) if prev else "",
+                computed_on=loaded.numerics,
             )
         )
         prev = end

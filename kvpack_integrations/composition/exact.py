@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..runtime.loader import LoadedModel
+from ..segments.segment import KVSegment
 from .cache_ops import (
     cache_from_pieces,
     check_context_window,
@@ -38,21 +39,33 @@ def compose_exact(loaded: LoadedModel, tree: RadixTree, prompt_ids: Sequence[int
             cache=empty_cache(loaded), cached_tokens=0, strategy="exact", exact=True, notes=[note], token_ids=()
         )
     match = tree.match(prompt_ids).truncated(max(0, len(prompt_ids) - 1))
-    notes = []
-    lossless = all(p.segment.lossless for p in match.pieces)
-    if not lossless:
-        stored = sorted({p.segment.storage_dtype for p in match.pieces})
-        notes.append(f"segments stored in {'/'.join(stored)} for a {loaded.fingerprint.dtype} model: not exact")
+    notes = inexact_reasons(loaded, [p.segment for p in match.pieces])
     cache = cache_from_pieces(loaded, match.pieces) if match.length else empty_cache(loaded)
     return ComposedCache(
         cache=cache,
         cached_tokens=match.length,
         strategy="exact",
-        exact=lossless,
+        exact=not notes,
         segment_ids=tuple(dict.fromkeys(p.segment.id for p in match.pieces)),
         notes=notes,
         token_ids=tuple(prompt_ids[: match.length]),
     )
+
+
+def inexact_reasons(loaded: LoadedModel, segments: Sequence[KVSegment]) -> list[str]:
+    """Why reusing `segments` here is not exact (empty if it is): rounded storage, or K/V computed under
+    other numerics (another device or attention kernel: the same computation, other rounding)."""
+    reasons = []
+    stored = sorted({s.storage_dtype for s in segments if not s.lossless})
+    if stored:
+        reasons.append(f"segments stored in {'/'.join(stored)} for a {loaded.fingerprint.dtype} model: not exact")
+    foreign = sorted({s.computed_on for s in segments if not s.exact_under(loaded.numerics) and s.lossless})
+    if foreign:
+        reasons.append(
+            f"segments computed on {', '.join(foreign)}, reused on "
+            f"{loaded.numerics}: their K/V differ by rounding, not exact (rebuild the pack here to make it exact)"
+        )
+    return reasons
 
 
 def materialize(
@@ -68,8 +81,8 @@ def materialize(
     check_sliding_window(loaded, end)
     check_rope_regime(loaded, end)
     match = tree.match(ids[:end])
-    lossy = next((i for i, p in enumerate(match.pieces) if not p.segment.lossless), None)
-    if lossy is not None:  # recompute from there, so new segments never inherit rounded K/V
+    lossy = next((i for i, p in enumerate(match.pieces) if not p.segment.exact_under(loaded.numerics)), None)
+    if lossy is not None:  # recompute from there, so new segments never inherit rounded or foreign K/V
         match = match.truncated(sum(len(p) for p in match.pieces[:lossy]))
     cache = cache_from_pieces(loaded, match.pieces) if match.length else empty_cache(loaded)
     if match.length < end:

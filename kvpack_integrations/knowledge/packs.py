@@ -139,6 +139,7 @@ def build_pack(
         storage_dtype=dtype_name(storage_dtype) if storage_dtype is not None else loaded.fingerprint.dtype,
         token_count=prompt.knowledge_cuts[-1],
         raw=raw,
+        computed_on=loaded.numerics,
     )
     store.write(manifest, segments, storage_dtype)
     return BuildReport(manifest, prefilled, time.perf_counter() - t0, store.size_bytes(name))

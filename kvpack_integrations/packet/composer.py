@@ -39,7 +39,7 @@ from .compose import PACKET_REMEDY, PacketCache, cache_packet, compose_packets, 
 from .layout import PacketPrompt, document_ids
 from .recompute import recompute_positions, value_deviation
 from .resident import ResidentPackets
-from .store import adapter_id, iter_packets, packet_on_device, packet_path, save_packet
+from .store import Damage, adapter_id, iter_packets, packet_on_device, packet_path, save_packet
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -189,12 +189,14 @@ class PacketComposer:
         return list(self.stream(documents, method, built)), len(built)
 
     def stream(
-        self, documents: Sequence[Sequence[int]], method: str, built: list[int]
+        self, documents: Sequence[Sequence[int]], method: str, built: list[int], replaced: list[str] | None = None
     ) -> Generator[PacketCache, None, None]:
         """`load` as a stream, in document order: resident packets at once, stored ones from the host tier
         or as their files are read (`iter_packets`: on a GPU, several files at once, each copied to the
         device as soon as it is read), missing ones cached now and stored; the index of each built one is
-        appended to `built`."""
+        appended to `built`. A stored file that is refused (damaged, cut short, another document's or
+        adapter's, another model's) holds only a cache of its document: the packet is cached again and
+        the file replaced, counted in `built`, and why it was refused appended to `replaced`."""
         adapter = self.adapter_for(method)
         fingerprint = self.loaded.fingerprint
         key = adapter_id(adapter)  # once per query: hashing the soft tokens per document costs ms on an 8B model
@@ -208,7 +210,19 @@ class PacketComposer:
         stored = {i for i in wanted if i not in held and paths[i].is_file()}
         requests = [(paths[i], documents[i]) for i in sorted(stored)]
         device, dtype, threads = self.loaded.device, self.loaded.dtype, self.load_threads
-        from_store = iter_packets(requests, fingerprint, dtype, device, adapter, threads=threads, host=host)
+        rebuilt: set[Path] = set()
+
+        def rebuild(path: Path, document: Sequence[int], damage: Damage) -> PacketCache:
+            packet = cache_packet(self.loaded, adapter, document)
+            save_packet(path, packet, fingerprint, key)  # atomic: the refused file is replaced whole
+            rebuilt.add(path)
+            if replaced is not None:
+                replaced.append(str(damage))
+            return packet
+
+        from_store = iter_packets(
+            requests, fingerprint, dtype, device, adapter, threads=threads, host=host, repair=rebuild
+        )
         again = {path for i, path in enumerate(paths) if first[path] != i}  # paths that recur, from `first`
         made: dict[Path, PacketCache] = {}  # a document twice in one query is built (or read) once
         try:
@@ -220,6 +234,8 @@ class PacketComposer:
                     elif i in stored:
                         with torch.profiler.record_function("kvpack.load_packet"):  # named when profiled, else free
                             packet = next(from_store)
+                        if paths[i] in rebuilt:
+                            built.append(i)
                     else:  # not in the store: cached now, and stored for the next query
                         packet = cache_packet(self.loaded, adapter, document)
                         save_packet(paths[i], packet, fingerprint, key)
@@ -243,7 +259,8 @@ class PacketComposer:
         )
         preamble = _preamble_cache(engine, prompt.preamble)
         built: list[int] = []
-        packets = self.stream(prompt.documents, method, built)  # each composed as it arrives
+        replaced: list[str] = []
+        packets = self.stream(prompt.documents, method, built, replaced)  # each composed as it arrives
         lengths = [wrapped_length(d, adapter) for d in prompt.documents]
         try:
             with torch.profiler.record_function("kvpack.compose_packets"):
@@ -254,8 +271,10 @@ class PacketComposer:
         recomputed, selection = 0, 0
         if method in ("blend", "epic"):
             recomputed, selection = self._recompute(cache, prompt, method)
-        note = self._note(method, prompt, recomputed, len(built))
-        composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=[note], soft_tokens=soft)
+        notes = [self._note(method, prompt, recomputed, len(built))]
+        if replaced:
+            notes.append(f"{len(replaced)} stored packet files were refused and replaced (first: {replaced[0]})")
+        composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=notes, soft_tokens=soft)
         return PacketComposition(composed, recomputed, selection, len(built))
 
     def _recompute(self, cache: DynamicCache, prompt: PacketPrompt, method: str) -> tuple[int, int]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from ..errors import CorruptSegmentError, InvalidInputError
+from ..errors import CorruptSegmentError, FingerprintMismatchError, InvalidInputError
 from ..runtime.fingerprint import Fingerprint
 from ..segments.tensor_files import save_tensor_file
 from ..segments.whole_tensor_file import read_tensor_file_whole
@@ -27,6 +27,10 @@ from .resident import ResidentPackets
 FORMAT = "kvpack-packet/1"
 ADAPTER_KEY = "adapter"  # the metadata entry naming the adapter a packet was wrapped in (`adapter_id`)
 LOAD_THREADS = 16  # files read at once onto a GPU (measured on an H200 host: 16 beat 8 by 13-23%)
+# what a stored packet file can be refused for: unreadable or cut short (InvalidInputError, as for any
+# tensor file), another model's, another document's or adapter's, other shapes
+Damage = CorruptSegmentError | FingerprintMismatchError | InvalidInputError
+Repair = Callable[[Path, Sequence[int], Damage], PacketCache]  # (path, document, why) -> a packet on the device
 
 
 def adapter_id(adapter: PacketAdapter | None) -> str:
@@ -101,6 +105,7 @@ def iter_packets(
     *,
     threads: int | None = None,
     host: ResidentPackets | None = None,
+    repair: Repair | None = None,
 ) -> Generator[PacketCache, None, None]:
     """`load_packets` as a stream, in request order, each packet as soon as its file is read.
 
@@ -108,7 +113,8 @@ def iter_packets(
     asynchronously (the copies queue on the current stream, before any use of the packets). A file of
     another document, cut short, or of other shapes is refused by name. `host`: where each packet read
     is kept, checked, in host memory (page-locked for a GPU) for later queries; the caller takes what it
-    already holds before asking for files (`PacketComposer.stream`)."""
+    already holds before asking for files (`PacketComposer.stream`). `repair`: what to do with a file that
+    is refused (called in the consumer's thread, where the model may run); without it the refusal is raised."""
     device = torch.device(device)
     pin = device.type == "cuda"
     threads = default_load_threads(device) if threads is None else threads
@@ -116,28 +122,42 @@ def iter_packets(
         raise InvalidInputError(f"packet load threads must be >= 1, got {threads}")
     wanted = adapter_id(adapter)  # once: hashing the soft tokens per file would cost ms each on a large model
 
-    def fetch(path: Path, document: Sequence[int]) -> PacketCache:
-        """The packet in host memory: read whole from its file and checked (and kept in `host`)."""
-        tensors, meta, _ = read_tensor_file_whole(path, file_format=FORMAT, what="packet", expected=expected, pin=pin)
-        packet = _checked(path, tensors, meta, expected, document, adapter, wanted)
+    def fetch(path: Path, document: Sequence[int]) -> PacketCache | Damage:
+        """The packet in host memory: read whole from its file and checked (and kept in `host`); or, when
+        there is a `repair`, why the file was refused."""
+        try:
+            tensors, meta, _ = read_tensor_file_whole(
+                path, file_format=FORMAT, what="packet", expected=expected, pin=pin
+            )
+            packet = _checked(path, tensors, meta, expected, document, adapter, wanted)
+        except (CorruptSegmentError, FingerprintMismatchError, InvalidInputError) as damage:
+            if repair is None:
+                raise
+            return damage
         if host is not None:
             host.put(path, packet)
         return packet
 
+    def deliver(fetched: PacketCache | Damage, path: Path, document: Sequence[int]) -> PacketCache:
+        if isinstance(fetched, PacketCache):
+            return packet_on_device(fetched, device, dtype)
+        assert repair is not None  # fetch returns a refusal only when there is a repair
+        return repair(path, document, fetched)
+
     if threads == 1 or len(requests) < 2:
         for path, document in requests:
-            yield packet_on_device(fetch(path, document), device, dtype)
+            yield deliver(fetch(path, document), path, document)
         return
     with ThreadPoolExecutor(min(threads, len(requests))) as pool:
-        pending: deque[Future[PacketCache]] = deque()
+        pending: deque[Future[PacketCache | Damage]] = deque()
         queued = iter(requests)
         try:
-            for _ in requests:
+            for path, document in requests:
                 # at most 2 x threads files read ahead: a query's packets never all sit in (page-locked)
                 # host memory at once, and each buffer not kept in `host` is let go once handed over
                 while len(pending) < 2 * threads and (nxt := next(queued, None)) is not None:
                     pending.append(pool.submit(fetch, *nxt))
-                yield packet_on_device(pending.popleft().result(), device, dtype)
+                yield deliver(pending.popleft().result(), path, document)
         finally:
             for future in pending:
                 future.cancel()  # a refused file, or a consumer that stops early, stops the reads not yet started
@@ -183,9 +203,7 @@ def _checked(
     # (checked after the shapes: a plain packet read as a wrapped one is named by its length first)
     recorded = meta.get(ADAPTER_KEY)
     if recorded is not None and recorded != wanted:
-        raise CorruptSegmentError(
-            f"{path}: holds a packet wrapped in adapter {recorded}, not {wanted}: remove it to rebuild it"
-        )
+        raise CorruptSegmentError(f"{path}: holds a packet wrapped in adapter {recorded}, not {wanted}")
     return PacketCache(tuple(document), keys, values)
 
 

@@ -37,6 +37,18 @@ class LoadedModel:
         return self.model.config.get_text_config(decoder=True)
 
     @property
+    def numerics(self) -> str:
+        """Where and how this model's K/V are computed (`cpu/sdpa`, `cuda/flash_attention_2`,
+        `cuda/sdpa/tf32`): the same weights on another device or attention kernel give K/V that differ by
+        rounding, so a cache computed under other numerics is not exact here. Read at each use: TF32 is a
+        process-wide switch."""
+        kernel = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        parts = [self.device.type, str(kernel)]
+        if self.device.type == "cuda" and self.model.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+            parts.append("tf32")
+        return "/".join(parts)
+
+    @property
     def context_window(self) -> int:
         """Positions the model was trained for (`max_position_embeddings`)."""
         return int(getattr(self.config, "max_position_embeddings", 0) or 2048)

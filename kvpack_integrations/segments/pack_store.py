@@ -31,7 +31,7 @@ from ..errors import (
 from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.file_modes import folder_mode
-from ..runtime.fingerprint import Fingerprint
+from ..runtime.fingerprint import NOT_RECORDED, Fingerprint
 from ..runtime.paths import usable_directory
 from .directory_swap import asides, directory_lock, names_aside, replace_directory, restore_aside
 from .segment import KVSegment
@@ -61,6 +61,7 @@ class PackManifest:
     storage_dtype: str
     token_count: int
     raw: bool = False
+    computed_on: str = NOT_RECORDED  # the numerics (device, attention kernel) its K/V were computed under
     created: float = field(default_factory=time.time)
     build_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # tells two builds of the same facts apart
 
@@ -81,6 +82,7 @@ class PackManifest:
                 "storage_dtype": self.storage_dtype,
                 "token_count": self.token_count,
                 "raw": self.raw,
+                "computed_on": self.computed_on,
                 "created": self.created,
                 "build_id": self.build_id,
             },
@@ -105,6 +107,7 @@ class PackManifest:
                 storage_dtype=data["storage_dtype"],
                 token_count=int(data["token_count"]),
                 raw=bool(data.get("raw", False)),
+                computed_on=str(data.get("computed_on", NOT_RECORDED)),
                 created=float(data.get("created", 0.0)),
                 build_id=str(data.get("build_id", "")),
             )

@@ -3,7 +3,8 @@
 A segment holds the keys and values of a run of tokens at absolute positions [start, start+len),
 computed with a specific context in front (`context` is the hash of those tokens; empty for a
 segment computed on its own at position 0). It is valid only after exactly that context, on exactly
-the model in its fingerprint.
+the model in its fingerprint. `computed_on` says under which numerics (device, attention kernel) its K/V
+were computed: elsewhere they differ by rounding, so they are reused but no longer called exact.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ..errors import CorruptSegmentError
 from ..runtime.device import dtype_name
-from ..runtime.fingerprint import Fingerprint
+from ..runtime.fingerprint import NOT_RECORDED, Fingerprint
 
 
 class SegmentKind(str, Enum):
@@ -52,6 +53,7 @@ class KVSegment:
     fingerprint: Fingerprint
     kind: SegmentKind = SegmentKind.EXACT_PREFIX
     context: str = ""
+    computed_on: str = NOT_RECORDED  # `LoadedModel.numerics` where it was computed (not part of the id)
     id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +88,11 @@ class KVSegment:
         """False when stored in a lower precision than the model computes in (then no longer exact)."""
         return self.storage_dtype == self.fingerprint.dtype
 
+    def exact_under(self, numerics: str) -> bool:
+        """Whether these K/V are what a model computing under `numerics` would compute now: stored at full
+        precision and computed under the same numerics (a segment from before the stamp is taken as such)."""
+        return self.lossless and self.computed_on in (numerics, NOT_RECORDED)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
@@ -101,6 +108,7 @@ class KVSegment:
             fingerprint=self.fingerprint,
             kind=self.kind,
             context=context,
+            computed_on=self.computed_on,
         )
 
     def cast(self, dtype: torch.dtype) -> KVSegment:
@@ -113,4 +121,5 @@ class KVSegment:
             fingerprint=self.fingerprint,
             kind=self.kind,
             context=self.context,
+            computed_on=self.computed_on,
         )

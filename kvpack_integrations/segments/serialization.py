@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save
 
 from ..errors import CorruptSegmentError, FingerprintMismatchError
 from ..runtime.file_modes import file_mode
-from ..runtime.fingerprint import Fingerprint
+from ..runtime.fingerprint import NOT_RECORDED, Fingerprint
 from .segment import KVSegment, SegmentKind
 
 FORMAT = "kvpack-segment/1"
@@ -66,6 +66,7 @@ def save_segment(segment: KVSegment, path: Path, storage_dtype: torch.dtype | No
         "context": seg.context,
         "fingerprint": seg.fingerprint.to_json(),
         "storage_dtype": seg.storage_dtype,
+        "computed_on": seg.computed_on,
         "checksum": _checksum(tensors),
     }
     atomic_write_bytes(path, save(tensors, metadata=metadata))
@@ -118,6 +119,7 @@ def load_segment(path: Path, expected: Fingerprint | None = None, device: str | 
         fingerprint=fingerprint,
         kind=kind,
         context=meta.get("context", ""),
+        computed_on=meta.get("computed_on", NOT_RECORDED),
     )
     if segment.id != meta.get("id"):
         raise CorruptSegmentError(f"{path}: content does not match its recorded id")
