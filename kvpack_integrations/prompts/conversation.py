@@ -12,7 +12,6 @@ Framework objects never reach this module: integrations translate their messages
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Any
 
 from ..errors import TemplateError
 from .knowledge import KnowledgeFormat
-from .rendering import RenderedPrompt, find_in_rendering, fold_system, render_messages
+from .rendering import MOVED_SYSTEM_NOTE, RenderedPrompt, find_in_rendering, fold_system, render_messages
+from .templates import system_stays_first
 from .tools import (
     fallback_tool_response,
     fallback_tools_block,
@@ -30,7 +30,6 @@ from .tools import (
 )
 
 ROLES = ("system", "user", "assistant", "tool")
-_PROBE = "kvpack-system-probe"
 
 
 @dataclass(frozen=True)
@@ -82,23 +81,6 @@ class ConversationPrompt:
     @property
     def token_ids(self) -> list[int]:
         return list(self.rendered.token_ids)
-
-
-@functools.lru_cache(maxsize=32)
-def _system_stays_first(template: str, tokenizer: Any) -> bool:
-    """Whether the template keeps the system text ahead of the first user turn (Mistral's moves it)."""
-    probe = [
-        {"role": "system", "content": _PROBE},
-        {"role": "user", "content": "u1"},
-        {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "u2"},
-    ]
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    except Exception:  # no system role at all: render_messages folds it into the first user turn
-        return True
-    pos = text.find(_PROBE)
-    return 0 <= pos < text.find("u1")
 
 
 def _system_content(knowledge: Sequence[str], fmt: KnowledgeFormat, system: str, tools_block: str) -> str:
@@ -258,8 +240,7 @@ def render_conversation(
     has_system = bool(knowledge) or lead > 0 or bool(tools_block)
     system = _system_content(knowledge, fmt, system_text, tools_block) if has_system else None
     rest = list(turns[lead:])
-    template = str(tokenizer.chat_template or "")
-    if system is not None and not _system_stays_first(template, tokenizer):
+    if system is not None and not system_stays_first(tokenizer):
         # the template moves the system text (Mistral: into the last user turn), which would put the
         # knowledge after the question and change every step's prefix: fold it into the first turn
         first = next((i for i, t in enumerate(rest) if t.role == "user"), None)
@@ -267,6 +248,9 @@ def render_conversation(
             raise TemplateError("this chat template moves the system message and there is no user turn to hold it")
         rest[first] = ChatTurn("user", f"{system}{fmt.separator}{rest[first].content}")
         system = None
+        moved = [MOVED_SYSTEM_NOTE]
+    else:
+        moved = []
     given = _to_template_messages(rest, system, native_tools, fmt.separator)
     rendered, messages = _render(tokenizer, given, tools if native_tools else None, fmt.separator, thinking)
     return ConversationPrompt(
@@ -276,7 +260,7 @@ def render_conversation(
         document_spans=_document_spans(rendered, rest),
         template_messages=tuple(fold_system(messages) if rendered.system_folded else messages),  # as rendered
         native_tools=native_tools,
-        notes=_template_notes(rendered, given, messages),
+        notes=(*moved, *_template_notes(rendered, given, messages)),
     )
 
 

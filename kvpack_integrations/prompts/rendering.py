@@ -14,10 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import TemplateError
-from .templates import PROBE_USER, probe_turn, render_probe, template_kwargs
+from .templates import PROBE_USER, probe_turn, render_probe, system_stays_first, template_kwargs
 
 Message = Mapping[str, Any]
 _FOLD_SEPARATOR = "\n\n"
+_THINK_CLOSE = "</think>"
+MOVED_SYSTEM_NOTE = (
+    "this chat template moves the system message into the last user turn; it was kept (knowledge included) "
+    "at the top of the first user turn instead, so every step shares its prefix: apply_chat_template on the "
+    "same messages would place it elsewhere"
+)
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,13 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: An
 
 
 def _needles(content: str) -> list[str]:
-    """How a text may appear in a rendering: as is, trimmed, or JSON-escaped (Llama 3.1's tool turns)."""
+    """How a text may appear in a rendering: as is, trimmed, JSON-escaped (Llama 3.1's tool turns), or
+    without its thinking (Qwen3 and DeepSeek-R1 templates drop `<think>...</think>` from earlier turns)."""
     escaped = json.dumps(content, ensure_ascii=False)[1:-1]
-    return list(dict.fromkeys([content, content.strip(), escaped]))
+    needles = [content, content.strip(), escaped]
+    if _THINK_CLOSE in content:
+        needles.append(content.rsplit(_THINK_CLOSE, 1)[1].strip())
+    return list(dict.fromkeys(needles))
 
 
 def find_in_rendering(text: str, content: str, cursor: int) -> tuple[int, int] | None:
@@ -137,6 +147,22 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[tuple[int, ...], tup
     return ids, offsets
 
 
+def _checked_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Plain dict copies of `messages`, once they are shown to be a non-empty list of role/content maps."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TemplateError(f"messages must be a list of {{'role', 'content'}} mappings, got {type(messages).__name__}")
+    if not messages:
+        raise TemplateError("there are no messages to render")
+    msgs = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise TemplateError(f"message {i} is a {type(m).__name__}, not a {{'role', 'content'}} mapping")
+        if not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise TemplateError(f"message {i} needs a string 'role' and a string 'content'")
+        msgs.append(dict(m))
+    return msgs
+
+
 def render_messages(
     tokenizer: Any,
     messages: Sequence[Message],
@@ -150,27 +176,30 @@ def render_messages(
     `thinking=False` turns off Qwen3-style thinking (a capped answer with thinking on scores ~0);
     `None` leaves the template's default.
     """
-    msgs = [dict(m) for m in messages]
-    for i, m in enumerate(msgs):
-        if not isinstance(m.get("content"), str) or "role" not in m:
-            raise TemplateError(f"message {i} needs a 'role' and string 'content'")
+    msgs = _checked_messages(messages)
     kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, **template_kwargs(tokenizer, thinking)}
     if tools:
         kwargs["tools"] = list(tools)
-    folded = False
+    system_first = msgs[0]["role"] == "system"
+    # a template that moves the system text into the last user turn (Mistral) would put it after the
+    # earlier turns, where no span of it is a prefix: with more than one user turn it is folded into the first
+    folded = system_first and sum(m["role"] == "user" for m in msgs) > 1 and not system_stays_first(tokenizer)
     try:
-        text = _apply_template(tokenizer, msgs, **kwargs)
+        text = _apply_template(tokenizer, fold_system(msgs) if folded else msgs, **kwargs)
     except TemplateError:
         raise
-    except Exception as exc:  # jinja's raise_exception, e.g. Gemma's "System role not supported"
-        if not msgs or msgs[0]["role"] != "system" or "system" not in str(exc).lower():
+    except Exception as exc:  # jinja's raise_exception: "System role not supported" (Gemma), "roles must
+        # alternate" (Mistral v0.1, Mixtral): a template without a system role, whatever its message says
+        if not system_first or folded:
             raise TemplateError(f"chat template failed: {exc}") from exc
         try:
             text = _apply_template(tokenizer, fold_system(msgs), **kwargs)
         except TemplateError:
             raise
         except Exception as exc2:
-            raise TemplateError(f"chat template failed even with the system text folded in: {exc2}") from exc2
+            raise TemplateError(
+                f"chat template failed: {exc}; and with the system text folded into the first user turn: {exc2}"
+            ) from exc2
         folded = True
 
     ids, offsets = encode_with_offsets(tokenizer, text)

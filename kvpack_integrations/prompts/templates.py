@@ -56,3 +56,23 @@ def _render(
     except Exception:  # a template that cannot render the probe: the caller's fallback
         return None
     return text if isinstance(text, str) else None
+
+
+_SYSTEM_PROBE = "kvpack-system-probe"
+
+
+def system_stays_first(tokenizer: Any) -> bool:
+    """Whether the template keeps the system text ahead of the first user turn (Mistral's moves it into the
+    last one). A template that cannot render a system message at all counts as keeping it: such templates
+    get the system text folded into the first user turn anyway (`rendering.fold_system`)."""
+    probe = [
+        {"role": "system", "content": _SYSTEM_PROBE},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+    ]
+    text = render_probe(tokenizer, probe, None, None, generation_prompt=True)
+    if text is None:
+        return True
+    pos = text.find(_SYSTEM_PROBE)
+    return 0 <= pos < text.find("u1")

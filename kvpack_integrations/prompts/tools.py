@@ -18,18 +18,30 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .templates import PROBE_NAME, PROBE_USER, render_probe
+
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _CALL_ID = re.compile(r"^[A-Za-z0-9]{9}$")
 _ALPHABET = string.ascii_letters + string.digits
 
 
+PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": PROBE_NAME,
+        "description": "kvpack probe",
+        "parameters": {"type": "object", "properties": {"kvpackarg": {"type": "integer"}}},
+    },
+}
+
+
 def template_supports_tools(tokenizer: Any) -> bool:
-    """True when the chat template reads a `tools` variable (so it renders tool schemas itself)."""
-    template = tokenizer.chat_template
-    if isinstance(template, dict):  # named templates: the default one, or a dedicated tool_use one
-        return "tool_use" in template or "tools" in str(template.get("default", ""))
-    return bool(template) and re.search(r"\btools\b", str(template)) is not None
+    """True when the chat template renders the `tools` it is given (so it shows tool schemas itself),
+    learned by rendering a probe tool once per template: the word `tools` in a template does not say
+    so (Phi-4-mini's reads `message['tools']` and drops the `tools=` argument)."""
+    text = render_probe(tokenizer, [PROBE_USER], [PROBE_TOOL], None)
+    return text is not None and PROBE_NAME in text
 
 
 def format_tool_call_block(name: str, arguments: Mapping[str, Any]) -> str:
