@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from kvpack_integrations.errors import DefaultModelMissingError
 from kvpack_integrations.evaluation.datasets import load_rows
 from kvpack_integrations.prompts import KnowledgeFormat, render_messages
 from kvpack_integrations.runtime import default_model as dm
-from kvpack_integrations.runtime import default_model_dir
+from kvpack_integrations.runtime import default_model_dir, loader
 
 from .conftest import SHARED_DATA
 
@@ -44,6 +45,26 @@ def test_converted_copy_is_plain_safetensors_and_reused(smol, monkeypatch: pytes
 
     monkeypatch.setattr(dm, "convert_gguf", no_conversion)
     assert default_model_dir() == target
+
+
+def test_a_damaged_converted_copy_is_converted_again(smol, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = default_model_dir()
+    monkeypatch.setenv("KVPACK_HOME", str(tmp_path))
+    target = dm.converted_dir(dm.default_gguf_path())
+    shutil.copytree(good, target)
+    with (target / "model.safetensors").open("r+b") as fh:
+        fh.truncate(1_000_000)  # a crash or a full disk: a raw SafetensorError on every load before
+    conversions = []
+
+    def convert_from_good_copy(_gguf, to):  # stands in for the ~20 s conversion checked above
+        conversions.append(to)
+        shutil.copytree(good, to)
+        return to
+
+    monkeypatch.setattr(dm, "convert_gguf", convert_from_good_copy)
+    monkeypatch.setattr(loader, "_CACHE", {})
+    assert load_model().fingerprint == smol.fingerprint
+    assert conversions == [target]
 
 
 def test_converted_copy_has_the_logits_of_the_gguf(smol) -> None:

@@ -48,8 +48,9 @@ PACKET_METHODS = ("packet", "rerotated", "blend", "epic", "naive")
 
 
 def default_packet_dir() -> Path:
-    """`$KVPACK_PACKETS`, else `packets/` under the kvpack home."""
-    return Path(os.environ.get("KVPACK_PACKETS", kvpack_home() / "packets")).expanduser()
+    """`$KVPACK_PACKETS`, else `packets/` under the kvpack home; empty counts as unset (not the current folder)."""
+    env = os.environ.get("KVPACK_PACKETS", "")
+    return Path(env).expanduser() if env.strip() else kvpack_home() / "packets"
 
 
 def megabytes_from_env(name: str) -> int:

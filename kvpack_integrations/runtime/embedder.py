@@ -55,9 +55,12 @@ class Embedder:
 
 
 def load_embedder(source: str | Path | None = None) -> Embedder:
-    """Load (once per process) a sentence-transformers model; `None` means the packaged default."""
+    """Load (once per process) a sentence-transformers model; `None` (or its recorded name,
+    `all-MiniLM-L6-v2`) means the packaged default."""
     from sentence_transformers import SentenceTransformer
 
+    if source is not None and str(source) == DEFAULT_EMBEDDER_NAME:
+        source = None  # the name knowledge bases record for the packaged default: never a hub download
     where = str(default_embedder_path()) if source is None else str(Path(source).expanduser())
     if source is not None and not Path(where).exists():
         where = str(source)  # a hub id

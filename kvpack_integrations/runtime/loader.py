@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError
-from .default_model import DEFAULT_MODEL_NAME, convert_gguf, converted_dir, default_model_dir
+from ..errors import InvalidInputError, KVPackError, ModelLoadError
+from .default_model import DEFAULT_MODEL_NAME, convert_again, default_gguf_path, ensure_converted
 from .device import dtype_name, resolve_device, resolve_dtype
 from .fingerprint import Fingerprint, fingerprint_model
 
@@ -114,28 +114,83 @@ def wrap_model(model: Any, tokenizer: Any, name: str | None = None) -> LoadedMod
     )
 
 
-def _resolve_source(source: str | Path | None) -> tuple[str, dict[str, Any], str]:
-    """Map what the user gave to (path or id, from_pretrained kwargs, display name)."""
+def _converted(gguf: Path) -> Path:
+    """The safetensors copy of `gguf`, converting it on first use; a file the GGUF reader refuses is named."""
+    try:
+        return ensure_converted(gguf)
+    except KVPackError:
+        raise
+    except Exception as exc:  # gguf/transformers raise many types for a bad file
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {exc}") from exc
+
+
+def _resolve_source(source: str | Path | None) -> tuple[str, dict[str, Any], str, Path | None]:
+    """Map what the user gave to (path or id, from_pretrained kwargs, display name, and the GGUF file when
+    the path is our converted copy of it)."""
     if source is None or str(source) in ("", "default", DEFAULT_MODEL_NAME):
-        return str(default_model_dir()), {"local_files_only": True}, DEFAULT_MODEL_NAME
+        gguf = default_gguf_path()
+        return str(_converted(gguf)), {"local_files_only": True}, DEFAULT_MODEL_NAME, gguf
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        target = converted_dir(path.resolve())
-        if not (target / "model.safetensors").is_file():
-            try:
-                convert_gguf(path.resolve(), target)
-            except Exception as exc:  # gguf/transformers raise many types for a bad file
-                raise ModelLoadError(f"could not read GGUF file {path}: {exc}") from exc
-        return str(target), {"local_files_only": True}, path.stem
+        gguf = path.resolve()
+        return str(_converted(gguf)), {"local_files_only": True}, path.stem, gguf
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a model directory (no config.json)")
-        return str(path), {"local_files_only": True}, path.name
+        return str(path), {"local_files_only": True}, path.name, None
     if str(source).startswith((".", "/", "~")):
         raise ModelLoadError(f"model path does not exist: {source}")
-    return str(source), {}, str(source)  # a hub id: the user's own cache or network decides
+    return str(source), {}, str(source), None  # a hub id: the user's own cache or network decides
+
+
+def _one_device(dev: torch.device) -> torch.device:
+    """`cuda` and `cuda:<current>` (or `cpu` and `cpu:0`) are one device: one cache key, one load."""
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    return dev
+
+
+def _read(where: str, kwargs: dict[str, Any], dt: torch.dtype) -> tuple[Any, Any]:
+    """Tokenizer and model from `where`, on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+    return tokenizer, model
+
+
+def _read_converted(gguf: Path, where: str, kwargs: dict[str, Any], dt: torch.dtype) -> tuple[Any, Any]:
+    """Read our converted copy of `gguf`; one that fails (cut short by a crash or a full disk, damaged) is
+    converted again from the GGUF file, the source of truth, instead of failing every later load."""
+    try:
+        return _read(where, kwargs, dt)
+    except MemoryError:
+        raise
+    except Exception:  # safetensors, tokenizers and json raise their own types for a bad file
+        try:
+            convert_again(gguf, Path(where))
+        except KVPackError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"could not read GGUF file {gguf}: {exc}") from exc
+        try:
+            return _read(where, kwargs, dt)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"the converted copy {where} of {gguf} does not load even when converted again: {exc}; "
+                "delete that folder and report the problem"
+            ) from exc
+
+
+def _checked_dtype(dtype: object) -> str | torch.dtype | None:
+    """A dtype as `resolve_dtype` takes it; anything else (a number, a NumPy dtype) is refused by name."""
+    if dtype is None or isinstance(dtype, (str, torch.dtype)):
+        return dtype
+    raise InvalidInputError(f"dtype must be a name such as 'float32', a torch.dtype or None, got {dtype!r}")
 
 
 def load_model(
@@ -145,18 +200,16 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
 ) -> LoadedModel:
     """Load (once per process) a causal LM and its tokenizer; `None` means the embedded default."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    where, kwargs, name = _resolve_source(source)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt_asked = _checked_dtype(dtype)
+    where, kwargs, name, gguf = _resolve_source(source)
+    dev = _one_device(resolve_device(device))
+    dt = resolve_dtype(dt_asked, dev)
     key = (where, str(dev), dtype_name(dt))
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+            tokenizer, model = _read(where, kwargs, dt) if gguf is None else _read_converted(gguf, where, kwargs, dt)
             model = model.to(dev)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelLoadError(f"could not load model {name!r} from {where}: {exc}") from exc

@@ -38,13 +38,18 @@ def usable_file(path: str | Path, what: str) -> Path:
 
 def read_text_lines(path: str | Path, what: str) -> list[str]:
     """The lines of a UTF-8 text file the user named; a missing, unreadable or non-UTF-8 file is
-    refused by name."""
+    refused by name. Lines end at "\n" (or "\r\n") only: `str.splitlines` also splits at U+2028, U+2029,
+    U+0085 and form feeds, which JSON written with `ensure_ascii=False` keeps inside its strings."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InvalidInputError(f"{what} not found: {path}")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{path} is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise InvalidInputError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no new one
+    return [line.removesuffix("\r") for line in lines]
