@@ -4,6 +4,7 @@ what is new, tools and structured output, async/stream/batch, and bad input."""
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 from langchain_core.documents import Document
@@ -174,29 +175,46 @@ def lookup(city: str) -> str:
     return city
 
 
+def _whole_or_cut(reply: AIMessage, names: tuple[str, ...]) -> None:
+    """A forced call is whole and valid ("tool_calls"), or max_tokens cut it: then it is no call but an
+    invalid one saying so ("length"), never a call of cut or placeholder arguments."""
+    if reply.response_metadata["finish_reason"] == "length":
+        assert reply.tool_calls == [] and "max_tokens ran out" in reply.invalid_tool_calls[0]["error"]
+    else:
+        assert reply.response_metadata["finish_reason"] == "tool_calls" and reply.invalid_tool_calls == []
+        assert len(reply.tool_calls) == 1 and reply.tool_calls[0]["name"] in names
+        assert len(reply.tool_calls[0]["id"]) == 9
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma", "qwen3"])
 def test_forced_tool_calls_are_valid_on_random_weights(model_root, family: str) -> None:
     chat = KVPackChatModel(model=save_model_dir(family, model_root), max_tokens=200)
-    reply = chat.bind_tools([add, lookup], tool_choice="any").invoke("What is 2 + 3?")
-    assert len(reply.tool_calls) == 1
-    call = reply.tool_calls[0]
-    assert call["name"] in ("add", "lookup") and len(call["id"]) == 9
-    if call["name"] == "add":
-        assert isinstance(call["args"]["a"], int) and isinstance(call["args"]["b"], int)
+    _whole_or_cut(chat.bind_tools([add, lookup], tool_choice="any").invoke("What is 2 + 3?"), ("add", "lookup"))
     named = chat.bind_tools([add, lookup], tool_choice="add").invoke("What is 2 + 3?")
     assert named.tool_calls[0]["name"] == "add" and isinstance(named.tool_calls[0]["args"]["b"], int)
+    assert isinstance(named.tool_calls[0]["args"]["a"], int)
     assert named.response_metadata["finish_reason"] == "tool_calls"
-    # a string argument runs until the model closes it or max_tokens ends (random weights seldom close
-    # one): either way a valid call, and "length" with a note exactly when it was cut
-    where = chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?")
-    assert where.tool_calls[0]["name"] == "lookup" and isinstance(where.tool_calls[0]["args"]["city"], str)
-    cut = any("max_tokens ran out" in n for n in where.response_metadata["kvpack"]["notes"])
-    assert where.response_metadata["finish_reason"] == ("length" if cut else "tool_calls")
-    # a budget too small for the call still yields a valid call, flagged as cut short
-    short = chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?", max_tokens=12)
-    assert short.tool_calls[0]["name"] == "lookup" and isinstance(short.tool_calls[0]["args"]["city"], str)
-    assert short.response_metadata["finish_reason"] == "length"
-    assert any("max_tokens ran out" in n for n in short.response_metadata["kvpack"]["notes"])
+    # a string argument runs until the model closes it or max_tokens ends (random weights seldom close one)
+    _whole_or_cut(chat.bind_tools([add, lookup], tool_choice="lookup").invoke("Where?"), ("lookup",))
+
+
+def test_a_forced_call_cut_by_max_tokens_is_invalid_on_both_paths(model_root) -> None:
+    """A forced call the budget cut was closed by the engine and returned valid, its arguments placeholders
+    or cut short (an agent ran it); it is an invalid call with the reason, as a cut free-text call is."""
+    short = _chat(model_root).bind_tools([add, lookup], tool_choice="lookup")  # MAX tokens: too few
+    reply, streamed = _invoked_and_streamed(short)
+    for message in (reply, streamed):
+        assert message.tool_calls == [] and message.response_metadata["finish_reason"] == "length"
+        (invalid,) = message.invalid_tool_calls
+        assert "max_tokens ran out while the model wrote the call to 'lookup'" in invalid["args"]
+        assert "raise max_tokens" in invalid["args"]
+        assert message.response_metadata["invalid_tool_call_errors"] == [invalid["args"]]
+        assert invalid["args"] in message.response_metadata["kvpack"]["notes"]
+    assert reply.invalid_tool_calls[0]["error"] == reply.invalid_tool_calls[0]["args"]
+    raw = _chat(model_root).with_structured_output(Person, method="function_calling", include_raw=True)
+    out = raw.invoke("Who?")  # structured output through a cut call: nothing parsed, and the reply says why
+    assert out["parsed"] is None and out["parsing_error"] is None
+    assert "the call to 'Person'" in out["raw"].invalid_tool_calls[0]["error"]
 
 
 def test_tool_choice_and_schema_errors(model_root) -> None:
@@ -223,13 +241,39 @@ class Person(BaseModel):
     tags: list[str] = Field(default_factory=list)
 
 
+def test_a_forced_call_whose_closing_markup_passes_max_tokens_is_whole(model_root) -> None:
+    """Only the engine's closing markup past the budget: every choice was the model's, so the call stands
+    (it was reported "length", as if its arguments might be cut short). Qwen's call closes with several
+    tokens of markup (`}}` then `</tool_call>`), so one token less than the call leaves the arguments whole."""
+    chat = KVPackChatModel(model=save_model_dir("qwen2", model_root), max_tokens=200).bind_tools(
+        [add], tool_choice="add"
+    )
+    full = chat.invoke("What is 2 + 3?")
+    assert full.response_metadata["finish_reason"] == "tool_calls"
+    tight = chat.invoke("What is 2 + 3?", max_tokens=full.usage_metadata["output_tokens"] - 1)
+    assert tight.tool_calls[0]["args"] == full.tool_calls[0]["args"] and tight.invalid_tool_calls == []
+    assert tight.response_metadata["finish_reason"] == "tool_calls"
+    notes = tight.response_metadata["kvpack"]["notes"]
+    assert any("closing markup" in n and "went past max_tokens" in n for n in notes)
+
+
+class Reading(BaseModel):
+    """A reading: what random weights write whole (no free-text string, which they seldom close)."""
+
+    minutes: int
+    unit: Literal["min", "h"]
+
+
 @pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
 def test_structured_output_validates_on_random_weights(model_root, method: str) -> None:
+    # function_calling writes a forced call, and one that max_tokens cuts is no call (the test above): it
+    # gets a schema random weights complete; the JSON methods end a string max_tokens cuts where it is cut
+    schema = Reading if method == "function_calling" else Person
     chat = KVPackChatModel(model=save_model_dir("llama", model_root), max_tokens=96)
-    person = chat.with_structured_output(Person, method=method).invoke("Describe someone.")
-    assert isinstance(person, Person)
-    raw = chat.with_structured_output(Person.model_json_schema(), method=method, include_raw=True).invoke("Who?")
-    assert raw["parsing_error"] is None and set(raw["parsed"]) >= {"name", "age"}
+    value = chat.with_structured_output(schema, method=method).invoke("Describe someone.")
+    assert isinstance(value, schema)
+    raw = chat.with_structured_output(schema.model_json_schema(), method=method, include_raw=True).invoke("Who?")
+    assert raw["parsing_error"] is None and set(raw["parsed"]) >= set(schema.model_json_schema()["required"])
     assert isinstance(raw["raw"], AIMessage)
 
 

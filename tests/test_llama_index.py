@@ -5,7 +5,11 @@ role, the retriever (pack and Chroma) and bad input."""
 from __future__ import annotations
 
 import itertools
+import json
+import re
 import shutil
+import threading
+from typing import Literal
 
 import pytest
 from llama_index.core.base.llms.types import (
@@ -17,9 +21,10 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.memory import Memory
+from llama_index.core.prompts import PromptTemplate
 from llama_index.core.query_engine import RetrieverQueryEngine
-from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
-from llama_index.core.tools import FunctionTool
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+from llama_index.core.tools import FunctionTool, ToolMetadata
 from pydantic import BaseModel
 
 from kvpack_integrations import build_pack, load_model
@@ -164,7 +169,7 @@ def test_metadata_and_options(model_root) -> None:
     assert meta.is_chat_model and meta.is_function_calling_model
     assert meta.model_name == llm.model and meta.system_role == MessageRole.SYSTEM
     assert _llm(model_root, context_window=512).metadata.context_window == 512
-    assert KVPackLLM().model_name == "SmolLM2-135M-Instruct"  # no weights needed (metadata would load them)
+    assert KVPackLLM().model_name == "SmolLM2-135M-Instruct"  # no weights needed
     with pytest.raises(InvalidInputError, match="unknown arguments: temprature"):
         KVPackLLM(temprature=0.5)
     with pytest.raises(InvalidInputError, match="unknown call options: foo"):
@@ -211,6 +216,102 @@ def test_per_call_options_are_checked_by_name(model_root) -> None:
             llm.chat(question, **{name: value})
     reply = llm.chat(question, max_tokens=2, temperature=0, top_p=1, top_k=0, seed=1, stop="zz")
     assert _kvpack(reply)["output_tokens"] <= 2
+    # named as the caller named it (the engine's name for it, max_new_tokens, was given)
+    with pytest.raises(InvalidInputError, match=r"^max_tokens must be >= 1, got 0"):
+        llm.chat(question, max_tokens=0)
+    with pytest.raises(InvalidInputError, match=r"^unknown strategy \['x'\]"):  # failed unhashable, unnamed
+        llm.chat(question, strategy=["x"])
+
+
+def test_constructor_options_are_checked_as_a_calls_are() -> None:
+    """Pydantic's lax mode coerced what a call refuses: max_tokens=True became 1, "5" 5, temperature=True
+    1.0, seed=True 1; other values failed with pydantic's messages, not a call's."""
+    bad = [
+        ("max_tokens", True),
+        ("max_tokens", "5"),
+        ("max_tokens", 2.7),
+        ("temperature", True),
+        ("temperature", "0.5"),
+        ("top_p", True),
+        ("top_k", 1.5),
+        ("seed", True),
+        ("seed", "1"),
+        ("stop", 3),
+        ("stop", ["ok", 3]),
+        ("context_window", True),
+        ("context_window", "4096"),
+    ]
+    for name, value in bad:
+        with pytest.raises(InvalidInputError, match=f"^{name} must be"):
+            KVPackLLM(**{name: value})
+    ranges = [
+        ("max_tokens", 0, "max_tokens must be >= 1, got 0"),
+        ("temperature", float("nan"), "temperature must be a finite number"),
+        ("top_p", 0, "top_p must be in (0, 1]"),
+        ("context_window", 0, "context_window must be >= 1"),
+        ("remember", "yes", "remember must be True or False"),
+        ("strict_segments", 1, "strict_segments must be True or False"),
+        ("strategy", "bogus", "unknown strategy 'bogus'"),
+        ("agent_role", "", "agent_role must be a non-empty string"),
+    ]
+    for name, value, message in ranges:
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            KVPackLLM(**{name: value})
+    llm = KVPackLLM(max_tokens=5, temperature=1, top_p=0.5, seed=3, stop="zz", context_window=512)
+    assert (llm.max_tokens, llm.temperature, llm.top_p, llm.seed, llm.stop) == (5, 1.0, 0.5, 3, ["zz"])
+    assert isinstance(llm.temperature, float) and llm.context_window == 512
+    again = KVPackLLM.from_json(llm.to_json())  # what was stored loads back
+    assert (again.max_tokens, again.temperature, again.stop) == (5, 1.0, ["zz"])
+
+
+def test_prompt_hooks_are_refused_not_ignored() -> None:
+    """Every prompt is rendered with the model's chat template: `completion_to_prompt=` and
+    `messages_to_prompt=` were accepted and never called."""
+    hooks = {
+        "completion_to_prompt": lambda prompt: "ZZZ" + prompt,
+        "messages_to_prompt": lambda messages: "ZZZ",
+        "query_wrapper_prompt": PromptTemplate("ZZZ {query_str}"),
+    }
+    for name, hook in hooks.items():
+        with pytest.raises(InvalidInputError, match=f"does not take {name}: .*chat template"):
+            KVPackLLM(**{name: hook})
+    defaults = KVPackLLM()  # LlamaIndex's own defaults, which the base class fills in, are no hook
+    assert KVPackLLM(
+        messages_to_prompt=defaults.messages_to_prompt, completion_to_prompt=defaults.completion_to_prompt
+    ).model_name
+
+
+def test_metadata_reads_the_config_not_the_weights(model_root, pack_store, tmp_path, monkeypatch) -> None:
+    """An async agent reads `metadata` on its event loop at every step: reading it loaded the weights there."""
+    import kvpack_integrations.llama_index.llm as llm_module
+
+    source = save_model_dir("llama", model_root)
+    wide = tmp_path / "wide"
+    shutil.copytree(source, wide)
+    config = json.loads((wide / "config.json").read_text())
+    config["max_position_embeddings"] = 4096  # not the tiny models' 2048: read from this very config
+    (wide / "config.json").write_text(json.dumps(config))
+    real_load = llm_module.load_model
+    loads: list[str] = []
+
+    def counted(model, **kwargs):
+        loads.append(model)
+        return real_load(model, **kwargs)
+
+    monkeypatch.setattr(llm_module, "load_model", counted)
+    llm = KVPackLLM(model=str(wide), max_tokens=4)
+    assert llm.metadata.context_window == 4096 and loads == []
+    assert llm.loaded_model().context_window == 4096 == llm.metadata.context_window and len(loads) == 1
+    # a bound pack's tokens come from its manifest, read again when the pack is rebuilt
+    copy = tmp_path / "store"
+    shutil.copytree(_store(pack_store, "llama"), copy)
+    bound, loads[:] = KVPackLLM(model=source, kb="kb", store=str(copy)), []
+    before = PackStore(copy).manifest("kb").token_count
+    assert bound.metadata.context_window == 2048 - before and loads == []
+    loaded = real_load(source)
+    build_pack(loaded, RadixTree(loaded.fingerprint), PackStore(copy), "kb", FACTS[:1])
+    after = PackStore(copy).manifest("kb").token_count
+    assert after < before and bound.metadata.context_window == 2048 - after and loads == []
 
 
 def test_tool_calls_with_arguments_as_json_text() -> None:
@@ -384,6 +485,62 @@ def test_stock_compact_template_and_synthesizer_rules(model_root) -> None:
     assert direct == _llm(model_root).chat([ChatMessage(role="user", content=QUESTION)], nodes=FACTS).message.content
 
 
+def test_synthesizer_options_are_checked_at_construction(model_root, pack_store) -> None:
+    """`strategy=` and `agent_role=` of a synthesizer or query engine were checked only at the first query."""
+    llm = _llm(model_root)
+    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=2)
+    refused = [
+        ({"strategy": "bogus"}, "unknown strategy 'bogus'"),
+        ({"strategy": ["x"]}, r"unknown strategy \['x'\]"),
+        ({"agent_role": ""}, "agent_role must be a non-empty string"),
+        ({"agent_role": 3}, "agent_role must be a non-empty string"),
+    ]
+    for options, match in refused:
+        with pytest.raises(InvalidInputError, match=match):
+            KVPackSynthesizer(llm, **options)
+        with pytest.raises(InvalidInputError, match=match):
+            KVPackQueryEngine(retriever, llm, **options)
+
+
+def test_query_engine_from_args_and_with_retriever(model_root, pack_store) -> None:
+    """`from_args`, inherited from RetrieverQueryEngine, failed with a raw TypeError (response_synthesizer=);
+    `with_retriever` gave a plain RetrieverQueryEngine."""
+    from llama_index.core.response_synthesizers import get_response_synthesizer
+
+    store = _store(pack_store, "llama")
+    retriever = KVPackLlamaRetriever("kb", store=store, similarity_top_k=2, order="source")
+    llm = _llm(model_root)
+    engine = KVPackQueryEngine.from_args(retriever, llm=llm, strategy="text", response_mode="compact")
+    assert isinstance(engine, KVPackQueryEngine) and engine.synthesizer._kvpack_llm is llm
+    by_hand = KVPackQueryEngine(retriever, llm, strategy="text").query(QUESTION).response
+    assert engine.query(QUESTION).response == by_hand
+    streaming = KVPackQueryEngine.from_args(retriever, llm=llm, streaming=True, strategy="text")
+    assert "".join(streaming.query(QUESTION).response_gen) == by_hand
+    synthesizer = KVPackSynthesizer(llm, strategy="text")
+    given = KVPackQueryEngine.from_args(retriever, response_synthesizer=synthesizer)
+    assert given.synthesizer is synthesizer and given.query(QUESTION).response == by_hand
+    other = KVPackLlamaRetriever("kb", store=store, similarity_top_k=1)
+    moved = given.with_retriever(other)
+    assert isinstance(moved, KVPackQueryEngine) and moved.synthesizer is synthesizer and moved.retriever is other
+    refused = [
+        ({"response_mode": "refine"}, "does not take response_mode: "),
+        ({"text_qa_template": text_qa_template(), "output_cls": Drone}, "does not take output_cls, text_qa_template"),
+        ({"colour": "red"}, "unknown arguments: colour"),
+        ({"response_synthesizer": synthesizer, "strategy": "exact"}, "strategy beside a response_synthesizer"),
+        (
+            {"response_synthesizer": synthesizer, "llm": _llm(model_root, "qwen2")},
+            "a response_synthesizer with another",
+        ),
+        (
+            {"response_synthesizer": get_response_synthesizer(llm=llm)},
+            "needs a KVPackSynthesizer, not CompactAndRefine",
+        ),
+    ]
+    for options, match in refused:
+        with pytest.raises(InvalidInputError, match=match):
+            KVPackQueryEngine.from_args(retriever, **options)
+
+
 def test_synthesizer_takes_the_llms_system_prompt_and_keeps_the_text_twin(model_root, pack_store) -> None:
     """A system_prompt on the KVPackLLM reaches the model (LlamaIndex's LLM.predict sends it on the stock
     path), and the synthesizer's text_qa_template() carries it, so the stock twin still sends the same tokens."""
@@ -532,43 +689,106 @@ class Drone(BaseModel):
     flight_minutes: int
 
 
+class Reading(BaseModel):
+    """What random weights write whole: no free-text string (they seldom close one before max_tokens)."""
+
+    flight_minutes: int
+    maker: Literal["Norhaven Labs", "Quill Energy"]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_forced_tool_calls_and_structured_output(model_root, family: str) -> None:
     llm = _llm(model_root, family, max_tokens=200)
     tools = [FunctionTool.from_defaults(add), FunctionTool.from_defaults(lookup)]
-    response = llm.chat_with_tools(tools, user_msg="What is 2 + 3?", tool_required=True)
+    response = llm.chat_with_tools(tools, user_msg="What is 2 + 3?", tool_choice="add")
     calls = llm.get_tool_calls_from_response(response)
-    assert len(calls) == 1 and calls[0].tool_name in ("add", "lookup") and len(calls[0].tool_id) == 9
-    if calls[0].tool_name == "add":
-        assert isinstance(calls[0].tool_kwargs["a"], int) and isinstance(calls[0].tool_kwargs["b"], int)
-    # a string argument runs until the model closes it or max_tokens ends (random weights seldom close
-    # one): either way a valid call, and "length" with a note exactly when it was cut
-    cut = any("max_tokens ran out" in n for n in _kvpack(response)["notes"])
-    assert response.raw["finish_reason"] == ("length" if cut else "tool_calls")
-    named = llm.chat_with_tools(tools, user_msg="Where?", tool_choice="lookup")
-    assert llm.get_tool_calls_from_response(named)[0].tool_name == "lookup"
-    out = llm.predict_and_call(tools, user_msg="Where?", tool_choice="lookup")  # the tool really runs
-    assert out.response.endswith("is a city.") and out.sources[0].tool_name == "lookup"
-    drone = llm.structured_predict(Drone, text_qa_template(), context_str=FACTS[1], query_str="Describe the drone.")
-    assert isinstance(drone, Drone) and isinstance(drone.flight_minutes, int)
+    assert len(calls) == 1 and calls[0].tool_name == "add" and len(calls[0].tool_id) == 9
+    assert isinstance(calls[0].tool_kwargs["a"], int) and isinstance(calls[0].tool_kwargs["b"], int)
+    assert response.raw["finish_reason"] == "tool_calls"
+    # the model picks the tool: a string argument runs until the model closes it or max_tokens ends
+    # (random weights seldom close one), so the call is whole, or cut, refused and "length"
+    required = llm.chat_with_tools(tools, user_msg="What is 2 + 3?", tool_required=True)
+    if required.raw["finish_reason"] == "length":
+        with pytest.raises(InvalidInputError, match="max_tokens ran out"):
+            llm.get_tool_calls_from_response(required)
+    else:
+        assert required.raw["finish_reason"] == "tool_calls"
+        assert llm.get_tool_calls_from_response(required)[0].tool_name in ("add", "lookup")
+    out = llm.predict_and_call(tools, user_msg="What is 2 + 3?", tool_choice="add")  # the tool really runs
+    arguments = out.sources[0].raw_input["kwargs"]
+    assert out.sources[0].tool_name == "add" and out.response == str(arguments["a"] + arguments["b"])
+    reading = llm.structured_predict(Reading, text_qa_template(), context_str=FACTS[1], query_str="Describe it.")
+    assert isinstance(reading, Reading) and isinstance(reading.flight_minutes, int)
     # the next step, with the call and its result in the history, reuses the whole earlier prompt
-    history = [ChatMessage(role="user", content="Where?"), named.message]
-    history.append(ChatMessage(role="tool", content="Ondria.", additional_kwargs={"tool_call_id": calls[0].tool_id}))
+    history = [ChatMessage(role="user", content="What is 2 + 3?"), response.message]
+    history.append(ChatMessage(role="tool", content="5", additional_kwargs={"tool_call_id": calls[0].tool_id}))
     follow = llm.chat(history, tools=tools, tool_choice="none")
-    assert _kvpack(follow)["cached_tokens"] >= _kvpack(named)["input_tokens"]
+    assert _kvpack(follow)["cached_tokens"] >= _kvpack(response)["input_tokens"]
+    # tools offered and the choice left to the model: the reply is parsed for calls, so it comes in one chunk
+    assert len(list(llm.stream_chat_with_tools(tools, user_msg="What is 2 + 3?"))) == 1
     with pytest.raises(ValueError, match="without calling a tool"):
         llm.get_tool_calls_from_response(follow)
     with pytest.raises(InvalidInputError, match="tool_choice 'nope'"):
         llm.chat_with_tools(tools, user_msg="x", tool_choice="nope")
 
 
+async def test_a_forced_call_cut_by_max_tokens_is_refused_not_run(model_root) -> None:
+    """A forced call that max_tokens cut off was a valid call of placeholders ({"city": "", "nights": 0}):
+    predict_and_call ran the tool with them and structured_predict returned them as the answer."""
+    ran: list[tuple] = []
+
+    def book(city: str, nights: int, guest_name: str) -> str:
+        """Book a hotel."""
+        ran.append((city, nights, guest_name))
+        return "booked"
+
+    tool = FunctionTool.from_defaults(book)
+    llm = _llm(model_root, max_tokens=6)
+    ask = "Book 3 nights in Kelmark for Ilsa Varno."
+    cut = r"max_tokens ran out while the model wrote the call to 'book'.*raise max_tokens"
+    responses = [
+        llm.chat_with_tools([tool], user_msg=ask, tool_required=True),
+        list(llm.stream_chat_with_tools([tool], user_msg=ask, tool_required=True))[-1],
+        await llm.achat_with_tools([tool], user_msg=ask, tool_choice="book"),
+    ]
+    for response in responses:
+        assert response.raw["finish_reason"] == "length"
+        assert not any(isinstance(b, ToolCallBlock) for b in response.message.blocks)
+        assert re.search(cut, response.additional_kwargs["invalid_tool_calls"][0])
+        for error_on_no_tool_call in (True, False):  # an agent asks with False: it must not take it for an answer
+            with pytest.raises(InvalidInputError, match=cut):
+                llm.get_tool_calls_from_response(response, error_on_no_tool_call=error_on_no_tool_call)
+    with pytest.raises(InvalidInputError, match=cut):
+        llm.predict_and_call([tool], user_msg=ask, tool_required=True)
+    with pytest.raises(InvalidInputError, match=cut):
+        await llm.apredict_and_call([tool], user_msg=ask, tool_required=True)
+    with pytest.raises(InvalidInputError, match=r"call to 'Drone'.*raise max_tokens"):
+        llm.structured_predict(Drone, PromptTemplate("Describe the drone: {text}"), text=FACTS[1])
+    assert ran == []
+
+
 # -- the agent -------------------------------------------------------------------------------------------
+
+
+class _Topic(BaseModel):
+    query: Literal["battery maker", "drone flight time"]
+
+
+class _TopicTool(KVRetrievalTool):
+    """The retrieval tool with its query picked from a closed list: random weights seldom close a free-text
+    string, and a forced call that max_tokens cuts is refused (`test_a_cut_forced_retrieval_stops_the_agent`)."""
+
+    @property
+    def metadata(self) -> ToolMetadata:
+        return ToolMetadata(name=super().metadata.name, description=super().metadata.description, fn_schema=_Topic)
 
 
 async def _run_agent(llm: KVPackLLM, store: str, streaming: bool) -> tuple[list, list[dict]]:
     """The messages the agent stored (role, text, calls) and the usage report of each model call."""
     retriever = KVPackLlamaRetriever("kb", store=store, similarity_top_k=1)
-    agent = retrieval_agent(llm, retriever, retrievals=2, streaming=streaming, system_prompt="Search, then answer.")
+    agent = retrieval_agent(
+        llm, [_TopicTool(retriever)], retrievals=2, streaming=streaming, system_prompt="Search, then answer."
+    )
     memory = Memory.from_defaults(session_id=f"test-{streaming}")
     with record_usage() as usage:
         await agent.run(user_msg=QUESTION, memory=memory)
@@ -593,6 +813,37 @@ async def test_agent_equals_text_stuffing_and_prefills_only_new_tokens(model_roo
     for previous, step in itertools.pairwise(kv):
         assert step["cached_tokens"] >= previous["input_tokens"]  # the whole earlier prompt reused
     assert sum(r["prefilled_tokens"] for r in kv) < sum(r["prefilled_tokens"] for r in text) / 2
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_cut_forced_retrieval_stops_the_agent(model_root, pack_store, streaming: bool) -> None:
+    """The planned retrieval is a forced call: cut by max_tokens, it is refused, not run with a cut query."""
+    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=1)
+    agent = retrieval_agent(_llm(model_root, max_tokens=12), retriever, retrievals=1, streaming=streaming)
+    with pytest.raises(InvalidInputError, match=r"call to 'search_knowledge'.*raise max_tokens"):
+        await agent.run(user_msg=QUESTION, memory=Memory.from_defaults(session_id=f"cut-{streaming}"))
+
+
+async def test_an_async_agent_loads_no_weights_on_its_event_loop(model_root, pack_store, monkeypatch) -> None:
+    """FunctionAgent reads `llm.metadata` on the event loop at every step, which loaded the weights there
+    (stalling every other task for the whole load); the engine runs on worker threads."""
+    import kvpack_integrations.llama_index.llm as llm_module
+
+    loop_thread, real_load = threading.current_thread(), llm_module.load_model
+    on_loop: list[str] = []
+
+    def watched(model, **kwargs):
+        if threading.current_thread() is loop_thread:
+            on_loop.append(model)
+        return real_load(model, **kwargs)
+
+    monkeypatch.setattr(llm_module, "load_model", watched)
+    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=1)
+    for streaming in (False, True):
+        agent = retrieval_agent(_llm(model_root, max_tokens=48), [_TopicTool(retriever)], streaming=streaming)
+        with record_usage() as usage:
+            await agent.run(user_msg=QUESTION, memory=Memory.from_defaults(session_id=f"loop-{streaming}"))
+        assert len(usage.reports) == 3 and on_loop == []  # two retrievals and the answer, none loaded on the loop
 
 
 def test_retrieval_tool_and_agent_validation(model_root, pack_store) -> None:
@@ -648,12 +899,12 @@ def test_steering_per_llm_call_role_and_query_engine(model_root, pack_store) -> 
 
 async def test_two_agent_roles_share_one_model_one_knowledge_base_and_the_prefix(model_root, pack_store) -> None:
     """A researcher (unsteered) retrieves and answers; a writer (steered) continues the same conversation."""
-    llm = _llm(model_root, max_tokens=10)
+    llm = _llm(model_root, max_tokens=48)  # room for the whole forced retrieval call
     formal = build_steering_vector(llm.loaded_model(), FORMAL, layers="all", alpha=0.5, name="formal", progress=False)
-    team = KVPackLLM(model=llm.model, max_tokens=10, roles={"writer": formal})
-    retriever = KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=1)
-    researcher = retrieval_agent(team.for_role("researcher"), retriever, retrievals=1, name="researcher")
-    writer = retrieval_agent(team.for_role("writer"), retriever, retrievals=0, name="writer")
+    team = KVPackLLM(model=llm.model, max_tokens=48, roles={"writer": formal})
+    tools = [_TopicTool(KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=1))]
+    researcher = retrieval_agent(team.for_role("researcher"), tools, retrievals=1, name="researcher")
+    writer = retrieval_agent(team.for_role("writer"), tools, retrievals=0, name="writer")
     memory = Memory.from_defaults(session_id="two-roles")
     with record_usage() as usage:
         await researcher.run(user_msg=QUESTION, memory=memory)
@@ -696,6 +947,41 @@ def test_pack_retriever_nodes_carry_handles(pack_store) -> None:
         KVPackLlamaRetriever("kb", store=store, similarity_top_k=0)
     with pytest.raises(InvalidInputError, match="unknown order"):
         KVPackLlamaRetriever("kb", store=store, order="random")  # type: ignore[arg-type]
+
+
+def test_retriever_arguments_are_checked_at_construction(pack_store, tmp_path) -> None:
+    """A misspelt argument failed with a raw TypeError; the Chroma backend's options were ignored by a pack."""
+    store = _store(pack_store, "llama")
+    with pytest.raises(InvalidInputError, match="unknown arguments: simlarity_top_k"):
+        KVPackLlamaRetriever("kb", store=store, simlarity_top_k=2)
+    chroma_only = {"probes": 2, "lexical_weight": 0.0, "host": "localhost", "port": 8001, "chroma_path": str(tmp_path)}
+    for name, value in chroma_only.items():
+        with pytest.raises(
+            InvalidInputError, match=f"^backend='pack' does not use {name}: options of backend='chroma'"
+        ):
+            KVPackLlamaRetriever("kb", store=store, **{name: value})
+    with pytest.raises(InvalidInputError, match="backend='chroma' does not use store="):
+        KVPackLlamaRetriever("kb", store=store, backend="chroma", chroma_path=str(tmp_path))
+    assert KVPackLlamaRetriever("kb", store=store, verbose=True).retrieve(QUESTION)  # BaseRetriever's own options
+
+
+def test_the_retriever_searches_a_bundles_embedding_strings(pack_store, tmp_path) -> None:
+    """`QueryBundle.custom_embedding_strs` (a HyDE transform's hypothetical answer, say) were ignored: the
+    query string was searched instead, on both backends."""
+    KnowledgeBase("facts", tmp_path / "kb").add(MORE_FACTS, progress=False)
+    retrievers = [
+        KVPackLlamaRetriever("kb", store=_store(pack_store, "llama"), similarity_top_k=1),
+        KVPackLlamaRetriever("facts", backend="chroma", chroma_path=str(tmp_path / "kb"), similarity_top_k=1),
+    ]
+    for retriever in retrievers:
+        assert retriever.retrieve("Who founded the lab?")[0].node.text == MORE_FACTS[-1]
+        custom = QueryBundle(query_str="Who founded the lab?", custom_embedding_strs=["Quill Energy's battery"])
+        assert retriever.retrieve(custom)[0].node.text == FACTS[2]
+        several = QueryBundle(query_str="x", custom_embedding_strs=["Which battery?", "Quill Energy"])
+        joined = retriever.retrieve("Which battery?\nQuill Energy")  # the strings are searched together
+        assert [n.node.node_id for n in retriever.retrieve(several)] == [n.node.node_id for n in joined]
+        with pytest.raises(InvalidInputError, match="custom_embedding_strs must be a list of strings"):
+            retriever.retrieve(QueryBundle(query_str="x", custom_embedding_strs="Quill Energy"))  # type: ignore[arg-type]
 
 
 async def test_chroma_retriever_feeds_the_query_engine(model_root, tmp_path) -> None:

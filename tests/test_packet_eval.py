@@ -236,6 +236,12 @@ def test_every_method_starts_from_the_same_store_state(tmp_path, monkeypatch) ->
     for method in METHODS:
         harness.run(method, prompt)
     assert warmed == list(METHODS)
+    from kvpack_integrations.packet.store import adapter_id, packet_path
+
+    damaged = packet_path(tmp_path / "p", prompt.documents[1], adapter_id(None), loaded.fingerprint)
+    damaged.write_bytes(damaged.read_bytes()[:-5])  # prepare replaces it, untimed: no build inside a timing
+    harness.prepare(prompt)
+    harness.run("rerotated", prompt)
     unprepared = packet_prompt(loaded.tokenizer, ["An unseen passage."], QUESTION, KnowledgeFormat())
     with pytest.raises(RuntimeError, match="built inside the timing"):
         harness.run("rerotated", unprepared)

@@ -551,3 +551,26 @@ def test_threaded_reads_stay_a_bounded_window_ahead(tmp_path, monkeypatch) -> No
     time.sleep(0.2)  # let the pool run as far ahead as it may
     assert 2 <= len(reads) <= 5  # the one handed out and at most 4 ahead, not all 20
     stream.close()
+
+
+def test_a_packet_the_store_cannot_take_is_used_all_the_same(tmp_path, monkeypatch) -> None:
+    """A read-only or full store: the packets computed now serve the query, and the note says they were
+    not stored (before, the query failed with a raw OSError)."""
+    import errno
+
+    from kvpack_integrations.packet import composer as composer_module
+
+    from .support.tiny_models import make_model
+
+    loaded = make_model("llama")
+    composer = PacketComposer(loaded, tmp_path, PacketAdapter.initial(loaded, 2, 2))
+    split = packet_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat())
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(composer_module, "save_packet", full)
+    composition = composer.compose(Engine(loaded, packets=composer), split, "packet")
+    assert composition.packets_built == len(split.documents)
+    assert any(n.startswith(f"{len(split.documents)} packets could not be stored") for n in composition.composed.notes)
+    assert not list(tmp_path.rglob("*.safetensors"))

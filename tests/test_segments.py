@@ -24,6 +24,7 @@ from kvpack_integrations.errors import (
 from kvpack_integrations.packet import PacketAdapter
 from kvpack_integrations.prompts import KnowledgeFormat
 from kvpack_integrations.runtime.fingerprint import NOT_RECORDED
+from kvpack_integrations.runtime.loader import wrap_model
 from kvpack_integrations.segments import PackStore, load_segment, save_segment
 
 from .conftest import FACTS, QUESTION
@@ -361,3 +362,106 @@ def _read_plain(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as fh:
         metadata = dict(fh.metadata() or {})
     return load_file(str(path)), metadata
+
+
+def test_a_pack_built_with_reduced_fp32_matmul_precision_is_not_exact_at_full_precision(store: PackStore) -> None:
+    loaded = make_model("qwen2")
+    torch.set_float32_matmul_precision("medium")  # bf16 passes on a CPU that has them, TF32 on CUDA
+    try:
+        report = build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert report.manifest.computed_on == "cpu/sdpa/fp32-matmul-medium"
+    engine = Engine(loaded)
+    load_pack(loaded, engine.tree, store, "kb")
+    ids = knowledge_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).token_ids
+    assert engine.generate(ids, GenerationSettings(max_new_tokens=2)).usage.exact is False
+
+
+def test_k_v_recomputed_here_replace_the_foreign_ones_in_a_live_tree(store: PackStore, tmp_path: Path) -> None:
+    """The tree keeps what it holds for a run of tokens: recomputed exact K/V (a pack built on top of a
+    foreign one) and a rebuilt bound pack must replace it, or the engine serves the old K/V forever."""
+    from kvpack_integrations.engine.chat import ChatRequest, chat
+    from kvpack_integrations.knowledge.bound import BoundPack
+    from kvpack_integrations.prompts.conversation import ChatTurn
+
+    loaded = make_model("qwen2")
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)  # under sdpa
+    loaded.model.set_attn_implementation("eager")
+    engine = Engine(loaded)
+    bound = BoundPack(store, "kb")
+
+    def ask() -> object:
+        request = ChatRequest(turns=[ChatTurn("user", QUESTION)], pack=bound, settings=GenerationSettings(2))
+        return chat(engine, request).usage
+
+    assert ask().exact is False  # type: ignore[attr-defined]
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)  # rebuilt here, in another tree
+    after = ask()
+    assert after.exact is True and any("loaded from" in n for n in after.notes)  # type: ignore[attr-defined]
+    # materialize on top of foreign K/V: the engine's own tree then serves the recomputed ones
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "sdpa", FACTS[:2])
+    other = Engine(loaded)
+    loaded.model.set_attn_implementation("sdpa")
+    load_pack(loaded, other.tree, store, "kb")  # eager K/V, foreign under sdpa
+    build_pack(loaded, other.tree, store, "more", [*FACTS, "Kelmark has 14,000 people."])
+    ids = knowledge_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).token_ids
+    assert other.generate(ids, GenerationSettings(max_new_tokens=2)).usage.exact is True
+
+
+def test_pack_names_and_leftovers(store: PackStore) -> None:
+    """A name with a final newline is refused; folders of killed builds and deletes are swept at the next
+    write of that name (a build folder still being written is not); a pack a crash left renamed aside
+    comes back for `exists` as for `names`."""
+    from kvpack_integrations.errors import InvalidInputError
+
+    loaded = make_model("qwen2")
+    with pytest.raises(InvalidInputError):
+        build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb\n", FACTS)
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)
+    packs = store.packs_dir
+    killed, live, deleting, other = (
+        packs / ".build-kb-abcd1234",
+        packs / ".build-kb-live0000",
+        packs / ".deleting-kb-123",
+        packs / ".build-kb2-abcd1234",
+    )
+    for folder in (killed, live, deleting, other):
+        (folder / "segments").mkdir(parents=True)
+    for path in (killed, killed / "segments", other, other / "segments"):
+        os.utime(path, (1, 1))
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS)
+    assert not killed.exists() and not deleting.exists()
+    assert live.exists() and other.exists()  # a build under way, another pack's leftover
+    (packs / "kb").rename(packs / ".old-kb-123")
+    assert store.exists("kb") and (packs / "kb" / "manifest.json").is_file()
+
+
+def test_an_unsearchable_pack_folder_does_not_hide_the_others(
+    store: PackStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = make_model("qwen2")
+    for name in ("a", "b"):
+        build_pack(loaded, RadixTree(loaded.fingerprint), store, name, FACTS)
+    real_is_file, real_read_text = Path.is_file, Path.read_text
+
+    def denied(self: Path) -> None:
+        if self.parent.name == "b":  # b's folder lost its search permission (mode 000)
+            raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", lambda self: denied(self) or real_is_file(self))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: denied(self) or real_read_text(self, *a, **k))
+    assert store.names() == ["a", "b"] and store.exists("b")
+    with pytest.raises(CorruptSegmentError, match="unreadable"):
+        store.manifest("b")
+
+
+def test_storage_wider_than_the_model_dtype_stays_exact(store: PackStore) -> None:
+    base = make_model("qwen2")
+    loaded = wrap_model(base.model.to(torch.bfloat16), base.tokenizer, name="tiny-qwen2-bf16")
+    report = build_pack(loaded, RadixTree(loaded.fingerprint), store, "wide", FACTS, storage_dtype=torch.float32)
+    assert report.manifest.lossless and report.manifest.storage_dtype == "float32"
+    engine = Engine(loaded)
+    load_pack(loaded, engine.tree, store, "wide")
+    ids = knowledge_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).token_ids
+    assert engine.generate(ids, GenerationSettings(max_new_tokens=2)).usage.exact is True

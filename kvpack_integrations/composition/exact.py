@@ -82,8 +82,9 @@ def materialize(
     check_rope_regime(loaded, end)
     match = tree.match(ids[:end])
     lossy = next((i for i, p in enumerate(match.pieces) if not p.segment.exact_under(loaded.numerics)), None)
-    if lossy is not None:  # recompute from there, so new segments never inherit rounded or foreign K/V
+    if lossy is not None:  # recompute from there, so new segments never inherit rounded or foreign K/V,
         match = match.truncated(sum(len(p) for p in match.pieces[:lossy]))
+        tree.forget(ids[:end], match.length)  # and the tree serves the recomputed ones from now on
     cache = cache_from_pieces(loaded, match.pieces) if match.length else empty_cache(loaded)
     if match.length < end:
         forward(loaded, cache, ids[match.length : end])

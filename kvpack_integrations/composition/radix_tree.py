@@ -161,6 +161,26 @@ class RadixTree:
         self._tokens += len(piece)
         self._evict(protect=child)
 
+    def forget(self, ids: Sequence[int], start: int = 0) -> int:
+        """Drop what is cached of `ids` from position `start` on, with everything cached after it (their K/V
+        were computed on top); returns the tokens dropped. For K/V about to be replaced by better ones for
+        the same tokens (`insert` keeps what it holds): recomputed exactly, or a rebuilt pack."""
+        if start >= len(ids):
+            return 0
+        node, walked = self._descend(ids[:start]) if start else (self._root, 0)
+        child = node.children.get(ids[start]) if walked == start else None
+        if child is None or child.piece is None:
+            return 0
+        del node.children[ids[start]]
+        dropped, stack = 0, [child]
+        while stack:
+            below = stack.pop()
+            dropped += len(below.piece) if below.piece is not None else 0
+            stack.extend(below.children.values())
+        self._tokens -= dropped
+        self._compact(node, child.piece.segment)
+        return dropped
+
     def insert_chain(self, segments: Sequence[KVSegment], context_ids: Sequence[int] = ()) -> None:
         """Insert segments that continue one another, the first one computed after `context_ids`."""
         context = list(context_ids)

@@ -162,6 +162,10 @@ def prepare(engine: Engine, request: ChatRequest) -> tuple[ConversationPrompt, l
     prompt = render_conversation(
         engine.loaded.tokenizer, request.turns, knowledge=knowledge, knowledge_format=fmt, tools=request.tools
     )
+    if request.pack is not None and request.strategy == "exact":
+        missed = request.pack.prefix_note(prompt.token_ids)
+        if missed is not None:
+            notes.append(missed)
     return prompt, [*notes, *prompt.notes], t0
 
 
@@ -272,23 +276,38 @@ def _forced_tool_call(
     fmt: CallFormat,
 ) -> ChatReply:
     """A call is required: the engine writes the call's structure in the template's own format (`fmt`:
-    what the next step renders for it), the model picks tool and values."""
+    what the next step renders for it), the model picks tool and values.
+
+    A call the token budget cut is not a call: past the budget the decoder makes the remaining choices
+    without the model, so its values are cut short or placeholders, and an agent would run it. It is an
+    invalid call with the reason instead (`finish_reason="length"`), as a free-text call cut by the budget
+    is. Only the closing markup past the budget (the engine's to write, no choice left in it) leaves the
+    call whole.
+    """
     names = list(params) if forced == "required" else [forced]
     decoder = GuidedDecoder(engine, state, request.settings)
     decoder.emit(fmt.opening())
     name = names[decoder.choose([_json_string(n) for n in names])]
     decoder.emit(fmt.between())
     arguments = decoder.value(params[name])
+    # the budget is only ever spent, so one not spent here was there for every choice: tool, values, the end
+    cut = decoder.truncated or decoder.exhausted
     call_id = new_call_id()
     decoder.emit(fmt.closing(call_id))
     usage = decoder.finish_usage()
-    call = ParsedToolCall(name=name, arguments=dict(arguments), id=call_id)
-    if decoder.truncated:  # still a valid call; the values written after the budget ran out are fillers
-        usage.notes.append(
-            f"max_tokens ran out while the model wrote the call to {name!r}: the call was closed without it, "
-            "so argument values may be cut short or be placeholders; raise max_tokens"
+    if cut:
+        problem = (
+            f"max_tokens ran out while the model wrote the call to {name!r}: its arguments would be cut short "
+            "or placeholders, so it is not returned as a call; raise max_tokens"
         )
-        return ChatReply("", [call], [], usage, "length")
+        usage.notes.append(problem)
+        return ChatReply("", [], [problem], usage, "length")
+    if decoder.truncated:
+        usage.notes.append(
+            f"the model wrote the whole call to {name!r}; its closing markup, written by the engine, went past "
+            "max_tokens"
+        )
+    call = ParsedToolCall(name=name, arguments=dict(arguments), id=call_id)
     return ChatReply("", [call], [], usage, "tool_calls")
 
 

@@ -86,11 +86,12 @@ class PacketHarness:
         self.methods = opts.methods
 
     def prepare(self, prompt: PacketPrompt) -> None:
-        """Cache every document alone (plain and wrapped, as the methods need) in the store, untimed."""
+        """Cache every document alone (plain and wrapped, as the methods need) in the store, untimed. Stored
+        files are read and checked too: a damaged one is replaced now, not inside a method's timing."""
         if any(m not in ("full", "packet") for m in self.methods):
-            self.composer.ensure(prompt.documents, "rerotated")
+            self.composer.load(prompt.documents, "rerotated")
         if "packet" in self.methods:
-            self.composer.ensure(prompt.documents, "packet")
+            self.composer.load(prompt.documents, "packet")
 
     def warm(self, method: str, prompt: PacketPrompt) -> None:
         """Read the method's packet files once, so its timing loads them from the page cache like every

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -37,21 +39,22 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
-from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
 
-from ..engine.chat import PACKET_STRATEGIES, ChatReply, ChatRequest, stream_chat, tool_parameters
+from ..engine.chat import PACKET_STRATEGIES, REQUEST_STRATEGIES, ChatReply, ChatRequest, stream_chat, tool_parameters
 from ..engine.engine import Engine
 from ..engine.registry import shared_engine, shared_packet_composer
-from ..engine.settings import GenerationSettings, settings_from_options
+from ..engine.settings import GenerationSettings, checked_integer, settings_from_options
 from ..engine.tool_choice import normalize_tool_choice
 from ..errors import (
     ContextTooLongError,
     InvalidInputError,
+    KVPackError,
 )
 from ..knowledge.bound import BoundPack
 from ..packet.composer import PacketComposer
 from ..prompts.knowledge import KnowledgeFormat
-from ..runtime.default_model import DEFAULT_MODEL_NAME
+from ..runtime.default_model import DEFAULT_MODEL_NAME, converted_dir, default_gguf_path
 from ..runtime.loader import LoadedModel, load_model
 from .messages import call_blocks, node_documents, to_turns, tool_arguments
 from .steering import ROLE_KEY, role_mapping, steering_list, vectors_for_role
@@ -60,6 +63,14 @@ if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
 _CALL_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_FLAGS = ("remember", "strict_segments")
+# LlamaIndex's prompt hooks for completion models: this LLM always renders with the model's chat template,
+# so a hook given would be ignored; the library's own defaults (what the base class fills in) are no hook
+_PROMPT_HOOKS = {
+    "messages_to_prompt": generic_messages_to_prompt,
+    "completion_to_prompt": default_completion_to_prompt,
+    "query_wrapper_prompt": None,
+}
 _KNOWN_CALL_KWARGS = frozenset(
     {
         "tools",
@@ -120,16 +131,56 @@ class KVPackLLM(FunctionCallingLLM):
     agent_role: str | None = Field(default=None, description="the role whose vectors this instance applies")
 
     _pack: BoundPack | None = PrivateAttr(default=None)
+    _window: tuple[str | None, int] | None = PrivateAttr(default=None)  # (model, its own context window)
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unknown(cls, values: Any) -> Any:
-        """A typo must not be ignored silently."""
+        """A typo must not be ignored silently, nor a prompt hook this LLM would not call."""
         if isinstance(values, dict):
             known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
             unknown = set(values) - known
             if unknown:
                 raise InvalidInputError(f"KVPackLLM got unknown arguments: {', '.join(sorted(unknown))}")
+            hooks = sorted(k for k, default in _PROMPT_HOOKS.items() if values.get(k) not in (None, default))
+            if hooks:
+                raise InvalidInputError(
+                    f"KVPackLLM does not take {', '.join(hooks)}: every prompt is rendered with the model's own "
+                    "chat template (a function or wrapper given here would be ignored); pass messages, or set "
+                    "system_prompt="
+                )
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_options(cls, values: Any) -> Any:
+        """Options checked as a call's are, by the same names, never coerced: pydantic's lax mode made
+        `max_tokens=True` 1 and `"5"` 5, which a call refuses. Checked values are stored as checked."""
+        if not isinstance(values, dict):
+            return values
+        given = {k: v for k, v in values.items() if k in _CALL_OPTIONS and v is not None}
+
+        def option(name: str) -> Any:
+            return given.get(name, cls.model_fields[name].default)
+
+        settings = decoding_settings(option)
+        checked = {
+            "max_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+            "seed": settings.seed,
+            "stop": list(settings.stop),
+        }
+        values = {**values, **{k: checked[k] for k in given}}
+        if values.get("context_window") is not None:
+            window = checked_integer("context_window", values["context_window"])
+            if window < 1:
+                raise InvalidInputError(f"context_window must be >= 1 (or None: the model's own), got {window}")
+            values["context_window"] = window
+        for flag in _FLAGS:
+            if flag in values and not isinstance(values[flag], bool):
+                raise InvalidInputError(f"{flag} must be True or False, got {values[flag]!r}")
         return values
 
     @field_validator("steering", mode="before")
@@ -141,6 +192,18 @@ class KVPackLLM(FunctionCallingLLM):
     @classmethod
     def _check_roles(cls, value: Any) -> dict[str, Any]:
         return {role: list(vectors) for role, vectors in role_mapping(value).items()}
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _check_strategy(cls, value: Any) -> str:
+        return check_strategy(value)  # named as a call names it
+
+    @field_validator("agent_role", mode="before")
+    @classmethod
+    def _check_agent_role(cls, value: Any) -> str | None:
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InvalidInputError(f"agent_role must be a non-empty string, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_kb(self) -> KVPackLLM:
@@ -158,16 +221,20 @@ class KVPackLLM(FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Loads the weights (once per process) to read the model's context window.
+        """The model's context window, read without loading weights: an async agent reads this on its event
+        loop at every step, where loading the weights would stall every other task.
 
-        A bound pack (`kb=`) opens every prompt, so its tokens (the manifest's count) are not free for
-        the nodes and the query: a synthesizer sizing its prompt from this window must not count them.
-        A pack that leaves no room for even one query token and one new token is a `ContextTooLongError`
-        here, named, as every call would be (a window of 0 or less would fail later, unnamed). `max_tokens`
-        is not held against it: a call may ask for fewer, and LlamaIndex's prompt helper sizes with it.
+        The window comes from `context_window=`, else the model's config (kept per instance; a loaded
+        model's own once loaded). A bound pack (`kb=`) opens every prompt, so its tokens (the manifest's
+        count) are not free for the nodes and the query: a synthesizer sizing its prompt from this window
+        must not count them. A pack that leaves no room for even one query token and one new token is a
+        `ContextTooLongError` here, named, as every call would be (a window of 0 or less would fail later,
+        unnamed). `max_tokens` is not held against it: a call may ask for fewer, and LlamaIndex's prompt
+        helper sizes with it.
         """
-        window = self.context_window or self.loaded_model().context_window
+        window = self.context_window or self._model_window()
         if self._pack is not None:
+            # the manifest is re-read only when its file changed (a rebuilt pack): a stat per read
             pack_tokens = self._pack.manifest().token_count
             if pack_tokens + 2 > window:
                 raise ContextTooLongError(
@@ -186,7 +253,17 @@ class KVPackLLM(FunctionCallingLLM):
 
     def loaded_model(self) -> LoadedModel:
         """The weights for this instance, loaded once per process."""
-        return load_model(self.model, device=self.device, dtype=self.dtype)
+        loaded = load_model(self.model, device=self.device, dtype=self.dtype)
+        self._window = (self.model, loaded.context_window)
+        return loaded
+
+    def _model_window(self) -> int:
+        """The model's own context window: the loaded model's, else its config's (no weights read), else
+        (a GGUF file not converted yet, whose config is inside it) the weights are loaded once to read it."""
+        if self._window is None or self._window[0] != self.model:
+            window = config_context_window(self.model)
+            self._window = (self.model, window) if window is not None else None
+        return self._window[1] if self._window is not None else self.loaded_model().context_window
 
     def for_role(self, role: str) -> KVPackLLM:
         """A copy that applies `role`'s steering vectors (same weights, engine and prefix tree)."""
@@ -207,7 +284,7 @@ class KVPackLLM(FunctionCallingLLM):
             value = kwargs.get(name)
             return getattr(self, name) if value is None else value
 
-        return settings_from_options(option, option("stop"))
+        return decoding_settings(option)
 
     def _request(
         self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any], loaded: LoadedModel
@@ -223,10 +300,10 @@ class KVPackLLM(FunctionCallingLLM):
         fmt = kwargs.get("knowledge_format")
         if fmt is not None and not isinstance(fmt, KnowledgeFormat):
             raise InvalidInputError(f"knowledge_format takes a KnowledgeFormat, got {type(fmt).__name__}")
-        role = kwargs.get(ROLE_KEY) or self.agent_role
-        by_role, role_notes = vectors_for_role(role_mapping(self.roles), role)
+        role = kwargs.get(ROLE_KEY)
+        by_role, role_notes = vectors_for_role(role_mapping(self.roles), self.agent_role if role is None else role)
         steering = [*self.steering, *steering_list(kwargs.get("steering")), *by_role]
-        strategy = kwargs.get("strategy") or self.strategy
+        strategy = self.strategy if kwargs.get("strategy") is None else check_strategy(kwargs["strategy"])
         request = ChatRequest(
             turns=turns,
             knowledge=[d.text for d in documents],
@@ -390,7 +467,19 @@ class KVPackLLM(FunctionCallingLLM):
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> list[ToolSelection]:
-        """The `ToolCallBlock`s of a response as `ToolSelection`s."""
+        """The `ToolCallBlock`s of a response as `ToolSelection`s.
+
+        A call the model began that cannot be used (cut off by `max_tokens`, unreadable) is refused, named,
+        even with `error_on_no_tool_call=False`: running the calls beside it, or taking the reply for an
+        answer (what an agent does when no call is returned), would go on without it silently;
+        `predict_and_call`, `structured_predict` and the agents read calls here.
+        """
+        invalid = (response.additional_kwargs or {}).get("invalid_tool_calls") or []
+        if invalid:
+            raise InvalidInputError(
+                f"the model's tool call cannot be used: {'; '.join(map(str, invalid))} (finish_reason "
+                f"{(response.raw or {}).get('finish_reason')!r})"
+            )
         calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
         if not calls and error_on_no_tool_call:
             raise ValueError(
@@ -406,6 +495,55 @@ class KVPackLLM(FunctionCallingLLM):
             )
             for b in calls
         ]
+
+
+def check_strategy(strategy: Any) -> str:
+    """A strategy name, refused by name when it is not one (a list failed unhashable, unnamed)."""
+    if not isinstance(strategy, str) or strategy not in REQUEST_STRATEGIES:
+        raise InvalidInputError(f"unknown strategy {strategy!r}: use one of {', '.join(REQUEST_STRATEGIES)}")
+    return strategy
+
+
+def decoding_settings(option: Callable[[str], Any]) -> GenerationSettings:
+    """Decoding settings from LlamaIndex's option names, each checked (never coerced) under its own name:
+    the engine's are not the caller's (`max_tokens` is its `max_new_tokens`)."""
+    max_tokens = checked_integer("max_tokens", option("max_tokens"))
+    if max_tokens < 1:
+        raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
+    return settings_from_options(option, option("stop"))
+
+
+def config_context_window(source: str | None) -> int | None:
+    """The context window read from the model's config alone, as `LoadedModel.context_window` reads it
+    from the loaded model; None where there is no config without loading (a GGUF file not converted yet,
+    or a source that does not load: loading names why)."""
+    from transformers import AutoConfig
+
+    where = _config_source(source)
+    if where is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except (OSError, ValueError, KeyError):
+        return None
+    text = config.get_text_config(decoder=True)
+    return int(getattr(text, "max_position_embeddings", 0) or 2048)
+
+
+def _config_source(source: str | None) -> str | None:
+    """Where `load_model(source)` reads its config: a model directory, our converted copy of a GGUF file
+    (the default model's included) or a hub id."""
+    path = Path(source or "default").expanduser()
+    try:
+        if source is None or str(source) in ("", "default", DEFAULT_MODEL_NAME):
+            path = converted_dir(default_gguf_path())
+        elif path.suffix == ".gguf":
+            path = converted_dir(path.resolve())
+        elif not path.exists() and not str(source).startswith((".", "/", "~")):
+            return str(source)  # a hub id: its config from the user's cache or the hub, as loading reads it
+    except (KVPackError, OSError):  # no default model, no GGUF file: loading names the problem
+        return None
+    return str(path) if (path / "config.json").is_file() else None
 
 
 def _completion(response: ChatResponse) -> CompletionResponse:

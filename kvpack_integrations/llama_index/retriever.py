@@ -36,6 +36,8 @@ PACKET_KEY = "kvpack_packet"  # where a node's packet is stored (composition pac
 SIMILARITY_KEY = "similarity"
 _KVPACK_KEYS = (HANDLE_KEY, FACT_KEY, PACKET_KEY, SIMILARITY_KEY)
 ORDERS = ("score", "source")
+_BASE_OPTIONS = frozenset({"callback_manager", "object_map", "objects", "verbose"})  # BaseRetriever's own
+DEFAULT_PORT = 8000
 
 
 class KVPackLlamaRetriever(BaseRetriever):
@@ -45,6 +47,16 @@ class KVPackLlamaRetriever(BaseRetriever):
     Chroma server at `host`/`port`), `probes` nearest banks per query, hybrid with BM25 unless
     `lexical_weight=0`. `composition="packet"|"blend"` makes sure every returned node has its packet
     in the packet store, for `KVPackLLM(strategy=the same)` with the same `knowledge_format`.
+
+    The options only the Chroma backend reads (`chroma_path`, `host`, `port`, `probes`, `lexical_weight`)
+    are refused with `backend="pack"`, and `store` with `backend="chroma"`, as unknown ones are: given
+    there they would be ignored.
+
+    A `QueryBundle`'s `embedding_strs` (its `custom_embedding_strs`, e.g. from a HyDE transform, else
+    the query) are what is searched for, joined by newlines into one text: both backends embed one text
+    (and BM25 reads its words), so the strings are searched together rather than their embeddings
+    averaged. A precomputed `QueryBundle.embedding` is not used: it may come from another embedding
+    model, and this retriever embeds with its own.
     """
 
     def __init__(
@@ -57,9 +69,9 @@ class KVPackLlamaRetriever(BaseRetriever):
         backend: Literal["pack", "chroma"] = "pack",
         chroma_path: str | None = None,
         host: str | None = None,
-        port: int = 8000,
-        probes: int = 1,
-        lexical_weight: float = DEFAULT_LEXICAL_WEIGHT,
+        port: int | None = None,
+        probes: int | None = None,
+        lexical_weight: float | None = None,
         order: Literal["score", "source"] = "score",
         composition: Literal["exact", "packet", "blend"] = "exact",
         model: str | None = None,
@@ -70,9 +82,30 @@ class KVPackLlamaRetriever(BaseRetriever):
         dtype: str | None = "auto",
         **kwargs: Any,
     ) -> None:
+        unknown = set(kwargs) - _BASE_OPTIONS
+        if unknown:
+            raise InvalidInputError(f"KVPackLlamaRetriever got unknown arguments: {', '.join(sorted(unknown))}")
         check_k(similarity_top_k)
         if backend not in ("pack", "chroma"):
             raise InvalidInputError(f"unknown backend {backend!r}: use 'pack' or 'chroma'")
+        chroma_only = {
+            "chroma_path": chroma_path,
+            "host": host,
+            "port": port,
+            "probes": probes,
+            "lexical_weight": lexical_weight,
+        }
+        ignored = sorted(name for name, value in chroma_only.items() if value is not None)
+        if backend == "pack" and ignored:
+            raise InvalidInputError(
+                f"backend='pack' does not use {', '.join(ignored)}: options of backend='chroma' (a Chroma "
+                "knowledge base); a stored pack is searched without them, so given here they would be ignored"
+            )
+        if backend == "chroma" and store is not None:
+            raise InvalidInputError(
+                "backend='chroma' does not use store= (the pack store of backend='pack'): its knowledge base is "
+                "at chroma_path= or on a Chroma server at host=, so given here it would be ignored"
+            )
         if order not in ORDERS:
             raise InvalidInputError(f"unknown order {order!r}: use one of {', '.join(ORDERS)}")
         if composition not in ("exact", "packet", "blend"):
@@ -82,8 +115,8 @@ class KVPackLlamaRetriever(BaseRetriever):
         self.store = store
         self.similarity_top_k = similarity_top_k
         self.backend = backend
-        self.probes = probes
-        self.lexical_weight = lexical_weight
+        self.probes = 1 if probes is None else probes
+        self.lexical_weight = DEFAULT_LEXICAL_WEIGHT if lexical_weight is None else lexical_weight
         self.order = order
         self.composition = composition
         self.model = model
@@ -95,6 +128,7 @@ class KVPackLlamaRetriever(BaseRetriever):
         self._searcher: PackSearcher | None = None
         self._base: KnowledgeBase | None = None
         if backend == "chroma":  # an unknown knowledge base or a dead server is named at construction
+            port = DEFAULT_PORT if port is None else port
             self._base = KnowledgeBase(kb, chroma_path, host=host, port=port, embedder=embedder, create=False)
         else:
             PackStore(store).manifest(kb)  # an unknown pack is named at construction
@@ -109,7 +143,7 @@ class KVPackLlamaRetriever(BaseRetriever):
         return shared_packet_composer(loaded, self.packet_store, self.packet_adapter)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        nodes = self._hits(query_bundle.query_str)
+        nodes = self._hits(search_text(query_bundle))
         if self.order == "source":
             nodes.sort(key=_source_position)
         if self.composition != "exact" and nodes:
@@ -159,6 +193,14 @@ class KVPackLlamaRetriever(BaseRetriever):
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         """Search runs in a worker thread (embedding is CPU-bound), so the event loop stays free."""
         return await asyncio.to_thread(self._retrieve, query_bundle)
+
+
+def search_text(query_bundle: QueryBundle) -> str:
+    """The text searched for: the bundle's `embedding_strs` (custom ones, else the query) joined by newlines."""
+    strings = query_bundle.embedding_strs
+    if isinstance(strings, str) or not all(isinstance(s, str) for s in strings):
+        raise InvalidInputError(f"QueryBundle.custom_embedding_strs must be a list of strings, got {strings!r}")
+    return "\n".join(strings)
 
 
 def _node(node_id: str, text: str, metadata: dict[str, Any]) -> TextNode:

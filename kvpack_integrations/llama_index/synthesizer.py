@@ -36,7 +36,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import ChatPromptTemplate
 from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.query_engine import RetrieverQueryEngine
-from llama_index.core.response_synthesizers import BaseSynthesizer
+from llama_index.core.response_synthesizers import BaseSynthesizer, ResponseMode
 from llama_index.core.response_synthesizers.base import QueryTextType
 from llama_index.core.schema import NodeWithScore
 from llama_index.core.types import RESPONSE_TEXT_TYPE
@@ -44,7 +44,7 @@ from llama_index.core.types import RESPONSE_TEXT_TYPE
 from ..engine.chat import PACKET_STRATEGIES
 from ..errors import InvalidInputError
 from ..prompts.knowledge import KnowledgeFormat
-from .llm import KVPackLLM
+from .llm import KVPackLLM, check_strategy
 from .retriever import KVPackLlamaRetriever
 from .steering import ROLE_KEY, steering_list
 
@@ -53,6 +53,22 @@ _NODES = "_kvpack_nodes"  # carries the nodes from synthesize() to get_response(
 _USAGE = "_kvpack_usage"  # a dict get_response() fills with the reply's usage report, for Response.metadata
 USAGE_KEY = "kvpack"  # Response.metadata[USAGE_KEY]: the usage report of a non-streaming query's model call
 _PER_QUERY = ("strategy", "steering", ROLE_KEY)
+# `RetrieverQueryEngine.from_args` arguments that configure a stock text synthesizer, with the value that
+# asks for nothing this one does not do: anything else there is refused by name
+_STOCK_SYNTHESIZER_ARGS: dict[str, Any] = {
+    "response_mode": ResponseMode.COMPACT,  # one call, chunks joined as the layout joins them
+    "text_qa_template": None,
+    "refine_template": None,
+    "summary_template": None,
+    "simple_template": None,
+    "chat_content_qa_template": None,
+    "chat_content_refine_template": None,
+    "output_cls": None,
+    "use_async": False,
+    "verbose": False,
+    "multimodal": False,
+}
+_ENGINE_OPTIONS = ("knowledge_format", "system_prompt", "strategy", "steering", ROLE_KEY, "empty_response")
 
 
 def text_qa_template(
@@ -110,6 +126,10 @@ class KVPackSynthesizer(BaseSynthesizer):
                 f"KVPackSynthesizer hands nodes to the model as KV segments, which needs a KVPackLLM, not "
                 f"{type(llm).__name__}; for a text model use a stock synthesizer with text_qa_template()"
             )
+        if strategy is not None:  # named now, not at the first query
+            check_strategy(strategy)
+        if agent_role is not None and (not isinstance(agent_role, str) or not agent_role):
+            raise InvalidInputError(f"agent_role must be a non-empty string, got {agent_role!r}")
         super().__init__(llm=llm, callback_manager=callback_manager, streaming=streaming, empty_response=empty_response)
         self._kvpack_llm = llm
         self.knowledge_format = knowledge_format or KnowledgeFormat()
@@ -235,6 +255,22 @@ class KVPackSynthesizer(BaseSynthesizer):
             yield self._empty_response
 
 
+def _own_synthesizer(synthesizer: Any, llm: KVPackLLM | None, beside: list[str]) -> KVPackSynthesizer:
+    """A synthesizer given whole: a `KVPackSynthesizer`, with no options of its own beside it."""
+    if not isinstance(synthesizer, KVPackSynthesizer):
+        raise InvalidInputError(
+            f"KVPackQueryEngine hands nodes to the model as KV segments, which needs a KVPackSynthesizer, not "
+            f"{type(synthesizer).__name__}; for a stock synthesizer use RetrieverQueryEngine"
+        )
+    if llm is not None and llm is not synthesizer._kvpack_llm:
+        raise InvalidInputError("KVPackQueryEngine got an llm and a response_synthesizer with another llm: give one")
+    if beside:
+        raise InvalidInputError(
+            f"KVPackQueryEngine got {', '.join(beside)} beside a response_synthesizer: set them on the synthesizer"
+        )
+    return synthesizer
+
+
 def _with_usage(response: RESPONSE_TYPE, usage: dict[str, Any]) -> RESPONSE_TYPE:
     """A non-streaming response with its model call's usage report in `metadata["kvpack"]`."""
     if isinstance(response, Response) and USAGE_KEY in usage:
@@ -246,6 +282,8 @@ class KVPackQueryEngine(RetrieverQueryEngine):
     """`RetrieverQueryEngine` with a `KVPackSynthesizer`: retrieval, postprocessors, then nodes as segments.
 
     `strategy`, `steering` and `agent_role` select how this engine's answers are composed and steered.
+    `response_synthesizer=` takes a `KVPackSynthesizer` built beforehand instead (its options are its own:
+    the synthesizer options beside it are refused).
     """
 
     def __init__(
@@ -253,6 +291,7 @@ class KVPackQueryEngine(RetrieverQueryEngine):
         retriever: BaseRetriever,
         llm: KVPackLLM | None = None,
         *,
+        response_synthesizer: KVPackSynthesizer | None = None,
         node_postprocessors: list[BaseNodePostprocessor] | None = None,
         callback_manager: CallbackManager | None = None,
         knowledge_format: KnowledgeFormat | None = None,
@@ -263,18 +302,81 @@ class KVPackQueryEngine(RetrieverQueryEngine):
         streaming: bool = False,
         empty_response: str | None = None,
     ) -> None:
-        synthesizer = KVPackSynthesizer(
-            llm,
-            knowledge_format=knowledge_format,
-            system_prompt=system_prompt,
-            strategy=strategy,
-            steering=steering,
-            agent_role=agent_role,
-            streaming=streaming,
-            callback_manager=callback_manager,
-            empty_response=empty_response,
-        )
+        if response_synthesizer is None:
+            synthesizer = KVPackSynthesizer(
+                llm,
+                knowledge_format=knowledge_format,
+                system_prompt=system_prompt,
+                strategy=strategy,
+                steering=steering,
+                agent_role=agent_role,
+                streaming=streaming,
+                callback_manager=callback_manager,
+                empty_response=empty_response,
+            )
+        else:
+            options = {
+                "knowledge_format": knowledge_format,
+                "system_prompt": system_prompt,
+                "strategy": strategy,
+                "steering": steering,
+                ROLE_KEY: agent_role,
+                "empty_response": empty_response,
+            }
+            beside = sorted(k for k, v in options.items() if v is not None) + (["streaming"] if streaming else [])
+            synthesizer = _own_synthesizer(response_synthesizer, llm, beside)
         super().__init__(retriever, synthesizer, node_postprocessors, callback_manager)
+
+    @classmethod
+    def from_args(  # type: ignore[override]
+        cls,
+        retriever: BaseRetriever,
+        llm: KVPackLLM | None = None,
+        response_synthesizer: KVPackSynthesizer | None = None,
+        node_postprocessors: list[BaseNodePostprocessor] | None = None,
+        callback_manager: CallbackManager | None = None,
+        streaming: bool = False,
+        **kwargs: Any,
+    ) -> KVPackQueryEngine:
+        """`RetrieverQueryEngine.from_args` for this engine: `llm` (a `KVPackLLM`; None: the default one, as
+        for the constructor, not `Settings.llm`), `response_synthesizer` (a `KVPackSynthesizer`),
+        `node_postprocessors`, `callback_manager` and `streaming` mean what they mean there, and this
+        engine's own options (`strategy=`, `knowledge_format=`, ...) are taken too.
+
+        The stock synthesizer's arguments are refused by name unless they ask for what this engine does
+        (`response_mode="compact"`, no templates, no `output_cls`): the prompt layout is fixed, and the
+        nodes go to the model in one call. For those, build `RetrieverQueryEngine.from_args` with
+        `text_qa_template()` and a text LLM.
+        """
+        stock = {k: kwargs.pop(k) for k in list(kwargs) if k in _STOCK_SYNTHESIZER_ARGS}
+        refused = sorted(k for k, v in stock.items() if v != _STOCK_SYNTHESIZER_ARGS[k])
+        if refused:
+            raise InvalidInputError(
+                f"KVPackQueryEngine.from_args does not take {', '.join(refused)}: the nodes reach the model as KV "
+                "segments in one fixed layout and one call (set knowledge_format= and system_prompt= instead of "
+                "templates); for the stock synthesizers use RetrieverQueryEngine.from_args with text_qa_template()"
+            )
+        unknown = sorted(set(kwargs) - set(_ENGINE_OPTIONS))
+        if unknown:
+            raise InvalidInputError(f"KVPackQueryEngine.from_args got unknown arguments: {', '.join(unknown)}")
+        return cls(
+            retriever,
+            llm,
+            response_synthesizer=response_synthesizer,
+            node_postprocessors=node_postprocessors,
+            callback_manager=callback_manager,
+            streaming=streaming,
+            **kwargs,
+        )
+
+    def with_retriever(self, retriever: BaseRetriever) -> KVPackQueryEngine:
+        """This engine (its synthesizer, postprocessors and callbacks) over another retriever."""
+        return type(self)(
+            retriever,
+            response_synthesizer=self.synthesizer,
+            node_postprocessors=self._node_postprocessors,
+            callback_manager=self.callback_manager,
+        )
 
     @property
     def synthesizer(self) -> KVPackSynthesizer:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,28 @@ if TYPE_CHECKING:
     from ..engine.engine import Engine
 
 PACKET_METHODS = ("packet", "rerotated", "blend", "epic", "naive")
+
+
+@dataclass
+class LoadReport:
+    """What loading a query's packets did besides reading them: documents cached now (their indices),
+    refused files replaced (why), packets the store could not take (where, why)."""
+
+    built: list[int] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unstored: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.replaced:
+            first = self.replaced[0]
+            out.append(f"{len(self.replaced)} stored packet files were refused and replaced (first: {first})")
+        if self.unstored:
+            out.append(
+                f"{len(self.unstored)} packets could not be stored and were used unstored, so they are computed "
+                f"again next time (first: {self.unstored[0]})"
+            )
+        return out
 
 
 def default_packet_dir() -> Path:
@@ -186,18 +208,18 @@ class PacketComposer:
 
     def load(self, documents: Sequence[Sequence[int]], method: str) -> tuple[list[PacketCache], int]:
         """Every document's packet: resident, else from the store, else built and stored; (packets, built)."""
-        built: list[int] = []
-        return list(self.stream(documents, method, built)), len(built)
+        report = LoadReport()
+        return list(self.stream(documents, method, report)), len(report.built)
 
     def stream(
-        self, documents: Sequence[Sequence[int]], method: str, built: list[int], replaced: list[str] | None = None
+        self, documents: Sequence[Sequence[int]], method: str, report: LoadReport
     ) -> Generator[PacketCache, None, None]:
         """`load` as a stream, in document order: resident packets at once, stored ones from the host tier
         or as their files are read (`iter_packets`: on a GPU, several files at once, each copied to the
-        device as soon as it is read), missing ones cached now and stored; the index of each built one is
-        appended to `built`. A stored file that is refused (damaged, cut short, another document's or
-        adapter's, another model's) holds only a cache of its document: the packet is cached again and
-        the file replaced, counted in `built`, and why it was refused appended to `replaced`."""
+        device as soon as it is read), missing ones cached now and stored (`report.built`). A stored file
+        that is refused (damaged, cut short, another document's or adapter's, another model's) holds only
+        a cache of its document: the packet is cached again and the file replaced (`report.replaced`). A
+        packet the store cannot take (read-only, full) is used all the same (`report.unstored`)."""
         adapter = self.adapter_for(method)
         fingerprint = self.loaded.fingerprint
         key = adapter_id(adapter)  # once per query: hashing the soft tokens per document costs ms on an 8B model
@@ -213,13 +235,18 @@ class PacketComposer:
         device, dtype, threads = self.loaded.device, self.loaded.dtype, self.load_threads
         rebuilt: set[Path] = set()
 
-        def rebuild(path: Path, document: Sequence[int], damage: Damage) -> PacketCache:
+        def build(path: Path, document: Sequence[int]) -> PacketCache:
             packet = cache_packet(self.loaded, adapter, document)
-            save_packet(path, packet, fingerprint, key)  # atomic: the refused file is replaced whole
-            rebuilt.add(path)
-            if replaced is not None:
-                replaced.append(str(damage))
+            try:
+                save_packet(path, packet, fingerprint, key)  # atomic: a refused file is replaced whole
+            except OSError as exc:
+                report.unstored.append(f"{path}: {exc.strerror or exc}")
             return packet
+
+        def rebuild(path: Path, document: Sequence[int], damage: Damage) -> PacketCache:
+            rebuilt.add(path)
+            report.replaced.append(str(damage))
+            return build(path, document)
 
         from_store = iter_packets(
             requests, fingerprint, dtype, device, adapter, threads=threads, host=host, repair=rebuild
@@ -236,11 +263,10 @@ class PacketComposer:
                         with torch.profiler.record_function("kvpack.load_packet"):  # named when profiled, else free
                             packet = next(from_store)
                         if paths[i] in rebuilt:
-                            built.append(i)
+                            report.built.append(i)
                     else:  # not in the store: cached now, and stored for the next query
-                        packet = cache_packet(self.loaded, adapter, document)
-                        save_packet(paths[i], packet, fingerprint, key)
-                        built.append(i)
+                        packet = build(paths[i], document)
+                        report.built.append(i)
                     if paths[i] in again:  # kept for its next place only: a streamed packet is let go once composed
                         made[paths[i]] = packet
                     self.resident.put(paths[i], packet)
@@ -259,9 +285,8 @@ class PacketComposer:
             self.loaded, positions, "this packet composition (preamble, documents, soft tokens)", PACKET_REMEDY
         )
         preamble = _preamble_cache(engine, prompt.preamble)
-        built: list[int] = []
-        replaced: list[str] = []
-        packets = self.stream(prompt.documents, method, built, replaced)  # each composed as it arrives
+        report = LoadReport()
+        packets = self.stream(prompt.documents, method, report)  # each composed as it arrives
         lengths = [wrapped_length(d, adapter) for d in prompt.documents]
         try:
             with torch.profiler.record_function("kvpack.compose_packets"):
@@ -272,11 +297,9 @@ class PacketComposer:
         recomputed, selection = 0, 0
         if method in ("blend", "epic"):
             recomputed, selection = self._recompute(cache, prompt, method)
-        notes = [self._note(method, prompt, recomputed, len(built))]
-        if replaced:
-            notes.append(f"{len(replaced)} stored packet files were refused and replaced (first: {replaced[0]})")
+        notes = [self._note(method, prompt, recomputed, len(report.built)), *report.notes()]
         composed = ComposedCache(cache, cache.get_seq_length(), method, exact=False, notes=notes, soft_tokens=soft)
-        return PacketComposition(composed, recomputed, selection, len(built))
+        return PacketComposition(composed, recomputed, selection, len(report.built))
 
     def _recompute(self, cache: DynamicCache, prompt: PacketPrompt, method: str) -> tuple[int, int]:
         ids = [*prompt.preamble, *(t for d in prompt.documents for t in d)]

@@ -39,13 +39,15 @@ class LoadedModel:
     @property
     def numerics(self) -> str:
         """Where and how this model's K/V are computed (`cpu/sdpa`, `cuda/flash_attention_2`,
-        `cuda/sdpa/tf32`): the same weights on another device or attention kernel give K/V that differ by
-        rounding, so a cache computed under other numerics is not exact here. Read at each use: TF32 is a
-        process-wide switch."""
+        `cuda/sdpa/fp32-matmul-high`): the same weights on another device or attention kernel, or fp32
+        matmuls at reduced precision (TF32 on CUDA, bf16 passes on CPUs that have them), give K/V that
+        differ by rounding, so a cache computed under other numerics is not exact here. Read at each use:
+        the matmul precision is a process-wide switch."""
         kernel = getattr(self.model.config, "_attn_implementation", None) or "eager"
         parts = [self.device.type, str(kernel)]
-        if self.device.type == "cuda" and self.model.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-            parts.append("tf32")
+        precision = torch.get_float32_matmul_precision()  # set_float32_matmul_precision and allow_tf32 alike
+        if self.model.dtype == torch.float32 and precision != "highest":
+            parts.append(f"fp32-matmul-{precision}")
         return "/".join(parts)
 
     @property

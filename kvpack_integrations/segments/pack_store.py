@@ -34,12 +34,13 @@ from ..runtime.file_modes import folder_mode
 from ..runtime.fingerprint import NOT_RECORDED, Fingerprint
 from ..runtime.paths import usable_directory
 from .directory_swap import asides, directory_lock, names_aside, replace_directory, restore_aside
-from .segment import KVSegment
+from .segment import KVSegment, holds_exactly
 from .serialization import atomic_write_bytes, load_segment, save_segment
 
 MANIFEST_FORMAT = "kvpack-pack/1"
 READ_ATTEMPTS = 16  # a reader gives up after this many rebuilds swapped in under it
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch: `$` would allow a final newline
+STALE_BUILD_SECONDS = 3600  # a build folder untouched this long belongs to a build that was killed
 
 
 def default_store_dir() -> Path:
@@ -67,7 +68,7 @@ class PackManifest:
 
     @property
     def lossless(self) -> bool:
-        return self.storage_dtype == self.fingerprint.dtype
+        return holds_exactly(self.storage_dtype, self.fingerprint.dtype)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -115,6 +116,25 @@ class PackManifest:
             raise CorruptSegmentError(f"pack manifest {where} is malformed: {exc}") from exc
 
 
+def _holds_manifest(folder: Path) -> bool:
+    """Whether `folder` has a manifest; a folder that cannot be searched counts as one (opening it says why)."""
+    try:
+        return (folder / "manifest.json").is_file()
+    except PermissionError:
+        return folder.is_dir()
+
+
+def _last_touched(folder: Path) -> float:
+    """When a build folder last changed: its own and its `segments/` folder's modification times."""
+    times = []
+    for path in (folder, folder / "segments"):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=0.0)
+
+
 def _fsync_dir(path: Path) -> None:
     """Make renames in `path` durable (no-op where directories cannot be opened)."""
     try:
@@ -128,7 +148,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def validate_pack_name(name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not _NAME.fullmatch(name or ""):
         raise InvalidInputError(
             f"invalid knowledge-base name {name!r}: use letters, digits, '.', '_' or '-' (max 128, no leading dot)"
         )
@@ -150,14 +170,14 @@ class PackStore:
         return self.packs_dir / validate_pack_name(name)
 
     def names(self) -> list[str]:
+        """The packs in the store; a folder that cannot be searched (another user's, mode 000) is listed, so
+        that opening it names the problem, rather than failing the whole listing."""
         if not self.packs_dir.is_dir():
             return []
         for name in names_aside(self.packs_dir):  # a rebuild a crash interrupted: its pack comes back
-            if _NAME.match(name):
+            if _NAME.fullmatch(name):
                 self._restore(name)
-        return sorted(
-            p.name for p in self.packs_dir.iterdir() if _NAME.match(p.name) and (p / "manifest.json").is_file()
-        )
+        return sorted(p.name for p in self.packs_dir.iterdir() if _NAME.fullmatch(p.name) and _holds_manifest(p))
 
     def _restore(self, name: str) -> None:
         """Bring back a pack a crash left renamed aside; a reader that may not write the store (read-only,
@@ -172,7 +192,11 @@ class PackStore:
             return
 
     def exists(self, name: str) -> bool:
-        return (self.pack_dir(name) / "manifest.json").is_file()
+        """Whether there is a pack `name` (one a crash left renamed aside comes back first, as in `names`)."""
+        target = self.pack_dir(name)
+        if not _holds_manifest(target):
+            self._restore(name)
+        return _holds_manifest(target)
 
     def manifest(self, name: str) -> PackManifest:
         path = self.pack_dir(name) / "manifest.json"
@@ -180,7 +204,7 @@ class PackStore:
 
     def _manifest_text(self, name: str) -> str:
         path = self.pack_dir(name) / "manifest.json"
-        if not path.is_file():
+        if not _holds_manifest(path.parent):
             self._restore(name)
         try:
             return path.read_text(encoding="utf-8")
@@ -231,8 +255,9 @@ class PackStore:
                 restore_aside(target)
                 old = replace_directory(tmp, target)
                 _fsync_dir(self.packs_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                stale = self._leftovers(manifest.name, keep=old)
+            for path in [*([old] if old is not None else []), *stale]:
+                shutil.rmtree(path, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -272,6 +297,21 @@ class PackStore:
             f"knowledge base {name!r} was rebuilt {READ_ATTEMPTS} times while it was being read; no whole pack "
             "could be read (try again once the builds have finished)"
         )
+
+    def _leftovers(self, name: str, keep: Path | None) -> list[Path]:
+        """Folders killed builds and deletes of `name` left behind (each a whole copy of a pack): deletes
+        renamed away, and build folders untouched for `STALE_BUILD_SECONDS` (a live build keeps adding
+        files to its folder; another process may be writing one now)."""
+        building = re.compile(rf"\.build-{re.escape(name)}-[a-z0-9_]{{8}}")
+        deleting = re.compile(rf"\.deleting-{re.escape(name)}-[0-9]+")
+        now = time.time()
+
+        def stale(path: Path) -> bool:
+            if deleting.fullmatch(path.name):
+                return True
+            return building.fullmatch(path.name) is not None and now - _last_touched(path) > STALE_BUILD_SECONDS
+
+        return [path for path in self.packs_dir.iterdir() if path != keep and stale(path)]
 
     def delete(self, name: str) -> None:
         """Remove a pack: renamed away first, so an interrupted delete never leaves a manifest without

@@ -29,6 +29,21 @@ class SegmentKind(str, Enum):
     STEERING_DELTA = "steering-delta"
 
 
+# storage dtypes that hold every value of a compute dtype exactly (a wider float with as many exponent bits)
+_HOLDS = {
+    ("float32", "bfloat16"),
+    ("float32", "float16"),
+    ("float64", "float32"),
+    ("float64", "bfloat16"),
+    ("float64", "float16"),
+}
+
+
+def holds_exactly(storage: str, compute: str) -> bool:
+    """Whether K/V computed in `compute` survive storage in `storage` bit for bit (same dtype, or wider)."""
+    return storage == compute or (storage, compute) in _HOLDS
+
+
 def context_hash(context_ids: Sequence[int]) -> str:
     """Hash of the tokens in front of a segment: its K/V are valid only after exactly these tokens."""
     return hashlib.blake2b(",".join(map(str, context_ids)).encode(), digest_size=12).hexdigest()
@@ -85,8 +100,8 @@ class KVSegment:
 
     @property
     def lossless(self) -> bool:
-        """False when stored in a lower precision than the model computes in (then no longer exact)."""
-        return self.storage_dtype == self.fingerprint.dtype
+        """False when stored in a precision that cannot hold the model's values (then no longer exact)."""
+        return holds_exactly(self.storage_dtype, self.fingerprint.dtype)
 
     def exact_under(self, numerics: str) -> bool:
         """Whether these K/V are what a model computing under `numerics` would compute now: stored at full
