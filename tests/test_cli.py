@@ -76,8 +76,8 @@ def test_build_ask_list_roundtrip(capsys, tmp_path, model_dir, facts_file) -> No
     assert kv["usage"]["prefilled_tokens"] < rag["usage"]["prefilled_tokens"]
     assert "ignored" not in kv
     ask = ["ask", "Which company makes the battery?", "--kb", "demo", "--max-new-tokens", "2", *common]
-    code, routed = run(capsys, *ask, "--k", "2", "--port", "9000")  # Chroma options, and the name is a pack
-    assert code == 0 and routed["ignored"] == "--k, --port: 'demo' is a pack, so nothing is routed"
+    code, routed = run(capsys, *ask, "--k", "2", "--host", "localhost", "--port", "9")  # the name is a pack
+    assert code == 0 and routed["ignored"] == "--k, --host, --port: 'demo' is a pack, so nothing is routed"
     code, err = run(capsys, *ask, "--packet-adapter", "none")  # known before any work: refused
     assert code == 2 and err["error"].startswith("--packet-adapter would be ignored: --mode kv composes no packets")
     code, err = run(capsys, *ask, "--stream")
@@ -643,7 +643,9 @@ def test_build_with_packets_and_ask_in_packet_modes(capsys, tmp_path, model_dir,
     usage = answer["usage"]
     assert code == 0 and usage["strategy"] == "packet" and usage["exact"] is False
     assert not any("cached now" in n for n in usage["notes"])  # the build stored every packet
-    code, blended = run(capsys, *question, "--mode", "blend", *packets, *common)
+    code, err = run(capsys, *question, "--mode", "blend", *packets, *common)  # blend wraps nothing
+    assert code == 2 and err["error"].startswith("--packet-adapter would be ignored: --mode blend composes plain")
+    code, blended = run(capsys, *question, "--mode", "blend", *packets[:2], *common)
     assert code == 0 and blended["usage"]["strategy"] == "blend"
     assert any("3 of them cached now" in n for n in blended["usage"]["notes"])  # plain packets, first use
 

@@ -111,6 +111,9 @@ def test_exact_budget_is_a_clean_stop() -> None:
     needed = len(run("llama", schema).token_ids)
     assert run("llama", schema, max_new_tokens=needed).finish_reason == "stop"
     assert run("llama", schema, max_new_tokens=needed - 1).finish_reason == "length"
+    # complete: the model made every choice (a budget ending inside the closing brace leaves none to it)
+    assert run("llama", schema, max_new_tokens=needed + 1).complete
+    assert not run("llama", schema, max_new_tokens=1).complete
 
 
 def test_sampling_is_reproducible_with_a_seed() -> None:

@@ -212,8 +212,8 @@ def test_a_forced_call_cut_by_max_tokens_is_invalid_on_both_paths(model_root) ->
         assert invalid["args"] in message.response_metadata["kvpack"]["notes"]
     assert reply.invalid_tool_calls[0]["error"] == reply.invalid_tool_calls[0]["args"]
     raw = _chat(model_root).with_structured_output(Person, method="function_calling", include_raw=True)
-    out = raw.invoke("Who?")  # structured output through a cut call: nothing parsed, and the reply says why
-    assert out["parsed"] is None and out["parsing_error"] is None
+    out = raw.invoke("Who?")  # structured output through a cut call: nothing parsed, and the error says why
+    assert out["parsed"] is None and "raise max_tokens" in str(out["parsing_error"])
     assert "the call to 'Person'" in out["raw"].invalid_tool_calls[0]["error"]
 
 
@@ -277,6 +277,24 @@ def test_structured_output_validates_on_random_weights(model_root, method: str) 
     assert isinstance(raw["raw"], AIMessage)
 
 
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_structured_output_cut_by_max_tokens_is_refused_not_parsed(model_root, method: str) -> None:
+    """Past the budget the engine closes the JSON with fillers that validate (a cut string, 0, ""): parsed,
+    they would be taken for the model's answer. The reply says so, and the structured output refuses it."""
+    chat = KVPackChatModel(model=save_model_dir("llama", model_root), max_tokens=3)
+    schema = Person if method == "json_schema" else None
+    with pytest.raises(InvalidInputError, match="max_tokens ran out while the model wrote the structured output"):
+        chat.with_structured_output(schema, method=method).invoke("Who?")
+    out = chat.with_structured_output(schema, method=method, include_raw=True).invoke("Who?")
+    assert out["parsed"] is None and "raise max_tokens" in str(out["parsing_error"])
+    metadata = out["raw"].response_metadata
+    assert metadata["finish_reason"] == "length" and "raise max_tokens" in metadata["structured_output_error"]
+    whole = KVPackChatModel(model=save_model_dir("llama", model_root), max_tokens=64)
+    assert isinstance(
+        whole.with_structured_output(Reading, method=method if schema else "json_schema").invoke("?"), Reading
+    )
+
+
 def test_structured_output_takes_any_json_schema_dict(model_root) -> None:
     """A dict is a JSON schema as given (a root anyOf, $ref or enum), not an empty object: only
     OpenAI-tool-shaped dicts are converted."""
@@ -285,7 +303,7 @@ def test_structured_output_takes_any_json_schema_dict(model_root) -> None:
     pet = {
         "title": "Pet",
         "anyOf": [
-            {"type": "object", "properties": {"cat_name": {"type": "string"}}, "required": ["cat_name"]},
+            {"type": "object", "properties": {"cat_lives": {"type": "integer"}}, "required": ["cat_lives"]},
             {"type": "object", "properties": {"dog_age": {"type": "integer"}}, "required": ["dog_age"]},
         ],
     }
@@ -408,8 +426,8 @@ def test_langchain_call_conventions(model_root) -> None:
     assert isinstance(json.loads(chat.invoke("JSON", response_format={"type": "json_object"}).content), dict)
     with pytest.raises(InvalidInputError, match="response schema and callable tools"):
         chat.invoke("x", tools=[add], response_format=Person.model_json_schema())
-    untitled = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    assert set(chat.with_structured_output(untitled).invoke("Where?")) == {"city"}
+    untitled = {"type": "object", "properties": {"floor": {"type": "integer"}}, "required": ["floor"]}
+    assert set(chat.with_structured_output(untitled).invoke("Where?")) == {"floor"}
 
 
 def test_bound_pack_rules(model_root, store) -> None:

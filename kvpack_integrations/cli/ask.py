@@ -20,11 +20,11 @@ from ..packet.layout import packet_prompt
 from ..prompts.knowledge import KnowledgeFormat
 from ..segments.pack_store import PackManifest, PackStore
 from .common import (
-    DEFAULT_CHROMA_PORT,
     adapter_option,
     add_chroma_args,
     add_common_args,
     add_packet_args,
+    chroma_location,
     emit,
     loaded_model,
     pack_store,
@@ -51,8 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_packet_args(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling (default 1: off); needs --temperature > 0"
+    )
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible; needs --temperature > 0")
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument(
@@ -93,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
             ("--packet-adapter", args.adapter is not None),
         ]
         refuse_unused(packet_options, f"--mode {args.mode} composes no packets (they apply to packet and blend)")
+    elif args.mode == "blend":
+        refuse_unused(
+            [("--packet-adapter", args.adapter is not None)],
+            "--mode blend composes plain packets (only --mode packet wraps them with an adapter)",
+        )
+    if args.temperature == 0:
+        sampling = [("--top-p", args.top_p is not None), ("--seed", args.seed is not None)]
+        refuse_unused(sampling, "--temperature 0 decodes greedily (give a --temperature > 0 to sample)")
+    port_given = chroma_location(args)
     store = pack_store(args)
     manifest, routed = _knowledge(args, store)  # an unknown kb fails before the model loads
     ignored = None
@@ -101,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             ("--k", args.k != DEFAULT_K),
             ("--kb-dir", args.kb_dir is not None),
             ("--host", args.host is not None),
-            ("--port", args.port != DEFAULT_CHROMA_PORT),
+            ("--port", port_given),
             ("--embedder", args.embedder is not None),
         ]
         ignored = unused_report(chroma_options, f"{args.kb!r} is a pack, so nothing is routed")
@@ -112,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
-        top_p=args.top_p,
+        top_p=1.0 if args.top_p is None else args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
     )
@@ -124,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mode in ("packet", "blend"):
         if raw:
             raise InvalidInputError(f"pack {args.kb!r} is raw (untemplated): it cannot be composed from packets")
-        composer = PacketComposer(loaded, args.packet_store, adapter_option(args.adapter))
+        adapter = adapter_option(args.adapter) if args.mode == "packet" else None  # blend wraps nothing
+        composer = PacketComposer(loaded, args.packet_store, adapter)
         split = packet_prompt(loaded.tokenizer, facts, args.question, fmt)
         composed = composer.compose(engine, split, args.mode).composed
         chunks = engine.stream(list(split.tail), settings, composed=composed, started_at=t0, steering=steering)
@@ -159,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         f"\n[{args.mode}] {usage.input_tokens} input tokens: {usage.cached_tokens} from cache, "
         f"{usage.prefilled_tokens} prefilled; TTFT {usage.ttft_ms:.0f} ms; "
         f"{'exact' if usage.exact else 'approximate'}"
-    ) + (f"\nignored {ignored}" if ignored else "")
+    )
+    # what the usage report says about the answer (segments computed elsewhere, stored packets replaced)
+    # reaches text users too: one line each after the usage line, so the answer above stays as it was
+    text += "".join(f"\nnote: {note}" for note in usage.notes)
+    text += f"\nignored {ignored}" if ignored else ""
     emit(args, payload, text)
     return 0

@@ -9,9 +9,9 @@ from typing import Any
 
 from ..composition.radix_tree import RadixTree
 from ..knowledge.facts import read_facts
-from ..knowledge.knowledge_base import KnowledgeBase
+from ..knowledge.knowledge_base import KnowledgeBase, default_kb_dir
 from ..knowledge.packs import build_pack
-from ..packet.composer import PacketComposer
+from ..packet.composer import PacketComposer, default_packet_dir
 from ..prompts.knowledge import DEFAULT_INSTRUCTION, KnowledgeFormat
 from ..runtime.device import resolve_dtype
 from ..runtime.loader import LoadedModel
@@ -20,11 +20,17 @@ from .common import (
     add_chroma_args,
     add_common_args,
     add_packet_args,
+    chroma_location,
     emit,
     loaded_model,
     pack_store,
     positive_int,
+    refuse_unused,
+    writable_directory,
+    writing_under,
 )
+
+PACKET_METHOD = {"packet": "packet", "blend": "rerotated"}  # --packets blend caches plain (re-rotated) packets
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,31 +71,81 @@ def _fits(loaded: LoadedModel, facts: list[str], instruction: str) -> bool:
     return len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) < loaded.context_window - 256
 
 
-def build_packets(args: argparse.Namespace, facts: list[str], fmt: KnowledgeFormat) -> dict[str, Any]:
-    """Index time for packet composition: every fact cached alone, as a packet, in the packet store."""
+def refuse_unused_options(args: argparse.Namespace) -> None:
+    """Options the command line alone shows this build would ignore, refused before any work (as `ask` does);
+    those only the facts make useless (Chroma options for facts that fit a pack) are reported instead."""
+    chroma_location(args)
     if args.packets is None:
+        refuse_unused(
+            [("--packet-store", args.packet_store is not None), ("--packet-adapter", args.adapter is not None)],
+            "without --packets no packets are built",
+        )
+    elif args.packets == "blend":
+        refuse_unused(
+            [("--packet-adapter", args.adapter is not None)],
+            "--packets blend caches plain packets (only --packets packet wraps them with an adapter)",
+        )
+    if args.chroma or args.host:
+        refuse_unused(
+            [
+                ("--instruction", args.instruction != DEFAULT_INSTRUCTION),
+                ("--storage-dtype", args.storage_dtype is not None),
+            ],
+            f"{'--chroma' if args.chroma else '--host'} builds a Chroma knowledge base, which stores facts as text "
+            "and answers with the default instruction; these options apply to packs",
+        )
+        if args.packets is None:
+            refuse_unused(
+                [
+                    ("--model", args.model is not None),
+                    ("--device", args.device != "auto"),
+                    ("--dtype", args.dtype != "auto"),
+                ],
+                "a Chroma knowledge base is built without a language model (it loads one only for --packets)",
+            )
+
+
+def packet_composer(args: argparse.Namespace, loaded: LoadedModel) -> PacketComposer | None:
+    """The composer `--packets` builds with, its adapter resolved and checked now: a model without a shipped
+    adapter, or a bad `--packet-adapter`, fails before the pack or the Chroma base is written."""
+    if args.packets is None:
+        return None
+    method = PACKET_METHOD[args.packets]
+    composer = PacketComposer(loaded, args.packet_store, adapter_option(args.adapter) if method == "packet" else None)
+    composer.adapter_for(method)  # refuses `packet` with no adapter for this model
+    return composer
+
+
+def build_packets(
+    args: argparse.Namespace, composer: PacketComposer | None, facts: list[str], fmt: KnowledgeFormat
+) -> dict[str, Any]:
+    """Index time for packet composition: every fact cached alone, as a packet, in the packet store."""
+    if composer is None:
         return {}
-    loaded = loaded_model(args)
-    composer = PacketComposer(loaded, args.packet_store, adapter_option(args.adapter))
-    method = "packet" if args.packets == "packet" else "rerotated"
-    built = composer.ensure_facts(facts, fmt, method, progress=not args.json)
+    with writing_under(composer.store):
+        built = composer.ensure_facts(facts, fmt, PACKET_METHOD[args.packets], progress=not args.json)
     return {"packets": {"composition": args.packets, "built": built, "store": str(composer.store)}}
 
 
-def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
+def run_chroma(args: argparse.Namespace, facts: list[str], reason: str, composer: PacketComposer | None) -> int:
     t0 = time.perf_counter()
+    if args.host is None:
+        writable_directory(args.kb_dir or default_kb_dir(), "Chroma directory")
+    store = pack_store(args)
+    replaced = store.exists(args.kb)
+    if replaced:
+        writable_directory(store.packs_dir, "pack store")  # the old pack goes: found now, not after the base
     kb = KnowledgeBase(args.kb, args.kb_dir, host=args.host, port=args.port, embedder=args.embedder, dims=args.dims)
     unique = {hashlib.blake2b(f.encode(), digest_size=12).hexdigest(): f for f in facts}  # content-addressed
     ids = list(unique)
     present = kb.existing_ids(ids)
     new = [(i, f) for i, f in unique.items() if i not in present]
-    if new:
-        kb.add([f for _, f in new], ids=[i for i, _ in new])
-    clustered = len(kb) > 0 and kb.n_banks == 0
-    if clustered:  # an earlier build cut short before clustering: every fact is present, and none in a bank
-        kb.rebalance(progress=not args.json)
-    store = pack_store(args)
-    replaced = store.exists(args.kb)
+    with writing_under(kb.where):
+        if new:
+            kb.add([f for _, f in new], ids=[i for i, _ in new])
+        clustered = len(kb) > 0 and kb.n_banks == 0
+        if clustered:  # an earlier build cut short before clustering: every fact is present, and none in a bank
+            kb.rebalance(progress=not args.json)
     if replaced:  # the name is the Chroma base now: `kvpack ask --kb` must not answer from the old pack
         store.delete(args.kb)
     seconds = time.perf_counter() - t0
@@ -108,7 +164,7 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
         "seconds": round(seconds, 3),
         "embedder": kb.embedder.name,
         "store": kb.where,
-        **build_packets(args, facts, KnowledgeFormat(instruction=args.instruction)),
+        **build_packets(args, composer, facts, KnowledgeFormat()),  # the layout `ask` routes Chroma facts in
     }
     unused = [
         flag
@@ -133,28 +189,36 @@ def run_chroma(args: argparse.Namespace, facts: list[str], reason: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_unused_options(args)
     facts = read_facts(args.facts)
+    if args.packets is not None:
+        writable_directory(args.packet_store or default_packet_dir(), "packet store")
     if args.chroma or args.host:
-        return run_chroma(args, facts, "asked for")
+        loaded = loaded_model(args) if args.packets is not None else None  # a Chroma base alone needs no model
+        return run_chroma(args, facts, "asked for", packet_composer(args, loaded) if loaded is not None else None)
+    store = pack_store(args)
+    writable_directory(store.packs_dir, "pack store")  # before the model loads and the pack is computed
     loaded = loaded_model(args)
+    composer = packet_composer(args, loaded)  # before anything is written
     if not _fits(loaded, facts, args.instruction):
-        return run_chroma(args, facts, f"the facts exceed {loaded.name}'s context window of {loaded.context_window}")
+        reason = f"the facts exceed {loaded.name}'s context window of {loaded.context_window}"
+        return run_chroma(args, facts, reason, composer)
     unused = [
         flag
         for flag, value in (("--kb-dir", args.kb_dir), ("--embedder", args.embedder), ("--dims", args.dims))
         if value
     ]
-    store = pack_store(args)
     storage = resolve_dtype(args.storage_dtype, loaded.device) if args.storage_dtype else None
-    report = build_pack(
-        loaded,
-        RadixTree(loaded.fingerprint),
-        store,
-        args.kb,
-        facts,
-        fmt=KnowledgeFormat(instruction=args.instruction),
-        storage_dtype=storage,
-    )
+    with writing_under(store.packs_dir):
+        report = build_pack(
+            loaded,
+            RadixTree(loaded.fingerprint),
+            store,
+            args.kb,
+            facts,
+            fmt=KnowledgeFormat(instruction=args.instruction),
+            storage_dtype=storage,
+        )
     m = report.manifest
     payload = {
         "kb": m.name,
@@ -167,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         "exact": m.lossless,
         "model": m.model_name,
         "store": str(store.root),
-        **build_packets(args, list(m.facts), m.knowledge_format),
+        **build_packets(args, composer, list(m.facts), m.knowledge_format),
     }
     if unused:  # Chroma options given, but the facts fit one pack: say so rather than drop them silently
         payload["ignored"] = f"{', '.join(unused)}: the facts fit a pack; add --chroma for a Chroma knowledge base"

@@ -6,13 +6,15 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
 from ..packet.adapter import shipped_adapter
 from ..runtime.loader import LoadedModel, load_model
+from ..runtime.paths import usable_directory
 from ..segments.pack_store import PackStore, default_store_dir
 
 
@@ -59,10 +61,35 @@ def add_chroma_args(
     embedder_help: str = "sentence-transformers id or path (default all-MiniLM-L6-v2)",
 ) -> None:
     """Where a Chroma knowledge base lives: an embedded directory or a server, and its embedder."""
+    add_chroma_location_args(parser, kb_dir_help)
+    parser.add_argument("--embedder", default=None, help=embedder_help)
+
+
+def add_chroma_location_args(
+    parser: argparse.ArgumentParser, kb_dir_help: str = "embedded Chroma directory (default: $KVPACK_KB)"
+) -> None:
+    """`--kb-dir`, or `--host` and `--port`: call `chroma_location` before using them."""
     parser.add_argument("--kb-dir", type=Path, default=None, help=kb_dir_help)
     parser.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
-    parser.add_argument("--port", type=int, default=DEFAULT_CHROMA_PORT)
-    parser.add_argument("--embedder", default=None, help=embedder_help)
+    parser.add_argument(
+        "--port", type=int, default=None, help=f"the Chroma server's port (default {DEFAULT_CHROMA_PORT})"
+    )
+
+
+def chroma_location(args: argparse.Namespace) -> bool:
+    """Refuse `--port` without `--host` (the embedded store has no port) and `--kb-dir` with `--host` (a server
+    keeps its own directory), then fill in the default port; returns whether `--port` was given."""
+    refuse_unused(
+        [("--port", args.port is not None and args.host is None)], "without --host there is no Chroma server to reach"
+    )
+    refuse_unused(
+        [("--kb-dir", args.kb_dir is not None and args.host is not None)],
+        "--host uses the Chroma server's own directory",
+    )
+    given = args.port is not None
+    if not given:
+        args.port = DEFAULT_CHROMA_PORT
+    return given
 
 
 def quiet_libraries() -> None:
@@ -80,6 +107,37 @@ def loaded_model(args: argparse.Namespace) -> LoadedModel:
 
 def pack_store(args: argparse.Namespace) -> PackStore:
     return PackStore(args.store)
+
+
+def writable_directory(path: str | Path, what: str) -> Path:
+    """`path` as a folder this process can write in (it, or the folder it would be made in), checked before
+    a model loads: a read-only store is refused by name up front, not as an OS error after the work."""
+    path = usable_directory(path, what)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        if existing == path:
+            raise InvalidInputError(f"the {what} {path} is not writable")
+        raise InvalidInputError(f"the {what} {path} cannot be created: {existing} is not writable")
+    return path
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an error of the system (permission denied, disk full): the reason and the path(s)."""
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {' -> '.join(paths)}" if paths else reason
+
+
+@contextmanager
+def writing_under(path: str | Path) -> Iterator[None]:
+    """Name `path` in an OS error raised while writing under it that names no file (a write to a full disk
+    names none), so the one-line error says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # the errno picks the subclass
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:

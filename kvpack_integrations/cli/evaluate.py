@@ -23,6 +23,7 @@ from .common import (
     add_chroma_args,
     add_common_args,
     chosen_adapter,
+    chroma_location,
     emit,
     loaded_model,
     pack_store,
@@ -257,6 +258,7 @@ def run_routing_cmd(args: argparse.Namespace) -> int:
             ("--max-new-tokens", args.max_new_tokens != DEFAULT_ROUTING_ANSWER_TOKENS),
         ]
         refuse_unused(model_options, "--routing-only loads no language model")
+    chroma_location(args)
     rows = load_routing_rows(args.facts)
     name = "eval-" + "".join(c if c.isalnum() else "-" for c in args.facts.stem)[:40].strip("-")
     kb_dir = args.kb_dir or kvpack_home() / "kb-eval" / f"{name}-{len(rows)}"

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Any
 
-from ..errors import CorruptSegmentError
+from ..errors import CorruptSegmentError, KnowledgeBaseUnavailableError
 from ..knowledge.knowledge_base import default_kb_dir, list_knowledge_bases
-from .common import add_common_args, emit, pack_store
+from ..runtime.paths import usable_directory
+from ..segments.pack_store import PackStore
+from .common import add_chroma_location_args, add_common_args, chroma_location, emit, pack_store
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list the knowledge bases: packs in the store, and Chroma knowledge bases")
     add_common_args(p, model=False)
-    p.add_argument("--kb-dir", type=Path, default=None, help="embedded Chroma directory (default: $KVPACK_KB)")
-    p.add_argument("--host", default=None, help="a Chroma server instead of the embedded store")
-    p.add_argument("--port", type=int, default=8000)
+    add_chroma_location_args(p)
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    store = pack_store(args)
-    rows = []
+def _pack_rows(store: PackStore) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for name in store.names():
         try:
             m = store.manifest(name)
@@ -39,8 +38,23 @@ def run(args: argparse.Namespace) -> int:
                 "bytes": store.size_bytes(name),
             }
         )
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit code 2, with `chroma_error`, when the Chroma server cannot be reached: the packs are still listed."""
+    chroma_location(args)
+    if args.host is None:  # a file where the Chroma directory should be holds no knowledge base: said, not empty
+        usable_directory(args.kb_dir or default_kb_dir(), "Chroma directory")
+    store = pack_store(args)
+    rows = _pack_rows(store)
     where = f"{args.host}:{args.port}" if args.host else str(args.kb_dir or default_kb_dir())
-    chroma = list_knowledge_bases(args.kb_dir, host=args.host, port=args.port)
+    chroma: list[dict[str, Any]] = []
+    chroma_error = None
+    try:
+        chroma = list_knowledge_bases(args.kb_dir, host=args.host, port=args.port)
+    except KnowledgeBaseUnavailableError as exc:  # a dead server hides no pack
+        chroma_error = str(exc)
     lines = [
         f"{r['kb']}: damaged ({r['error']})"
         if "error" in r
@@ -53,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
     lines += [
         f"{r['kb']}: {r['facts']} facts in {r['banks']} banks, Chroma at {where} ({r['embedder']})" for r in chroma
     ]
-    payload = {"store": str(store.root), "knowledge_bases": rows, "chroma": where, "chroma_knowledge_bases": chroma}
+    if chroma_error is not None:
+        lines.append(f"Chroma knowledge bases not listed: {chroma_error}")
+    payload: dict[str, Any] = {
+        "store": str(store.root),
+        "knowledge_bases": rows,
+        "chroma": where,
+        "chroma_knowledge_bases": chroma,
+        **({"chroma_error": chroma_error} if chroma_error is not None else {}),
+    }
     emit(args, payload, "\n".join(lines))
-    return 0
+    return 2 if chroma_error is not None else 0

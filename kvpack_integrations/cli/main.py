@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 from ..errors import KVPackError
 from . import ask, build, demo, evaluate, list_packs, packet, rebalance, steer, synthesize
-from .common import quiet_libraries
+from .common import os_error_message, quiet_libraries
 
 
 def make_parser(json_errors: bool = False) -> argparse.ArgumentParser:
@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
         sys.stderr.write(f"kvpack: error: {exc}\n")
         return 2
+    except OSError as exc:
+        # the system refused (a read-only folder, a full disk): one line naming the path, not a traceback
+        message = os_error_message(exc)
+        if wants_json:
+            sys.stdout.write(json.dumps({"error": message, "type": type(exc).__name__}) + "\n")
+        sys.stderr.write(f"kvpack: error: {message}\n")
+        return 1
     except Exception as exc:
         if not wants_json:
             raise

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from ..knowledge.knowledge_base import KnowledgeBase
-from .common import add_chroma_args, emit, positive_int
+from .common import add_chroma_args, chroma_location, emit, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    chroma_location(args)
     kb = KnowledgeBase(args.kb, args.kb_dir, host=args.host, port=args.port, embedder=args.embedder, create=False)
     before = kb.n_banks
     t0 = time.perf_counter()

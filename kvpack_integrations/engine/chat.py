@@ -70,6 +70,7 @@ class ChatReply:
     usage: Usage
     finish_reason: str
     parsed: Any = None
+    output_cut: str = ""  # why a structured reply is not the model's (the budget ran out before its last choice)
 
 
 @dataclass
@@ -201,6 +202,12 @@ def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
     elif request.response_schema is not None:
         result = decode_json(engine, state, request.response_schema, request.settings)
         reply = ChatReply(result.text, [], [], result.usage, result.finish_reason, parsed=result.value)
+        if not result.complete:
+            reply.output_cut = (
+                "max_tokens ran out while the model wrote the structured output: the values written after it are "
+                "cut short or placeholders the engine chose to keep the JSON valid; raise max_tokens"
+            )
+            result.usage.notes.append(reply.output_cut)
     else:
         reply = yield from _free_text(engine, state, request.settings, params, streamed)
     yield ChatDelta(text="" if streamed else reply.text, reply=reply)

@@ -71,6 +71,7 @@ class GuidedResult:
     usage: Usage
     finish_reason: str
     strings_cut: int = 0  # string values cut at `max_string_tokens` (each makes finish_reason "length")
+    complete: bool = True  # False: the budget ran out before the model made every choice (values are fillers)
 
 
 # --- vocabulary classes -------------------------------------------------------------------------------
@@ -976,6 +977,8 @@ def decode_json(
     """Write a JSON value for `schema` from an already prefilled prompt (its cache is private to it)."""
     decoder = GuidedDecoder(engine, state, settings, max_string_tokens=max_string_tokens)
     decoder.value(schema)
+    # the budget is only ever spent: one not spent by now was there for every choice the value needed
+    complete = not decoder.exhausted
     usage = decoder.finish_usage()  # feeds the closing literal first, so truncation is known below
     return GuidedResult(
         text=decoder.text,
@@ -984,4 +987,5 @@ def decode_json(
         usage=usage,
         finish_reason="length" if decoder.truncated else "stop",
         strings_cut=decoder.strings_cut,
+        complete=complete,
     )

@@ -22,7 +22,7 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -278,6 +278,8 @@ class KVPackChatModel(BaseChatModel):
             # why each invalid call is invalid, on both paths (a streamed chunk cannot carry `error`)
             "invalid_tool_call_errors": list(reply.invalid_tool_calls),
         }
+        if reply.output_cut:
+            response["structured_output_error"] = reply.output_cut
         return metadata, response
 
     def _generate(
@@ -414,11 +416,23 @@ class KVPackChatModel(BaseChatModel):
                 raise InvalidInputError(f"the structured output schema cannot be decoded: {exc}") from exc
             llm = self.bind(response_format=json_schema, ls_structured_output_format=ls_format)
             parser = PydanticOutputParser(pydantic_object=target) if is_pydantic else JsonOutputParser()
+        parser = RunnableLambda(_refuse_cut_output) | parser
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def _refuse_cut_output(message: BaseMessage) -> BaseMessage:
+    """Structured output the token budget cut is refused, not parsed: past the budget the engine makes the
+    remaining choices, so the values are cut short or placeholders that would still validate (a forced call
+    cut so is an invalid call: no call to parse). With `include_raw` the refusal is the `parsing_error`."""
+    metadata = message.response_metadata
+    reason = metadata.get("structured_output_error") or next(iter(metadata.get("invalid_tool_call_errors") or ()), "")
+    if reason:
+        raise InvalidInputError(reason)
+    return message
 
 
 def _json_schema(schema: dict | type) -> dict[str, Any]:
