@@ -228,6 +228,19 @@ def test_tool_choice_and_schema_errors(model_root) -> None:
         chat.invoke("hi", frobnicate=1)
     with pytest.raises(InvalidInputError, match="unknown arguments: frobnicate"):
         KVPackChatModel(frobnicate=1)
+    # constructor options are checked as a call's: pydantic made max_tokens=True one token, "5" five
+    for name, value, kind in [
+        ("max_tokens", True, "an integer"),
+        ("max_tokens", "5", "an integer"),
+        ("seed", True, "an integer"),
+        ("top_k", 2.5, "an integer"),
+        ("temperature", True, "a number"),
+        ("top_p", "0.9", "a number"),
+    ]:
+        with pytest.raises(InvalidInputError, match=f"{name} must be {kind}"):
+            KVPackChatModel(**{name: value})
+        with pytest.raises(InvalidInputError, match=f"{name} must be {kind}"):
+            chat.invoke("hi", **{name: value})
     image = HumanMessage(content=[{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}])
     with pytest.raises(InvalidInputError, match="content blocks of type 'image_url' are not supported"):
         chat.invoke([image])

@@ -63,3 +63,12 @@ def test_bad_input(retriever: KVPackRetriever, store) -> None:
         retriever.invoke("battery", k=0)
     with pytest.raises(ValueError):
         KVPackRetriever(kb="energy", store=str(store.root), k=0)
+
+
+def test_options_of_the_other_backend_are_refused_not_ignored(store, tmp_path) -> None:
+    """A pack retriever took Chroma's probes, lexical weight, host and port and searched without them."""
+    for name, value in [("probes", 5), ("lexical_weight", 7.0), ("host", "nohost"), ("port", 1), ("chroma_path", "x")]:
+        with pytest.raises(InvalidInputError, match=f"backend='pack' does not use {name}"):
+            KVPackRetriever(kb="energy", store=str(store.root), **{name: value})
+    with pytest.raises(InvalidInputError, match="backend='chroma' does not use store="):
+        KVPackRetriever(kb="energy", store=str(store.root), backend="chroma", chroma_path=str(tmp_path))

@@ -10,6 +10,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from kvpack_integrations import PackStore, build_pack, load_model
 from kvpack_integrations.composition import RadixTree
+from kvpack_integrations.errors import InvalidInputError
 from kvpack_integrations.langchain import KVPackChatModel, KVPackRetriever
 
 pytestmark = pytest.mark.default_model
@@ -22,6 +23,10 @@ SUITE_FACTS = [
     "Ilsa Varno founded Norhaven Labs in 2011.",
 ]
 SMALL_MODEL = "SmolLM2-135M-Instruct is a 135M-parameter model: "
+_cut_structured_output = pytest.mark.xfail(
+    raises=InvalidInputError,
+    reason=SMALL_MODEL + "it never closes the joke's strings within max_tokens; the cut output is refused, not parsed",
+)
 
 
 class _KVPackChatSuite:
@@ -54,6 +59,31 @@ class TestKVPackChatModelIntegration(_KVPackChatSuite, ChatModelIntegrationTests
     @pytest.mark.xfail(reason=SMALL_MODEL + "with tool_choice='auto' it answers in prose instead of calling the tool")
     def test_agent_loop(self, model) -> None:  # type: ignore[no-untyped-def]
         super().test_agent_loop(model)
+
+    # The joke these tests ask for never ends in a closed string within max_tokens (not at 160 either: the
+    # model repeats itself); past the budget the engine would complete the JSON with placeholders that
+    # validate, so with_structured_output refuses the cut output. raises= keeps any other failure a failure.
+    @_cut_structured_output
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    def test_structured_output(self, model, schema_type) -> None:  # type: ignore[no-untyped-def]
+        super().test_structured_output(model, schema_type)
+
+    @_cut_structured_output
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model, schema_type) -> None:  # type: ignore[no-untyped-def]
+        await super().test_structured_output_async(model, schema_type)
+
+    @_cut_structured_output
+    def test_structured_output_pydantic_2_v1(self, model) -> None:  # type: ignore[no-untyped-def]
+        super().test_structured_output_pydantic_2_v1(model)
+
+    @_cut_structured_output
+    def test_structured_output_optional_param(self, model) -> None:  # type: ignore[no-untyped-def]
+        super().test_structured_output_optional_param(model)
+
+    @_cut_structured_output
+    def test_json_mode(self, model) -> None:  # type: ignore[no-untyped-def]
+        super().test_json_mode(model)
 
 
 @pytest.fixture(scope="module")

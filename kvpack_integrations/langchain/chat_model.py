@@ -39,7 +39,7 @@ from ..engine.chat import (
 )
 from ..engine.json_decoding import check_schema
 from ..engine.registry import shared_engine, shared_packet_composer
-from ..engine.settings import GenerationSettings, settings_from_options
+from ..engine.settings import GenerationSettings, checked_integer, checked_number, settings_from_options
 from ..engine.tool_choice import normalize_tool_choice
 from ..engine.usage import Usage
 from ..errors import InvalidInputError
@@ -122,6 +122,7 @@ class KVPackChatModel(BaseChatModel):
             if unknown:
                 raise InvalidInputError(f"KVPackChatModel got unknown arguments: {', '.join(sorted(unknown))}")
             values = {k: v for k, v in values.items() if k not in _REMOTE_ONLY}
+            _check_constructor_options(values)
         return values
 
     @model_validator(mode="after")
@@ -490,6 +491,17 @@ def _steering_option(value: Any) -> list[SteeringVector]:
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def _check_constructor_options(values: Mapping[str, Any]) -> None:
+    """The decoding options given at construction, checked as a call's are (by name, never coerced): pydantic
+    would make `max_tokens=True` one token and `"5"` five."""
+    given = {name: values[name] for name in _CALL_OPTIONS if values.get(name) is not None}
+    for name, value in given.items():
+        if name in ("max_tokens", "top_k", "seed"):
+            checked_integer(name, value)
+        else:
+            checked_number(name, value)
 
 
 def _check_call_keys(kwargs: Mapping[str, Any]) -> None:

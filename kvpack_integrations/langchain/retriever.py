@@ -19,6 +19,7 @@ from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..engine.registry import shared_packet_composer
+from ..knowledge.backends import refuse_other_backends_options
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher
 from ..packet.composer import PacketComposer
@@ -82,6 +83,8 @@ class KVPackRetriever(BaseRetriever):
 
     @model_validator(mode="after")
     def _check_kb(self) -> KVPackRetriever:
+        given = {name for name in self.model_fields_set if getattr(self, name) is not None}  # None: the default
+        refuse_other_backends_options(self.backend, given)
         if self.backend == "chroma":  # an unknown knowledge base or a dead server is named at construction
             self._base = KnowledgeBase(
                 self.kb, self.chroma_path, host=self.host, port=self.port, embedder=self.embedder, create=False

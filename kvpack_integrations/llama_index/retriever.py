@@ -22,6 +22,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from ..engine.registry import shared_packet_composer
 from ..errors import InvalidInputError
+from ..knowledge.backends import refuse_other_backends_options
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher, check_k
 from ..packet.composer import PacketComposer
@@ -86,26 +87,9 @@ class KVPackLlamaRetriever(BaseRetriever):
         if unknown:
             raise InvalidInputError(f"KVPackLlamaRetriever got unknown arguments: {', '.join(sorted(unknown))}")
         check_k(similarity_top_k)
-        if backend not in ("pack", "chroma"):
-            raise InvalidInputError(f"unknown backend {backend!r}: use 'pack' or 'chroma'")
-        chroma_only = {
-            "chroma_path": chroma_path,
-            "host": host,
-            "port": port,
-            "probes": probes,
-            "lexical_weight": lexical_weight,
-        }
-        ignored = sorted(name for name, value in chroma_only.items() if value is not None)
-        if backend == "pack" and ignored:
-            raise InvalidInputError(
-                f"backend='pack' does not use {', '.join(ignored)}: options of backend='chroma' (a Chroma "
-                "knowledge base); a stored pack is searched without them, so given here they would be ignored"
-            )
-        if backend == "chroma" and store is not None:
-            raise InvalidInputError(
-                "backend='chroma' does not use store= (the pack store of backend='pack'): its knowledge base is "
-                "at chroma_path= or on a Chroma server at host=, so given here it would be ignored"
-            )
+        options: dict[str, object] = {"chroma_path": chroma_path, "host": host, "port": port, "probes": probes}
+        options |= {"lexical_weight": lexical_weight, "store": store}
+        refuse_other_backends_options(backend, [name for name, value in options.items() if value is not None])
         if order not in ORDERS:
             raise InvalidInputError(f"unknown order {order!r}: use one of {', '.join(ORDERS)}")
         if composition not in ("exact", "packet", "blend"):
