@@ -23,6 +23,7 @@ from kvpack_integrations.runtime import default_model as dm
 from kvpack_integrations.runtime import embedder, loader
 from kvpack_integrations.runtime.paths import read_text_lines
 
+from .support.disk_events import record_fsyncs_and_renames, synced_before_publishing
 from .support.tiny_models import make_model, save_model_dir
 
 
@@ -107,24 +108,10 @@ def test_converted_files_reach_the_disk_before_the_rename_publishes_them(
     gguf_reader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gguf, _reads, _tiny = gguf_reader
-    events: list[tuple[str, str]] = []
-    real_fsync, real_rename = os.fsync, Path.rename
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def rename(self: Path, target: Any) -> Any:
-        events.append(("rename", str(self)))
-        return real_rename(self, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(Path, "rename", rename)
+    events = record_fsyncs_and_renames(monkeypatch)
     load_model(str(gguf))
     target = dm.converted_dir(gguf)
-    published = next(i for i, (kind, path) in enumerate(events) if kind == "rename" and ".converting-" in path)
-    staged = Path(events[published][1])
-    synced = {path for kind, path in events[:published] if kind == "fsync"}
+    staged, synced, _ = synced_before_publishing(events, ".converting-")
     files = [p.relative_to(target) for p in target.rglob("*")]
     assert "model.safetensors" in {str(f) for f in files}
     assert {str(staged / f) for f in files} | {str(staged)} <= synced
@@ -250,3 +237,16 @@ def test_a_dtype_that_is_not_a_name_is_refused_by_name(tmp_path: Path, monkeypat
     monkeypatch.setattr(loader, "_CACHE", {})
     with pytest.raises(InvalidInputError, match="dtype must be"):
         load_model(save_model_dir("llama", tmp_path), dtype=32)  # type: ignore[arg-type]
+
+
+def test_config_source_reads_the_source_as_loading_does_without_converting(gguf_reader, tmp_path: Path) -> None:
+    gguf, reads, _tiny = gguf_reader
+    assert loader.config_source(str(gguf)) is None  # not converted yet: no config to read without the 20 s
+    assert reads == []  # looking converts nothing
+    load_model(str(gguf))
+    assert loader.config_source(str(gguf)) == str(dm.converted_dir(gguf))
+    folder = save_model_dir("llama", tmp_path / "model")
+    assert loader.config_source(str(folder)) == str(folder)
+    assert loader.config_source("some-org/some-model") == "some-org/some-model"  # a hub id, as loading takes it
+    for unusable in (str(tmp_path / "missing.gguf"), str(tmp_path / "gguf"), "./no/such/dir"):
+        assert loader.config_source(unusable) is None  # loading names the problem

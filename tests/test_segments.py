@@ -28,6 +28,7 @@ from kvpack_integrations.runtime.loader import wrap_model
 from kvpack_integrations.segments import PackStore, load_segment, save_segment
 
 from .conftest import FACTS, QUESTION
+from .support.disk_events import record_fsyncs_and_renames, synced_before_publishing
 from .support.tiny_models import make_model
 
 
@@ -465,3 +466,17 @@ def test_storage_wider_than_the_model_dtype_stays_exact(store: PackStore) -> Non
     load_pack(loaded, engine.tree, store, "wide")
     ids = knowledge_prompt(loaded.tokenizer, FACTS, QUESTION, KnowledgeFormat()).token_ids
     assert engine.generate(ids, GenerationSettings(max_new_tokens=2)).usage.exact is True
+
+
+def test_a_pack_reaches_the_disk_before_the_rename_publishes_it(
+    qwen, store: PackStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = record_fsyncs_and_renames(monkeypatch)
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "durable", FACTS)
+    staged, synced, published = synced_before_publishing(events, ".build-durable-")
+    target = store.pack_dir("durable")
+    entries = [p.relative_to(target) for p in target.rglob("*")]
+    assert "manifest.json" in {str(e) for e in entries} and len(entries) > 2
+    # every file and folder (whose entries a power cut could otherwise lose) is on disk before it is published
+    assert {str(staged / e) for e in entries} | {str(staged)} <= synced
+    assert ("fsync", str(store.packs_dir)) in events[published:]  # and the rename itself after it

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
@@ -49,13 +48,12 @@ from ..engine.tool_choice import normalize_tool_choice
 from ..errors import (
     ContextTooLongError,
     InvalidInputError,
-    KVPackError,
 )
 from ..knowledge.bound import BoundPack
 from ..packet.composer import PacketComposer
 from ..prompts.knowledge import KnowledgeFormat
-from ..runtime.default_model import DEFAULT_MODEL_NAME, converted_dir, default_gguf_path
-from ..runtime.loader import LoadedModel, load_model
+from ..runtime.default_model import DEFAULT_MODEL_NAME
+from ..runtime.loader import LoadedModel, config_source, load_model
 from .messages import call_blocks, node_documents, to_turns, tool_arguments
 from .steering import ROLE_KEY, role_mapping, steering_list, vectors_for_role
 
@@ -519,7 +517,7 @@ def config_context_window(source: str | None) -> int | None:
     or a source that does not load: loading names why)."""
     from transformers import AutoConfig
 
-    where = _config_source(source)
+    where = config_source(source)
     if where is None:
         return None
     try:
@@ -528,22 +526,6 @@ def config_context_window(source: str | None) -> int | None:
         return None
     text = config.get_text_config(decoder=True)
     return int(getattr(text, "max_position_embeddings", 0) or 2048)
-
-
-def _config_source(source: str | None) -> str | None:
-    """Where `load_model(source)` reads its config: a model directory, our converted copy of a GGUF file
-    (the default model's included) or a hub id."""
-    path = Path(source or "default").expanduser()
-    try:
-        if source is None or str(source) in ("", "default", DEFAULT_MODEL_NAME):
-            path = converted_dir(default_gguf_path())
-        elif path.suffix == ".gguf":
-            path = converted_dir(path.resolve())
-        elif not path.exists() and not str(source).startswith((".", "/", "~")):
-            return str(source)  # a hub id: its config from the user's cache or the hub, as loading reads it
-    except (KVPackError, OSError):  # no default model, no GGUF file: loading names the problem
-        return None
-    return str(path) if (path / "config.json").is_file() else None
 
 
 def _completion(response: ChatResponse) -> CompletionResponse:

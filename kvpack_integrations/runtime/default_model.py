@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import DefaultModelMissingError, ModelLoadError
 from .file_modes import publish_tree
+from .paths import fsync_path, fsync_tree
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,29 +93,6 @@ def _staging_dir(target: Path) -> Path:
         raise _unwritable(target.parent, exc) from exc
 
 
-def _fsync(path: Path) -> None:
-    """Flush one file or folder to disk (folders that cannot be opened are skipped)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file of a staged copy, then its folder: the rename that publishes it must not land on
-    disk before the data does (after a crash, a published copy would be cut short)."""
-    for path in sorted(root.rglob("*")):
-        if not path.is_symlink():
-            _fsync(path)
-    _fsync(root)
-
-
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Write a reloadable safetensors copy of a GGUF model (atomic: temp dir, fsync, then rename)."""
     from safetensors.torch import save_model
@@ -133,7 +111,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
             save_model(model, str(tmp / "model.safetensors"))
             tokenizer.save_pretrained(tmp)
             publish_tree(tmp)  # mkdtemp and save_model write 0700 / 0600
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         except OSError as exc:  # a full disk, a cache made read-only meanwhile
             raise _unwritable(target.parent, exc) from exc
         try:
@@ -141,7 +119,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         except OSError:
             if not (target / "model.safetensors").is_file():  # lost a race only if the winner finished
                 raise
-        _fsync(target.parent)
+        fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError, KVPackError, ModelLoadError
-from .default_model import DEFAULT_MODEL_NAME, convert_again, default_gguf_path, ensure_converted
+from .default_model import DEFAULT_MODEL_NAME, convert_again, converted_dir, default_gguf_path, ensure_converted
 from .device import dtype_name, resolve_device, resolve_dtype
 from .fingerprint import Fingerprint, fingerprint_model
 
@@ -126,25 +126,51 @@ def _converted(gguf: Path) -> Path:
         raise ModelLoadError(f"could not read GGUF file {gguf}: {exc}") from exc
 
 
-def _resolve_source(source: str | Path | None) -> tuple[str, dict[str, Any], str, Path | None]:
-    """Map what the user gave to (path or id, from_pretrained kwargs, display name, and the GGUF file when
-    the path is our converted copy of it)."""
+def _classify_source(source: str | Path | None) -> tuple[str, Path | str, str]:
+    """What the user gave, as (kind, where, display name): kind "gguf" (a GGUF file, the default model's
+    included), "directory" (a model folder) or "hub" (an id the user's cache or network resolves). One
+    reading for loading and for looking at the config without loading; a path that cannot be a model is
+    refused by name."""
     if source is None or str(source) in ("", "default", DEFAULT_MODEL_NAME):
-        gguf = default_gguf_path()
-        return str(_converted(gguf)), {"local_files_only": True}, DEFAULT_MODEL_NAME, gguf
+        return "gguf", default_gguf_path(), DEFAULT_MODEL_NAME
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
-        gguf = path.resolve()
-        return str(_converted(gguf)), {"local_files_only": True}, path.stem, gguf
+        return "gguf", path.resolve(), path.stem
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a model directory (no config.json)")
-        return str(path), {"local_files_only": True}, path.name, None
+        return "directory", path, path.name
     if str(source).startswith((".", "/", "~")):
         raise ModelLoadError(f"model path does not exist: {source}")
-    return str(source), {}, str(source), None  # a hub id: the user's own cache or network decides
+    return "hub", str(source), str(source)
+
+
+def _resolve_source(source: str | Path | None) -> tuple[str, dict[str, Any], str, Path | None]:
+    """Map what the user gave to (path or id, from_pretrained kwargs, display name, and the GGUF file when
+    the path is our converted copy of it), converting a GGUF file on first use."""
+    kind, where, name = _classify_source(source)
+    if kind == "gguf":
+        gguf = Path(where)
+        return str(_converted(gguf)), {"local_files_only": True}, name, gguf
+    if kind == "directory":
+        return str(where), {"local_files_only": True}, name, None
+    return str(where), {}, name, None  # a hub id: the user's own cache or network decides
+
+
+def config_source(source: str | Path | None) -> str | None:
+    """Where `load_model(source)` reads its config, without loading or converting anything: a model
+    directory, our converted copy of a GGUF file, or a hub id; None where there is none yet (a GGUF file not
+    converted) or the source does not load (loading names why)."""
+    try:
+        kind, where, _ = _classify_source(source)
+    except (KVPackError, OSError):
+        return None
+    if kind == "hub":
+        return str(where)
+    path = converted_dir(Path(where)) if kind == "gguf" else Path(where)
+    return str(path) if (path / "config.json").is_file() else None
 
 
 def _one_device(dev: torch.device) -> torch.device:

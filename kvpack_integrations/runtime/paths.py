@@ -4,6 +4,7 @@ as an OS error from deep inside a write."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import InvalidInputError
@@ -53,3 +54,26 @@ def read_text_lines(path: str | Path, what: str) -> list[str]:
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line starts no new one
     return [line.removesuffix("\r") for line in lines]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file or folder to disk (folders that cannot be opened are skipped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file of a staged copy, then its folder: the rename that publishes it must not land on
+    disk before the data does (after a crash, a published copy would be cut short)."""
+    for path in sorted(root.rglob("*")):
+        if not path.is_symlink():
+            fsync_path(path)
+    fsync_path(root)

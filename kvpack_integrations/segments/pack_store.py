@@ -32,7 +32,7 @@ from ..prompts.knowledge import KnowledgeFormat
 from ..runtime.default_model import kvpack_home
 from ..runtime.file_modes import folder_mode
 from ..runtime.fingerprint import NOT_RECORDED, Fingerprint
-from ..runtime.paths import usable_directory
+from ..runtime.paths import fsync_path, fsync_tree, usable_directory
 from .directory_swap import asides, directory_lock, names_aside, replace_directory, restore_aside
 from .segment import KVSegment, holds_exactly
 from .serialization import atomic_write_bytes, load_segment, save_segment
@@ -133,18 +133,6 @@ def _last_touched(folder: Path) -> float:
         except OSError:
             continue
     return max(times, default=0.0)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames in `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def validate_pack_name(name: str) -> str:
@@ -251,10 +239,11 @@ class PackStore:
                 save_segment(seg, tmp / "segments" / f"{seg.id}.safetensors", storage_dtype)
             atomic_write_bytes(tmp / "manifest.json", manifest.to_json().encode())
             tmp.chmod(folder_mode())  # mkdtemp made it 0700; its files and subfolders already have plain modes
+            fsync_tree(tmp)  # the folder entries too: after a power cut a published pack must hold every file
             with directory_lock(target):
                 restore_aside(target)
                 old = replace_directory(tmp, target)
-                _fsync_dir(self.packs_dir)
+                fsync_path(self.packs_dir)
                 stale = self._leftovers(manifest.name, keep=old)
             for path in [*([old] if old is not None else []), *stale]:
                 shutil.rmtree(path, ignore_errors=True)
