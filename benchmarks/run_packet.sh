@@ -56,3 +56,7 @@ fair() {  # name data
 }
 fair musique_dev_same_state musique_dev_200
 fair hotpotqa_dev_same_state hotpotqa_dev_300
+# The sixteenth session: the shipped adapter fine-tuned on-policy (train_packet.sh on_policy), full
+# recompute against packet, N = 100 each, the same settings as the adapter runs above.
+run hotpotqa_dev_onpolicy hotpotqa_dev_300 "$ADAPTERS/mixture_onpolicy.safetensors" full,packet
+run musique_dev_onpolicy musique_dev_200 "$ADAPTERS/mixture_onpolicy.safetensors" full,packet

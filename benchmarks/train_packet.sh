@@ -28,8 +28,12 @@
 #              order (--order data; HotpotQA 10, MuSiQue 20), the layout the evaluation composes, where
 #              all the runs above put the supporting passages first: 16 steps, --seed 2, lr 5e-3
 #              -> benchmarks/adapters/mixture_dataorder.safetensors
+#   on_policy : the shipped adapter fine-tuned (--init) on-policy (--answers student): each example's
+#              answer is the one the packet layout decodes with the adapter as trained so far, scored by
+#              the teacher (off-policy runs above distil along the teacher's own answer only); 10
+#              passages, 24 steps, --seed 3, lr 5e-3 -> benchmarks/adapters/mixture_onpolicy.safetensors
 # Usage: bash benchmarks/train_packet.sh [mixture|hotpotqa|passages10|passages10_long|passages10_128|wide|
-#   wide_passages10|wide_passages10_long|data_order|all]
+#   wide_passages10|wide_passages10_long|data_order|on_policy|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHICH=${1:-all}
@@ -100,4 +104,9 @@ if [ "$WHICH" = data_order ] || [ "$WHICH" = all ]; then
     --data "$DATA/musique_train_100.jsonl" --order data --accumulation 4 --checkpoint-every 4 --json \
     --init "$ADAPTERS/mixture_passages10_128.safetensors" --seed 2 --lr 5e-3 --steps 16 \
     --out "$ADAPTERS/mixture_dataorder.safetensors" | tail -1 > "$ADAPTERS/mixture_dataorder.json"
+fi
+if [ "$WHICH" = on_policy ] || [ "$WHICH" = all ]; then
+  [ -f "$ADAPTERS/mixture_onpolicy.safetensors" ] || kvpack packet train "${TEN_PASSAGES[@]}" --answers student \
+    --init "$ADAPTERS/mixture_passages10_128.safetensors" --seed 3 --lr 5e-3 --steps 24 \
+    --out "$ADAPTERS/mixture_onpolicy.safetensors" | tail -1 > "$ADAPTERS/mixture_onpolicy.json"
 fi

@@ -571,3 +571,99 @@ def test_bind_tools_refuses_what_every_call_would(model_root) -> None:
     text = {"type": "function", "function": {"name": "echo", "parameters": {"type": "string"}}}
     with pytest.raises(InvalidInputError, match="tool 'echo' cannot be called: its parameters must be"):
         chat.bind_tools([text])
+
+
+def test_langchain_cache_keys_on_the_models_stop_sequences_and_weights(model_root) -> None:
+    """LangChain's cache key put the call's `stop` (None) over the model's own, and left dtype and device
+    out: a model with stop sequences, or other weights, was answered with another model's cached reply."""
+    from langchain_core.caches import InMemoryCache
+
+    cache = InMemoryCache()
+    full = str(_chat(model_root, cache=cache).invoke(QUESTION).content)
+    stop = full[1:3]
+    stopped = _chat(model_root, cache=cache, stop=[stop])
+    assert stopped.invoke(QUESTION).content == full[: full.index(stop)]
+    assert stopped.invoke(QUESTION, stop=[]).content == full  # the call's own stop still counts
+    # traced as run: `stop=[]` is no stop (it was traced as the model's), None the model's temperature
+    traced = stopped._get_ls_params(stop=[], temperature=None)
+    assert "ls_stop" not in traced and traced["ls_temperature"] == 0.0
+    options = ({}, {"dtype": "bfloat16"}, {"device": "cpu"})
+    keys = {_chat(model_root, **given)._get_llm_string() for given in options}
+    assert len(keys) == 3
+
+
+def test_malformed_tools_and_call_options_are_named_not_raw(model_root) -> None:
+    """LangChain's converters raised bare ValueErrors (a string of tools read as one-letter tools), a bad
+    `documents=` or `steering=` a TypeError, and a mapping of documents was read as its keys."""
+    chat = _chat(model_root)
+    untitled = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for tools, problem in (("add", "a list of tools"), ([add, 5], "tool 1 "), ([untitled], "tool 0 ")):
+        with pytest.raises(InvalidInputError, match=problem):
+            chat.bind_tools(tools)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match=problem):
+            chat.invoke(QUESTION, tools=tools)
+    with pytest.raises(InvalidInputError, match=r"method='function_calling' takes .* with a 'title'"):
+        chat.with_structured_output(untitled, method="function_calling")
+    for method in ("json_schema", "function_calling", "json_mode"):
+        for schema in ("Person", 5, int):
+            with pytest.raises(InvalidInputError, match=f"method='{method}' takes a pydantic class"):
+                chat.with_structured_output(schema, method=method)  # type: ignore[call-overload]
+    for response_format in ("json", 5):
+        with pytest.raises(InvalidInputError, match="response_format"):
+            chat.invoke(QUESTION, response_format=response_format)
+    for option, value, problem in (
+        ("documents", 5, "documents= takes"),
+        ("documents", {"Ondria": 1}, "documents= takes"),
+        ("steering", 5, "steering= takes"),
+        ("parallel_tool_calls", "false", "parallel_tool_calls must be"),
+        ("model", 5, "model must be"),
+        ("agent_role", ["writer"], "agent_role must be"),
+    ):
+        with pytest.raises(InvalidInputError, match=problem):
+            chat.invoke(QUESTION, **{option: value})
+
+
+def test_none_on_a_call_means_the_models_strategy_and_knowledge_format(model_root) -> None:
+    """As for the decoding options: `strategy=None` was refused as unknown, and `knowledge_format=None`
+    dropped the model's layout for the standard one."""
+    from kvpack_integrations.prompts.knowledge import KnowledgeFormat
+
+    chat = _chat(model_root, knowledge_format=KnowledgeFormat(instruction="Facts:", separator="\n"))
+    reply = chat.invoke(QUESTION, documents=DOCS)
+    same = chat.invoke(QUESTION, documents=DOCS, knowledge_format=None, strategy=None)
+    assert same.usage_metadata["input_tokens"] == reply.usage_metadata["input_tokens"]
+    assert same.content == reply.content and same.response_metadata["kvpack"]["strategy"] == "exact"
+
+
+def test_retrieval_agent_takes_a_function_as_its_retriever_tool(model_root, monkeypatch) -> None:
+    """`create_agent` takes functions as tools; `retrieval_agent` failed on one with a raw AttributeError."""
+    from kvpack_integrations.langchain import agent
+
+    agent.retrieval_agent(_chat(model_root), [lookup, add], retrievals=1)  # the real graph builds
+    planned: list = []
+    monkeypatch.setattr(agent, "create_agent", lambda *args, middleware, **kwargs: planned.extend(middleware))
+    agent.retrieval_agent(_chat(model_root), [lookup, add], retrievals=1)
+    assert [m.tool_name for m in planned] == ["lookup"]
+    with pytest.raises(InvalidInputError, match="the first tool"):
+        agent.retrieval_agent(_chat(model_root), [5])  # type: ignore[list-item]
+
+
+def test_token_counts_use_this_models_tokenizer(model_root, monkeypatch) -> None:
+    """LangChain's default counted GPT-2 tokens, downloading GPT-2's tokenizer from the hub (nothing may be
+    downloaded at run time; offline it retried for a minute, then failed): `trim_messages(token_counter=chat)`."""
+    from langchain_core.language_models import base
+    from langchain_core.messages import trim_messages
+
+    def download(text: str) -> list[int]:
+        raise AssertionError("LangChain's GPT-2 tokenizer was used")
+
+    monkeypatch.setattr(base, "_get_token_ids_default_method", download)
+    chat = _chat(model_root)
+    tokenizer = chat.loaded_model().tokenizer
+    assert chat.get_token_ids(QUESTION) == tokenizer.encode(QUESTION, add_special_tokens=False)
+    assert chat.get_num_tokens(QUESTION) == len(tokenizer.encode(QUESTION, add_special_tokens=False))
+    history = [HumanMessage("a " * 50), AIMessage("b " * 50), HumanMessage(QUESTION)]
+    kept = trim_messages(history, max_tokens=chat.get_num_tokens_from_messages(history[-1:]), token_counter=chat)
+    assert kept == history[-1:]
+    custom = _chat(model_root, custom_get_token_ids=lambda text: [0] * len(text))
+    assert custom.get_num_tokens("abc") == 3  # LangChain's own override still wins

@@ -72,3 +72,27 @@ def test_options_of_the_other_backend_are_refused_not_ignored(store, tmp_path) -
             KVPackRetriever(kb="energy", store=str(store.root), **{name: value})
     with pytest.raises(InvalidInputError, match="backend='chroma' does not use store="):
         KVPackRetriever(kb="energy", store=str(store.root), backend="chroma", chroma_path=str(tmp_path))
+
+
+def test_unknown_and_unused_options_are_refused_not_ignored(retriever: KVPackRetriever, store) -> None:
+    """A typo (`search_kwargs=`, `top_k=`) or a call option other than `k` was silently dropped, `k=True`
+    became one result, and the packet options (`model=`, `packet_store=` ...) did nothing under the default
+    composition="exact"."""
+    for name, value in [("search_kwargs", {"k": 1}), ("top_k", 1)]:
+        with pytest.raises(InvalidInputError, match=f"unknown arguments: {name}"):
+            KVPackRetriever(kb="energy", store=str(store.root), **{name: value})
+    for name, value in [("k", True), ("k", "2"), ("probes", 2.0)]:
+        with pytest.raises(InvalidInputError, match=f"{name} must be an integer"):
+            KVPackRetriever(kb="energy", store=str(store.root), **{name: value})
+    for name, value in [("model", "x"), ("packet_store", "p"), ("dtype", "float32")]:
+        with pytest.raises(InvalidInputError, match=f"composition='exact' does not use {name}"):
+            KVPackRetriever(kb="energy", store=str(store.root), **{name: value})
+    with pytest.raises(InvalidInputError, match="unknown retrieval options: kk"):
+        retriever.invoke("drone", kk=1)
+    with pytest.raises(InvalidInputError, match="the retrieval query must be a string"):
+        retriever.invoke(5)  # type: ignore[arg-type]
+
+
+async def test_async_refuses_what_sync_refuses(retriever: KVPackRetriever) -> None:
+    with pytest.raises(InvalidInputError, match="unknown retrieval options: kk"):
+        await retriever.ainvoke("drone", kk=1)

@@ -3,6 +3,8 @@ student's single block-diagonal pass, which is what the adapter is trained throu
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -298,3 +300,67 @@ def test_adapter_id_follows_every_change_of_the_soft_tokens() -> None:
     adapter.header = adapter.header.clone() * 2  # new tensors
     seen.append(adapter_id(adapter))
     assert len(set(seen)) == len(seen)
+
+
+def test_on_policy_answers_are_the_products_and_the_teacher_scores_them() -> None:
+    from kvpack_integrations.composition.cache_ops import empty_cache
+    from kvpack_integrations.composition.rope import rope_spec
+    from kvpack_integrations.packet.answers import student_answer, teacher_log_probs
+    from kvpack_integrations.packet.student import student_logits, student_pass
+    from kvpack_integrations.packet.trainer import Teacher
+
+    loaded = make_model("llama")
+    prompt = packet_prompt(loaded.tokenizer, FACTS[:3], QUESTION, KnowledgeFormat())
+    adapter = PacketAdapter.initial(loaded, 2, 2, seed=3)
+    answer = student_answer(loaded, prompt, adapter, rope_spec(loaded), 6)
+    assert 1 <= len(answer) <= 6
+    # the composed caches decode what the training layout (block mask, no cache) predicts at every step
+    with torch.no_grad():
+        logits = student_logits(
+            loaded, student_pass(loaded, prompt, answer, adapter.header, adapter.trailer), answer_only=True
+        )
+    assert logits.argmax(-1).tolist() == answer
+    # scoring an answer teacher-forced gives the distributions the teacher's own decode drew from
+    text_ids = prompt.text_ids()
+    own, drawn = Teacher(loaded, 6)(text_ids)
+    torch.testing.assert_close(teacher_log_probs(loaded, text_ids, own), drawn, atol=1e-4, rtol=1e-4)
+    assert teacher_log_probs(loaded, text_ids, answer).shape == (len(answer), drawn.shape[1])
+    assert empty_cache(loaded).get_seq_length() == 0
+
+
+def test_on_policy_training_distils_along_the_students_answers(tmp_path, monkeypatch) -> None:
+    from kvpack_integrations.evaluation.datasets import Passage, QARow
+    from kvpack_integrations.packet import trainer
+    from kvpack_integrations.packet.trainer import Teacher, TrainOptions, train_adapter
+
+    loaded = make_model("llama")
+    rows = [QARow(QUESTION, ("Quill Energy",), tuple(Passage(f"T{i}", f, i == 2) for i, f in enumerate(FACTS[:3])))]
+    opts = TrainOptions(
+        steps=6, accumulation=1, lr=0.05, header_tokens=2, trailer_tokens=2, checkpoint_every=3, answers="student"
+    )
+    calls: list[tuple[torch.Tensor, list[int]]] = []
+    real = trainer.student_answer
+
+    def spy(loaded_, prompt, adapter, spec, max_tokens):  # type: ignore[no-untyped-def]
+        calls.append((adapter.header.clone(), real(loaded_, prompt, adapter, spec, max_tokens)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(trainer, "student_answer", spy)
+    adapter, _ = train_adapter(loaded, rows, tmp_path / "on.safetensors", opts, progress=False)
+    assert len(calls) == 6 and adapter.trained_steps == 6
+    # each example decodes with the adapter as trained so far, not the teacher's answer
+    assert all(not torch.equal(before[0], after[0]) for before, after in itertools.pairwise(calls))
+    teacher_answer, _ = Teacher(loaded, opts.max_answer_tokens)(
+        packet_prompt(loaded.tokenizer, FACTS[:3], QUESTION, KnowledgeFormat()).text_ids()
+    )
+    assert calls[0][1] != teacher_answer
+    # along a fixed student answer, the KL to the teacher's scores of it falls: gradients reach the soft tokens
+    monkeypatch.setattr(trainer, "student_answer", lambda *a: calls[0][1])
+    _, state = train_adapter(loaded, rows, tmp_path / "fixed.safetensors", opts, progress=False)
+    assert sum(state.losses[-2:]) < sum(state.losses[:2])
+    with pytest.raises(InvalidInputError, match="other options"):  # a run keeps its answer source
+        train_adapter(
+            loaded, rows, tmp_path / "on.safetensors", TrainOptions(**{**opts.__dict__, "answers": "teacher"})
+        )
+    with pytest.raises(InvalidInputError, match="unknown answer source 'mine'"):
+        train_adapter(loaded, rows, tmp_path / "x.safetensors", TrainOptions(answers="mine"), progress=False)

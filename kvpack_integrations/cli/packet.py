@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import InvalidInputError
 from ..evaluation.datasets import load_rows
 from ..packet.adapter import PacketAdapter
+from ..packet.answers import ANSWER_SOURCES
 from ..packet.biographies import write_biographies
 from ..packet.divergence import held_out_kl
 from ..packet.trainer import PASSAGE_ORDERS, TrainOptions, train_adapter
@@ -41,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="a trained adapter to continue from (fine-tuning)")
+    p.add_argument(
+        "--answers",
+        choices=ANSWER_SOURCES,
+        default="teacher",
+        help="distil along the teacher's greedy answer, or along the student's own (on-policy; slower)",
+    )
     add_common_args(p, store=False)
     p.set_defaults(run=run_train)
     p = packet.add_parser("divergence", help="held-out KL of the packet layout against full attention")
@@ -74,6 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         init=str(args.init) if args.init is not None else None,
+        answers=args.answers,
     )
     loaded = loaded_model(args)
     adapter, state = train_adapter(loaded, rows, args.out, opts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
@@ -55,6 +55,17 @@ def checked_integer(name: str, value: Any) -> int:
     if not isinstance(value, Integral) or isinstance(value, bool):
         raise InvalidInputError(f"{name} must be an integer, got {value!r}")
     return int(value)
+
+
+def refuse_unknown_arguments(
+    owner: str, fields: Mapping[str, Any], values: Mapping[str, Any], allowed: Collection[str] = ()
+) -> None:
+    """A constructor's arguments that are neither fields (nor their aliases) nor `allowed` are refused by name:
+    a typo (`top_k=` for `k=`, `search_kwargs=`) must not be ignored silently."""
+    known = set(fields) | {f.alias for f in fields.values() if getattr(f, "alias", None)} | set(allowed)
+    unknown = set(values) - known
+    if unknown:
+        raise InvalidInputError(f"{owner} got unknown arguments: {', '.join(sorted(unknown))}")
 
 
 def checked_number(name: str, value: Any) -> float:

@@ -17,6 +17,7 @@ from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResp
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, ToolMessage
 from langchain_core.tools import BaseTool
+from langchain_core.tools import tool as as_tool
 
 from ..errors import InvalidInputError
 
@@ -55,16 +56,24 @@ class RetrievalPlan(AgentMiddleware):
 
 def retrieval_agent(
     model: BaseChatModel,
-    tools: Sequence[BaseTool],
+    tools: Sequence[BaseTool | Callable[..., Any]],
     *,
     retrievals: int | None = 4,
     system_prompt: str | None = None,
     answer_nudge: str | None = None,
 ) -> Any:
-    """`create_agent(model, tools)` with a `RetrievalPlan` on the first tool (None: no plan)."""
+    """`create_agent(model, tools)` with a `RetrievalPlan` on the first tool (None: no plan); tools may be
+    functions, as `create_agent` takes them (a function's tool is named as LangChain names it)."""
     if not tools:
         raise InvalidInputError("a retrieval agent needs at least one tool")
-    middleware = [] if retrievals is None else [RetrievalPlan(tools[0].name, retrievals, answer_nudge)]
+    first = tools[0]
+    if isinstance(first, BaseTool):
+        name = first.name
+    elif callable(first):
+        name = as_tool(first).name
+    else:
+        raise InvalidInputError(f"the first tool (the one the plan calls) must be a tool or a function, got {first!r}")
+    middleware = [] if retrievals is None else [RetrievalPlan(name, retrievals, answer_nudge)]
     return create_agent(model, tools=list(tools), system_prompt=system_prompt, middleware=middleware)
 
 

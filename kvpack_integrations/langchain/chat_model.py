@@ -9,6 +9,7 @@ so each step of an agent loop prefills only what is new to the conversation.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Literal
@@ -39,7 +40,13 @@ from ..engine.chat import (
 )
 from ..engine.json_decoding import check_schema
 from ..engine.registry import shared_engine, shared_packet_composer
-from ..engine.settings import GenerationSettings, checked_integer, checked_number, settings_from_options
+from ..engine.settings import (
+    GenerationSettings,
+    checked_integer,
+    checked_number,
+    refuse_unknown_arguments,
+    settings_from_options,
+)
 from ..engine.tool_choice import normalize_tool_choice
 from ..engine.usage import Usage
 from ..errors import InvalidInputError
@@ -117,10 +124,7 @@ class KVPackChatModel(BaseChatModel):
     def _refuse_unknown(cls, values: Any) -> Any:
         """A typo must not be ignored; remote-API settings (timeout, retries, keys) mean nothing locally."""
         if isinstance(values, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-            unknown = set(values) - known - _REMOTE_ONLY
-            if unknown:
-                raise InvalidInputError(f"KVPackChatModel got unknown arguments: {', '.join(sorted(unknown))}")
+            refuse_unknown_arguments("KVPackChatModel", cls.model_fields, values, _REMOTE_ONLY)
             values = {k: v for k, v in values.items() if k not in _REMOTE_ONLY}
             _check_constructor_options(values)
         return values
@@ -143,6 +147,8 @@ class KVPackChatModel(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {  # everything that changes the output: LangChain's LLM cache keys on this
             "model": self.model_name,
+            "device": self.device,  # other weights (dtype) or other arithmetic (device): other answers
+            "dtype": self.dtype,
             "kb": self.kb,
             "store": self.store,
             "strategy": self.strategy,
@@ -158,9 +164,10 @@ class KVPackChatModel(BaseChatModel):
         }
 
     def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
-        """LangChain's cache key: steering a run's callback chooses changes the answer, so it counts."""
-        base = super()._get_llm_string(stop=stop, **kwargs)
-        vectors = pending_steering(kwargs.get(ROLE_KEY))
+        """LangChain's cache key: steering a run's callback chooses changes the answer, so it counts; so does
+        the model's own `stop`, which LangChain's key replaces by the call's (None when the call gives none)."""
+        base = super()._get_llm_string(stop=stop if stop is not None else self.stop, **kwargs)
+        vectors = pending_steering(_role(kwargs))
         if not vectors:
             return base
         return base + "|steering=" + ",".join(f"{v.name}:{v.alpha:g}:{v.digest}" for v in vectors)
@@ -189,20 +196,31 @@ class KVPackChatModel(BaseChatModel):
             return await super()._agenerate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        """What the call runs with, as `_settings` reads it: None is the model's setting, `stop=[]` is none."""
         params = LangSmithParams(
             ls_provider="kvpack",
             ls_model_name=str(kwargs.get("model") or self.model_name),
             ls_model_type="chat",
-            ls_temperature=kwargs.get("temperature", self.temperature),
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+            ls_temperature=_or_default(kwargs.get("temperature"), self.temperature),
+            ls_max_tokens=_or_default(kwargs.get("max_tokens"), self.max_tokens),
         )
-        if stop or self.stop:
-            params["ls_stop"] = stop or self.stop
+        effective = stop if stop is not None else self.stop
+        if effective:
+            params["ls_stop"] = effective
         return params
 
     def loaded_model(self, override: str | None = None) -> LoadedModel:
         """The weights for this instance (or a per-call `model=` override), loaded once per process."""
+        if override is not None and not isinstance(override, (str, os.PathLike)):
+            raise InvalidInputError(f"model must be a hub id, a model directory or a .gguf file, got {override!r}")
         return load_model(override or self.model, device=self.device, dtype=self.dtype)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """This model's tokens (LangChain's token counts, `trim_messages` ...): the default downloads GPT-2's
+        tokenizer from the hub, and nothing may be downloaded at run time, and counts GPT-2's tokens."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return list(self.loaded_model().tokenizer.encode(text, add_special_tokens=False))
 
     def packet_composer(self, loaded: LoadedModel) -> PacketComposer:
         """This instance's packet store and adapter (the engine's defaults when neither is set)."""
@@ -230,18 +248,19 @@ class KVPackChatModel(BaseChatModel):
         """The engine request; `take_run=False` (rendering only, no model call) leaves the steering run
         pending for the call it belongs to; `run_id` (the run manager's) names the run to take."""
         kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's own switch, already acted on
-        _check_call_keys(kwargs)
+        _check_call_options(kwargs)
         translated = to_turns(messages)
         texts, handles = call_documents(kwargs.get("documents"))
-        tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or []]
+        tools = _openai_tools(kwargs.get("tools"))
         names = [t["function"]["name"] for t in tools]
         schema = _response_schema(kwargs.get("response_format"))
         if take_run:
-            by_role, steering_notes = steering_for_run(kwargs.get(ROLE_KEY), run_id)
+            by_role, steering_notes = steering_for_run(_role(kwargs), run_id)
         else:
-            by_role, steering_notes = pending_steering(kwargs.get(ROLE_KEY)), []
-        strategy = kwargs.get("strategy", self.strategy)
-        fmt = kwargs.get("knowledge_format", self.knowledge_format)
+            by_role, steering_notes = pending_steering(_role(kwargs)), []
+        # None on a call means this model's setting, as for the decoding options
+        strategy = _or_default(kwargs.get("strategy"), self.strategy)
+        fmt = _or_default(kwargs.get("knowledge_format"), self.knowledge_format)
         if fmt is not None and not isinstance(fmt, KnowledgeFormat):
             raise InvalidInputError(f"knowledge_format takes a KnowledgeFormat, got {type(fmt).__name__}")
         return ChatRequest(
@@ -371,8 +390,8 @@ class KVPackChatModel(BaseChatModel):
         """
         # a bad option fails here, not at the first call deep inside a graph (LangChain's own tracing key
         # is taken off before the call)
-        _check_call_keys({k: v for k, v in kwargs.items() if k != "ls_structured_output_format"})
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        _check_call_options({k: v for k, v in kwargs.items() if k != "ls_structured_output_format"})
+        formatted = _openai_tools(tools)
         names = list(tool_parameters(formatted))  # refuses schemas the model cannot call, naming the tool
         choice = normalize_tool_choice(tool_choice, names)
         return super().bind(tools=formatted, tool_choice=choice, **kwargs)
@@ -399,10 +418,23 @@ class KVPackChatModel(BaseChatModel):
             raise InvalidInputError(f"method={method!r} needs a schema")
         target: Any = schema
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic v2 or v1
-        ls_format = {"kwargs": {"method": method}, "schema": _tracing_schema(schema)}
+        try:  # LangChain's converters raise bare errors (a string or a number is read as a function)
+            if schema is not None and not isinstance(schema, (dict, type)):
+                raise TypeError(f"got a {type(schema).__name__}")
+            ls_format = {"kwargs": {"method": method}, "schema": _tracing_schema(schema)}
+            if method == "function_calling":
+                name = convert_to_openai_tool(target)["function"]["name"]
+            else:
+                json_schema = _json_schema(schema) if schema is not None else dict(FREE_FORM_JSON)
+        except (ValueError, TypeError) as exc:
+            named = " with a 'title' (a tool needs a name; method='json_schema' takes any)"
+            named = named if method == "function_calling" else ""
+            raise InvalidInputError(
+                f"method={method!r} takes a pydantic class, a TypedDict or a JSON schema dict{named}, not {schema!r}: "
+                f"{exc}"
+            ) from exc
         parser: Runnable
         if method == "function_calling":
-            name = convert_to_openai_tool(target)["function"]["name"]
             llm = self.bind_tools([target], tool_choice=name, ls_structured_output_format=ls_format)
             parser = (
                 PydanticToolsParser(tools=[target], first_tool_only=True)
@@ -410,7 +442,6 @@ class KVPackChatModel(BaseChatModel):
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         else:
-            json_schema = _json_schema(schema) if schema is not None else dict(FREE_FORM_JSON)
             try:  # any schema, an enum or array root too: it is the reply's shape, not a call's arguments
                 check_schema(json_schema)
             except InvalidInputError as exc:
@@ -475,7 +506,15 @@ def _response_schema(response_format: Any) -> Any:
     if isinstance(response_format, dict) and response_format.get("type") == "json_object":
         return dict(FREE_FORM_JSON)
     if response_format is not None and not isinstance(response_format, dict):
-        return _json_schema(response_format)  # a pydantic class or TypedDict
+        if not isinstance(response_format, type):  # LangChain's converter reads "json" as a function, raw
+            raise InvalidInputError(
+                f"response_format takes a JSON schema, an OpenAI response format, a pydantic class or a TypedDict, "
+                f"got {response_format!r}"
+            )
+        try:
+            return _json_schema(response_format)  # a pydantic class or TypedDict
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"response_format {response_format!r} is not a schema: {exc}") from exc
     return response_format
 
 
@@ -483,7 +522,7 @@ def _steering_option(value: Any) -> list[SteeringVector]:
     """`steering=` on a call or in `bind`: one vector or a list of them."""
     if value is None:
         return []
-    items = [value] if isinstance(value, SteeringVector) else list(value)
+    items = list(value) if isinstance(value, (list, tuple)) else [value]  # anything else is refused below
     if not all(isinstance(v, SteeringVector) for v in items):
         raise InvalidInputError("steering= takes SteeringVector objects (build them with kvpack steer build)")
     return items
@@ -504,10 +543,46 @@ def _check_constructor_options(values: Mapping[str, Any]) -> None:
             checked_number(name, value)
 
 
-def _check_call_keys(kwargs: Mapping[str, Any]) -> None:
+def _check_call_options(kwargs: Mapping[str, Any]) -> None:
+    """Unknown call options are refused, and so are values of the wrong type that would be read as something
+    else (`parallel_tool_calls="false"` allowed parallel calls)."""
     unknown = set(kwargs) - _CALL_KEYS
     if unknown:
         raise InvalidInputError(f"unknown call options: {', '.join(sorted(unknown))}")
+    parallel = kwargs.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidInputError(f"parallel_tool_calls must be True or False, got {parallel!r}")
+    _role(kwargs)
+
+
+def _role(kwargs: Mapping[str, Any]) -> str | None:
+    """The call's agent role (a name: a list failed unhashable deep in the steering callback)."""
+    role = kwargs.get(ROLE_KEY)
+    if role is not None and not isinstance(role, str):
+        raise InvalidInputError(f"{ROLE_KEY} must be a role name (a string), got {role!r}")
+    return role
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _openai_tools(tools: Any) -> list[dict[str, Any]]:
+    """Tools as OpenAI function specs; LangChain's converter raises bare ValueErrors, and reads a string as
+    a list of one-letter tools."""
+    if tools is None:
+        return []
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise InvalidInputError(f"tools= takes a list of tools, got {type(tools).__name__}")
+    formatted = []
+    for i, tool in enumerate(tools):
+        try:
+            formatted.append(convert_to_openai_tool(tool))
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(
+                f"tool {i} is not a LangChain tool, function, pydantic class or tool dict: {exc}"
+            ) from exc
+    return formatted
 
 
 def _single_call(reply: ChatReply, kwargs: Mapping[str, Any]) -> None:

@@ -149,6 +149,9 @@ def call_documents(documents: Any) -> tuple[list[str], list[SegmentHandle]]:
         return [], []
     if isinstance(documents, (str, Document)):
         documents = [documents]
+    if not isinstance(documents, Sequence):  # a mapping was read as its keys, a number failed raw
+        kind = type(documents).__name__
+        raise InvalidInputError(f"documents= takes Documents or strings (one, or a list), got {kind}")
     texts, handles = [], []
     for i, doc in enumerate(documents):
         if isinstance(doc, Document):

@@ -19,6 +19,8 @@ from langchain_core.tools import BaseTool, StructuredTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from ..engine.registry import shared_packet_composer
+from ..engine.settings import checked_integer, checked_number, refuse_unknown_arguments
+from ..errors import InvalidInputError
 from ..knowledge.backends import refuse_other_backends_options
 from ..knowledge.knowledge_base import DEFAULT_LEXICAL_WEIGHT, KnowledgeBase
 from ..knowledge.search import PackSearcher
@@ -34,6 +36,8 @@ NO_RESULTS = "No matching documents were found."
 FACT_KEY = "kvpack_fact"  # where a Chroma knowledge-base fact came from (its KV is computed when used)
 PACKET_KEY = "kvpack_packet"  # where a document's packet is stored (composition packet/blend)
 EMPTY_QUERY = "The search query was empty: call the tool again with words to search for."
+_CALL_OPTIONS = frozenset({"k", "verbose"})  # `verbose`: LangChain's own, left among a call's options
+_PACKET_OPTIONS = ("model", "packet_store", "packet_adapter", "device", "dtype", "knowledge_format")
 
 
 class _SearchInput(BaseModel):
@@ -81,10 +85,30 @@ class KVPackRetriever(BaseRetriever):
     _searcher: PackSearcher | None = PrivateAttr(default=None)
     _base: KnowledgeBase | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, values: Any) -> Any:
+        """A typo (`search_kwargs=`, `top_k=`) must not be ignored, nor `k=True` read as one result."""
+        if isinstance(values, dict):
+            refuse_unknown_arguments("KVPackRetriever", cls.model_fields, values)
+            for name in ("k", "probes", "port"):
+                if values.get(name) is not None:
+                    checked_integer(name, values[name])
+            if values.get("lexical_weight") is not None:
+                checked_number("lexical_weight", values["lexical_weight"])
+        return values
+
     @model_validator(mode="after")
     def _check_kb(self) -> KVPackRetriever:
         given = {name for name in self.model_fields_set if getattr(self, name) is not None}  # None: the default
         refuse_other_backends_options(self.backend, given)
+        fields = type(self).model_fields
+        unused = [n for n in _PACKET_OPTIONS if n in given and getattr(self, n) != fields[n].default]
+        if self.composition == "exact" and unused:
+            raise InvalidInputError(
+                f"composition='exact' does not use {', '.join(unused)}: options of composition='packet'/'blend' "
+                "(the packets stored for the chat model), so given here they would be ignored"
+            )
         if self.backend == "chroma":  # an unknown knowledge base or a dead server is named at construction
             self._base = KnowledgeBase(
                 self.kb, self.chroma_path, host=self.host, port=self.port, embedder=self.embedder, create=False
@@ -105,7 +129,12 @@ class KVPackRetriever(BaseRetriever):
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
     ) -> list[Document]:
-        docs = self._retrieve(query, kwargs.pop("k", self.k))
+        unknown = set(kwargs) - _CALL_OPTIONS
+        if unknown:  # they were dropped: a search that ignores its filter looks like one that applied it
+            raise InvalidInputError(f"unknown retrieval options: {', '.join(sorted(unknown))} (k is the one there is)")
+        if not isinstance(query, str):
+            raise InvalidInputError(f"the retrieval query must be a string, got {type(query).__name__}")
+        docs = self._retrieve(query, kwargs.get("k", self.k))
         if self.composition != "exact" and docs:
             texts = [d.page_content for d in docs]
             record = self._packets().store_retrieved(texts, self.composition, self.knowledge_format)

@@ -43,7 +43,7 @@ from llama_index.core.llms.llm import ToolSelection, default_completion_to_promp
 from ..engine.chat import PACKET_STRATEGIES, REQUEST_STRATEGIES, ChatReply, ChatRequest, stream_chat, tool_parameters
 from ..engine.engine import Engine
 from ..engine.registry import shared_engine, shared_packet_composer
-from ..engine.settings import GenerationSettings, checked_integer, settings_from_options
+from ..engine.settings import GenerationSettings, checked_integer, refuse_unknown_arguments, settings_from_options
 from ..engine.tool_choice import normalize_tool_choice
 from ..errors import (
     ContextTooLongError,
@@ -136,10 +136,7 @@ class KVPackLLM(FunctionCallingLLM):
     def _refuse_unknown(cls, values: Any) -> Any:
         """A typo must not be ignored silently, nor a prompt hook this LLM would not call."""
         if isinstance(values, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-            unknown = set(values) - known
-            if unknown:
-                raise InvalidInputError(f"KVPackLLM got unknown arguments: {', '.join(sorted(unknown))}")
+            refuse_unknown_arguments("KVPackLLM", cls.model_fields, values)
             hooks = sorted(k for k, default in _PROMPT_HOOKS.items() if values.get(k) not in (None, default))
             if hooks:
                 raise InvalidInputError(

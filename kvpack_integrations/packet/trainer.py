@@ -1,12 +1,12 @@
 """Training the packet adapter by self-supervised distillation (only the soft tokens learn).
 
 Teacher: the frozen model with full attention over the plain prompt (preamble, every document as
-text, the question) and its own greedy answer. Student: the same model on the packet layout
-(`student_pass`: documents wrapped in header/trailer, each attending only to itself; question and
-answer attending to everything). Loss: KL(teacher || student) over the vocabulary at every answer
-position. Adam on the header and trailer, gradient accumulation, a progress bar, a checkpoint every
-`checkpoint_every` steps (soft tokens, optimizer state, position in the data, losses) and resume
-from it, so a long CPU run can be stopped and continued.
+text, the question) and its own greedy answer (or, on-policy, the student's: `answers.py`). Student:
+the same model on the packet layout (`student_pass`: documents wrapped in header/trailer, each
+attending only to itself; question and answer attending to everything). Loss: KL(teacher || student)
+over the vocabulary at every answer position. Adam on the header and trailer, gradient accumulation,
+a progress bar, a checkpoint every `checkpoint_every` steps (soft tokens, optimizer state, position
+in the data, losses) and resume from it, so a long CPU run can be stopped and continued.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..composition.cache_ops import check_context_window, empty_cache
+from ..composition.rope import rope_spec
 from ..errors import InvalidInputError
 from ..evaluation.datasets import QARow, rows_digest
 from ..prompts.knowledge import KnowledgeFormat
-from ..runtime.cache_keyword import with_cache
 from ..runtime.loader import LoadedModel
 from .adapter import PacketAdapter
+from .answers import ANSWER_SOURCES, greedy_answer, student_answer, teacher_log_probs
 from .layout import packet_prompt
 from .student import distillation_kl, student_pass
 
@@ -48,6 +49,7 @@ class TrainOptions:
     checkpoint_every: int = 10
     seed: int = 0
     init: str | None = None  # a trained adapter to continue from (fine-tuning), instead of random soft tokens
+    answers: str = "teacher"  # whose greedy answer is distilled: the teacher's, or the student's (on-policy)
 
 
 @dataclass
@@ -72,8 +74,7 @@ class Teacher:
     """The frozen model on the plain prompt: its greedy answer and its log-probs at every answer step.
 
     One prefill and a cached greedy decode give both (the distribution at each step is the one the
-    greedy token was drawn from), so the teacher costs one pass over the prompt, not two. The answer
-    ends at the first end-of-turn token or newline, which is kept: the student learns where to stop.
+    greedy token was drawn from), so the teacher costs one pass over the prompt, not two.
     """
 
     def __init__(self, loaded: LoadedModel, max_tokens: int) -> None:
@@ -81,23 +82,7 @@ class Teacher:
         self.max_tokens = max_tokens
 
     def __call__(self, text_ids: Sequence[int]) -> tuple[list[int], torch.Tensor]:
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        ids = torch.tensor([list(text_ids)], dtype=torch.long, device=self.loaded.device)
-        answer: list[int] = []
-        log_probs: list[torch.Tensor] = []
-        cache = empty_cache(self.loaded)
-        with torch.no_grad():
-            out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-            for _ in range(self.max_tokens):
-                step = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-                token = int(step.argmax())
-                answer.append(token)
-                log_probs.append(step)
-                if token in self.loaded.eos_token_ids or "\n" in tokenizer.decode([token]):
-                    break
-                nxt = torch.tensor([[token]], dtype=torch.long, device=self.loaded.device)
-                out = model(input_ids=nxt, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-        return answer, torch.stack(log_probs)
+        return greedy_answer(self.loaded, empty_cache(self.loaded), text_ids, self.max_tokens)
 
 
 def train_adapter(
@@ -124,6 +109,8 @@ def train_adapter(
         raise InvalidInputError(f"max_passages must be >= 1 (or None: every passage), got {opts.max_passages}")
     if opts.order not in PASSAGE_ORDERS:
         raise InvalidInputError(f"unknown passage order {opts.order!r}: use one of {', '.join(PASSAGE_ORDERS)}")
+    if opts.answers not in ANSWER_SOURCES:
+        raise InvalidInputError(f"unknown answer source {opts.answers!r}: use one of {', '.join(ANSWER_SOURCES)}")
     fmt = fmt or KnowledgeFormat()
     out = Path(out).expanduser()
     ckpt = out.with_name(out.name + ".ckpt")
@@ -168,6 +155,7 @@ def train_adapter(
                 "asked), or remove it to start over"
             )
     teacher = Teacher(loaded, opts.max_answer_tokens)
+    spec = rope_spec(loaded) if opts.answers == "student" else None
     bar = tqdm(total=opts.steps, initial=state.step, desc="packet adapter", unit="step", disable=not progress)
     while state.step < opts.steps:
         t0 = time.perf_counter()
@@ -184,7 +172,12 @@ def train_adapter(
                 len(text_ids) + len(prompt.documents) * (opts.header_tokens + opts.trailer_tokens),
                 opts.max_answer_tokens,
             )
-            answer, target = teacher(text_ids)
+            if spec is not None:  # on-policy: what the student answers now, scored by the teacher
+                now = PacketAdapter(header.detach().clone(), trailer.detach().clone(), loaded.fingerprint)
+                answer = student_answer(loaded, prompt, now, spec, opts.max_answer_tokens)
+                target = teacher_log_probs(loaded, text_ids, answer)
+            else:
+                answer, target = teacher(text_ids)
             with torch.enable_grad():
                 loss = distillation_kl(loaded, student_pass(loaded, prompt, answer, header, trailer), target)
                 (loss / opts.accumulation).backward()
