@@ -667,3 +667,28 @@ def test_token_counts_use_this_models_tokenizer(model_root, monkeypatch) -> None
     assert kept == history[-1:]
     custom = _chat(model_root, custom_get_token_ids=lambda text: [0] * len(text))
     assert custom.get_num_tokens("abc") == 3  # LangChain's own override still wins
+
+
+def test_a_rebuilt_bound_pack_is_not_answered_from_langchains_cache(model_root, store) -> None:
+    """The cache key named the pack, not its build: after a rebuild with other facts under the same name, a
+    shared cache served the old knowledge's answer."""
+    from langchain_core.caches import InMemoryCache
+
+    directory = save_model_dir("qwen2", model_root)
+    loaded = load_model(directory)
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS[:2])
+    cache = InMemoryCache()
+    chat = KVPackChatModel(model=directory, kb="kb", store=str(store.root), max_tokens=MAX, cache=cache)
+    first_key = chat._get_llm_string()
+    chat.invoke(QUESTION)
+    assert chat._get_llm_string() == first_key  # unchanged pack: the same key, the cache is used
+    build_pack(loaded, RadixTree(loaded.fingerprint), store, "kb", FACTS[2:])
+    assert chat._get_llm_string() != first_key
+    rebuilt = chat.invoke(QUESTION)
+    fresh = KVPackChatModel(model=directory, max_tokens=MAX).invoke(QUESTION, documents=FACTS[2:], strategy="text")
+    assert rebuilt.content == fresh.content
+
+
+def test_a_call_option_out_of_range_is_named_as_the_caller_named_it(model_root) -> None:
+    with pytest.raises(InvalidInputError, match=r"^max_tokens must be >= 1, got 0$"):  # not the engine's max_new_tokens
+        _chat(model_root).invoke(QUESTION, max_tokens=0)

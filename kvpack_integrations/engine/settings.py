@@ -88,8 +88,11 @@ def settings_from_options(option: Callable[[str], Any], stop: Any) -> Generation
     `temperature`, `top_p`, `top_k`, `seed`; `option(name)` gives a call's value, else the model's),
     each checked by that name, never coerced."""
     seed = option("seed")
+    max_tokens = checked_integer("max_tokens", option("max_tokens"))
+    if max_tokens < 1:  # by the caller's name: the engine's is max_new_tokens
+        raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
     return GenerationSettings(
-        max_new_tokens=checked_integer("max_tokens", option("max_tokens")),
+        max_new_tokens=max_tokens,
         temperature=checked_number("temperature", option("temperature")),
         top_p=checked_number("top_p", option("top_p")),
         top_k=checked_integer("top_k", option("top_k")),

@@ -164,9 +164,12 @@ class KVPackChatModel(BaseChatModel):
         }
 
     def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
-        """LangChain's cache key: steering a run's callback chooses changes the answer, so it counts; so does
-        the model's own `stop`, which LangChain's key replaces by the call's (None when the call gives none)."""
+        """LangChain's cache key: steering a run's callback chooses changes the answer, so it counts; so do
+        the model's own `stop`, which LangChain's key replaces by the call's (None when the call gives none),
+        and the build of the bound pack (a rebuild with other facts keeps the name)."""
         base = super()._get_llm_string(stop=stop if stop is not None else self.stop, **kwargs)
+        if self._pack is not None:  # a rebuilt pack answers from other knowledge: a cached answer is stale
+            base += f"|pack_build={self._pack.manifest().build_id}"
         vectors = pending_steering(_role(kwargs))
         if not vectors:
             return base

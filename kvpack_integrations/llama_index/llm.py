@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
@@ -158,7 +158,7 @@ class KVPackLLM(FunctionCallingLLM):
         def option(name: str) -> Any:
             return given.get(name, cls.model_fields[name].default)
 
-        settings = decoding_settings(option)
+        settings = settings_from_options(option, option("stop"))
         checked = {
             "max_tokens": settings.max_new_tokens,
             "temperature": settings.temperature,
@@ -279,7 +279,7 @@ class KVPackLLM(FunctionCallingLLM):
             value = kwargs.get(name)
             return getattr(self, name) if value is None else value
 
-        return decoding_settings(option)
+        return settings_from_options(option, option("stop"))
 
     def _request(
         self, messages: Sequence[ChatMessage], kwargs: Mapping[str, Any], loaded: LoadedModel
@@ -497,15 +497,6 @@ def check_strategy(strategy: Any) -> str:
     if not isinstance(strategy, str) or strategy not in REQUEST_STRATEGIES:
         raise InvalidInputError(f"unknown strategy {strategy!r}: use one of {', '.join(REQUEST_STRATEGIES)}")
     return strategy
-
-
-def decoding_settings(option: Callable[[str], Any]) -> GenerationSettings:
-    """Decoding settings from LlamaIndex's option names, each checked (never coerced) under its own name:
-    the engine's are not the caller's (`max_tokens` is its `max_new_tokens`)."""
-    max_tokens = checked_integer("max_tokens", option("max_tokens"))
-    if max_tokens < 1:
-        raise InvalidInputError(f"max_tokens must be >= 1, got {max_tokens}")
-    return settings_from_options(option, option("stop"))
 
 
 def config_context_window(source: str | None) -> int | None:
