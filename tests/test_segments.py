@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -480,3 +481,27 @@ def test_a_pack_reaches_the_disk_before_the_rename_publishes_it(
     # every file and folder (whose entries a power cut could otherwise lose) is on disk before it is published
     assert {str(staged / e) for e in entries} | {str(staged)} <= synced
     assert ("fsync", str(store.packs_dir)) in events[published:]  # and the rename itself after it
+
+
+def test_a_search_meeting_a_rebuild_names_the_segments_of_the_facts_it_ranked(qwen, store: PackStore) -> None:
+    """A search that had ranked one build's facts read the segment ids the searcher held when it built the
+    handles: a concurrent search that re-indexed a rebuild in between gave the old facts the new ids."""
+    from kvpack_integrations.knowledge.search import PackSearcher
+
+    build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", FACTS)
+    before = store.manifest("kb").segment_ids[1:-1]
+    embedder = _ExactTextEmbedder()
+    searcher = PackSearcher(store, "kb", embedder)  # type: ignore[arg-type]
+    searcher.search(FACTS[0], k=1)  # indexed
+
+    class Interleaved(_ExactTextEmbedder):
+        def embed(self, texts: list[str]) -> Any:
+            if texts == [FACTS[1]]:  # the query of the first search: another search indexes a rebuild now
+                searcher.embedder = embedder
+                build_pack(qwen, RadixTree(qwen.fingerprint), store, "kb", [FACTS[1], FACTS[0], FACTS[2]])
+                searcher.search(FACTS[0], k=1)
+            return super().embed(texts)
+
+    searcher.embedder = Interleaved()  # type: ignore[assignment]
+    hit = searcher.search(FACTS[1], k=1)[0]
+    assert hit.text == FACTS[1] and hit.handle.segment_id == before[1]  # the first build's fact, its segment

@@ -48,23 +48,23 @@ class PackSearcher:
         self.store = store
         self.name = name
         self.embedder = embedder
-        self._manifest: PackManifest | None = None
-        self._vectors: np.ndarray | None = None
-        self._segments: list[str] = []
+        # one tuple, replaced whole: concurrent searches during a rebuild never pair one build's manifest
+        # with another's vectors or segment ids
+        self._state: tuple[PackManifest, np.ndarray, list[str]] | None = None
 
-    def _index(self) -> tuple[PackManifest, np.ndarray]:
+    def _index(self) -> tuple[PackManifest, np.ndarray, list[str]]:
         manifest = self.store.current_manifest(self.name)
-        if manifest is not self._manifest or self._vectors is None:  # first use, or the pack was rebuilt
-            self._vectors = self.embedder.embed(list(manifest.facts))
-            self._segments = fact_segments(manifest)
-            self._manifest = manifest
-        return self._manifest, self._vectors
+        state = self._state
+        if state is None or state[0] is not manifest:  # first use, or the pack was rebuilt
+            state = (manifest, self.embedder.embed(list(manifest.facts)), fact_segments(manifest))
+            self._state = state
+        return state
 
     def search(self, query: str, k: int) -> list[FactHit]:
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the retrieval query is empty")
         check_k(k)
-        manifest, vectors = self._index()
+        manifest, vectors, segments = self._index()
         scores = vectors @ self.embedder.embed([query])[0]
         order = np.argsort(-scores, kind="stable")[:k]
         return [
@@ -75,7 +75,7 @@ class PackSearcher:
                     store=str(self.store.root),
                     pack=self.name,
                     fact_index=int(i),
-                    segment_id=self._segments[int(i)],
+                    segment_id=segments[int(i)],
                     fingerprint=manifest.fingerprint.digest,
                     model_name=manifest.model_name,
                 ),
