@@ -692,3 +692,12 @@ def test_a_rebuilt_bound_pack_is_not_answered_from_langchains_cache(model_root, 
 def test_a_call_option_out_of_range_is_named_as_the_caller_named_it(model_root) -> None:
     with pytest.raises(InvalidInputError, match=r"^max_tokens must be >= 1, got 0$"):  # not the engine's max_new_tokens
         _chat(model_root).invoke(QUESTION, max_tokens=0)
+
+
+def test_stop_sequences_do_not_cut_guided_output_and_the_reply_says_so(model_root) -> None:
+    chat = KVPackChatModel(model=save_model_dir("qwen2", model_root), max_tokens=64, stop=['"'])
+    raw = chat.invoke("JSON please", response_format={"type": "json_object"})
+    json.loads(str(raw.content))  # whole JSON: a '"' inside it did not cut it
+    assert any("stop sequences do not apply" in n for n in raw.response_metadata["kvpack"]["notes"])
+    plain = chat.invoke("Say something")
+    assert not any("stop sequences do not apply" in n for n in plain.response_metadata["kvpack"]["notes"])

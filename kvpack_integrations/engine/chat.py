@@ -195,6 +195,11 @@ def stream_chat(engine: Engine, request: ChatRequest) -> Iterator[ChatDelta]:
     forced = request.tool_choice if request.tool_choice not in ("auto", "none") else None
     # text streams as decoded only when it is the reply itself: calls and JSON come whole, in the last delta
     streamed = forced is None and request.response_schema is None and (not params or request.tool_choice == "none")
+    if request.settings.stop and (forced is not None or request.response_schema is not None):
+        state.usage.notes.append(
+            "stop sequences do not apply to a forced tool call or structured output: cut at one, its JSON would "
+            "not parse (max_tokens still does)"
+        )
     if forced is not None:
         tokenizer = engine.loaded.tokenizer
         fmt = native_call_format(tokenizer, request.tools) if prompt.native_tools else HERMES
