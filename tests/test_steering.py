@@ -265,3 +265,15 @@ def test_sliding_window_models_refuse_texts_past_the_window() -> None:
     model = make_model("phi3", sliding_window=8)
     with pytest.raises(InvalidInputError, match="each keeps its last 7 positions"):
         build_steering_vector(model, PAIRS[:1], progress=False)
+
+
+def test_two_vectors_differing_past_the_tensor_summary_have_different_reprs(vector) -> None:
+    """LangChain's cache keys a call's `steering=` by repr: the dataclass repr summarised the deltas, so a
+    vector changed in one middle element had the same repr, and a cached answer of the other."""
+    import dataclasses
+
+    deltas = vector.deltas.clone()
+    middle = tuple(n // 2 for n in deltas.shape)
+    deltas[middle] += 1.0
+    changed = dataclasses.replace(vector, deltas=deltas)
+    assert repr(changed) != repr(vector) and vector.digest in repr(vector)

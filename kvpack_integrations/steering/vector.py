@@ -111,6 +111,11 @@ class SteeringVector:
         h.update(f"{self.layers}|{self.fingerprint.digest}".encode())
         return h.hexdigest()
 
+    def __repr__(self) -> str:
+        """Names what the vector does by its digest: LangChain's cache keys a call's `steering=` by its repr,
+        and the default one summarised the deltas, so two vectors differing past the summary shared a key."""
+        return f"SteeringVector(name={self.name!r}, alpha={self.alpha:g}, layers={self.layers}, digest={self.digest})"
+
     # -- variants ----------------------------------------------------------------------------------
 
     def with_alpha(self, alpha: float) -> SteeringVector:
