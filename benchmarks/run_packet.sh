@@ -60,3 +60,6 @@ fair hotpotqa_dev_same_state hotpotqa_dev_300
 # recompute against packet, N = 100 each, the same settings as the adapter runs above.
 run hotpotqa_dev_onpolicy hotpotqa_dev_300 "$ADAPTERS/mixture_onpolicy.safetensors" full,packet
 run musique_dev_onpolicy musique_dev_200 "$ADAPTERS/mixture_onpolicy.safetensors" full,packet
+# ... and continued over the whole dev sets (300 and 200 rows; the first 100 copied from the runs above)
+continued hotpotqa_dev_onpolicy hotpotqa_dev_300 "$ADAPTERS/mixture_onpolicy.safetensors" full,packet 300
+continued musique_dev_onpolicy musique_dev_200 "$ADAPTERS/mixture_onpolicy.safetensors" full,packet 200
