@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
 from ..composition.cache_ops import empty_cache, forward
 from ..composition.rope import RopeSpec
@@ -24,7 +25,7 @@ ANSWER_SOURCES = ("teacher", "student")
 
 
 def greedy_answer(
-    loaded: LoadedModel, cache: object, first: Sequence[int], max_tokens: int
+    loaded: LoadedModel, cache: DynamicCache, first: Sequence[int], max_tokens: int
 ) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens after `first` on top of `cache`, and the log-probs each was drawn from [n, vocab].
 
@@ -32,7 +33,7 @@ def greedy_answer(
     to stop. Teacher and student stop by this one rule."""
     answer: list[int] = []
     log_probs: list[torch.Tensor] = []
-    logits = forward(loaded, cache, first)  # type: ignore[arg-type]
+    logits = forward(loaded, cache, first)
     for _ in range(max_tokens):
         step = torch.log_softmax(logits, dim=-1)
         token = int(step.argmax())
@@ -40,7 +41,7 @@ def greedy_answer(
         log_probs.append(step)
         if token in loaded.eos_token_ids or "\n" in loaded.tokenizer.decode([token]):
             break
-        logits = forward(loaded, cache, [token])  # type: ignore[arg-type]
+        logits = forward(loaded, cache, [token])
     return answer, torch.stack(log_probs)
 
 
